@@ -1,0 +1,126 @@
+//! `prefer generate`: stream a completion to stdout.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use prefer::{
+    backend::{BackendJob, BackendKind, run_on},
+    llama::{ChatMessage, SamplingConfig, generate, load_dense},
+};
+
+pub const EXAMPLES: &str = "Examples:
+  prefer generate --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt \"What is the capital of France?\" --temperature 0
+  prefer generate --model path/to/hf-model --prompt \"Once upon a time\" --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 7
+  prefer generate --model path/to/hf-model --chat --system \"Answer in one word.\" --prompt \"Largest planet?\" --backend wgpu";
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template, with a generation prompt.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Backend: ndarray, wgpu or cuda (among those compiled in).
+    #[arg(long, default_value = "ndarray", value_parser = crate::parse_backend)]
+    pub backend: BackendKind,
+}
+
+struct GenerateJob(GenerateArgs);
+
+impl BackendJob for GenerateJob {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let args = self.0;
+        let (model, tokenizer) = load_dense::<B>(&args.model, &device)?;
+        let tokenizer = tokenizer.with_context(|| format!("{}: the model has no tokenizer", args.model.display()))?;
+        let prompt = if args.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage::new("system", system));
+            }
+            messages.push(ChatMessage::new("user", &args.prompt));
+            tokenizer.apply_chat_template(&messages, true)?
+        } else {
+            args.prompt.clone()
+        };
+        // A chat template writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
+        let ids = tokenizer.encode(&prompt, !args.chat)?;
+        if ids.is_empty() {
+            bail!("the prompt is empty after tokenisation");
+        }
+        let mut stops = model.config.eos_token_ids.clone();
+        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+            stops.push(id);
+        }
+        let config = SamplingConfig {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+            max_new_tokens: args.max_new_tokens,
+        };
+        let mut out = std::io::stdout().lock();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut printed = 0;
+        let mut failure = None;
+        generate(&model, &ids, &config, &stops, |token| {
+            if stops.contains(&token) {
+                return false;
+            }
+            generated.push(token);
+            // Decode everything so far and print the new suffix, holding back an incomplete UTF-8 tail.
+            match tokenizer.decode(&generated, true) {
+                Ok(text) if !text.ends_with('\u{FFFD}') && text.len() >= printed => {
+                    let res = out.write_all(text[printed..].as_bytes()).and_then(|_| out.flush());
+                    printed = text.len();
+                    if let Err(e) = res {
+                        failure = Some(anyhow::Error::from(e));
+                        return false;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failure = Some(e.into());
+                    return false;
+                }
+            }
+            true
+        });
+        writeln!(out)?;
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if !(args.temperature >= 0.0) {
+        bail!("--temperature must be 0 or more (got {})", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1] (got {})", args.top_p);
+    }
+    let backend = args.backend;
+    run_on(backend, GenerateJob(args))?
+}

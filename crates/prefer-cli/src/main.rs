@@ -1,0 +1,52 @@
+//! `prefer`: preference optimisation for Llama-style models, from the command line.
+
+mod generate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use prefer::backend::BackendKind;
+
+/// Preference optimisation (DPO and relatives) for Llama-style models, on the CPU, wgpu or CUDA.
+#[derive(Parser)]
+#[command(name = "prefer", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt with a Hugging Face directory or a GGUF file.
+    #[command(after_help = generate::EXAMPLES)]
+    Generate(generate::GenerateArgs),
+}
+
+/// `--backend` values, checked at parse time; whether one is compiled in is checked when it is used.
+pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    // Errors are reported as one line; a panic would be a bug, but it too ends in one line.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        eprintln!("error: internal failure: {msg}");
+    }));
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The linear projections of the decoder. The model is generic over the layer type so that
+//! other crates can put NF4-quantised or LoRA-adapted layers in the same places.
+
+use burn::{
+    module::{Module, Param, ParamId},
+    tensor::{Tensor, backend::Backend},
+};
+
+use crate::{error::Result, weights::HostTensor};
+
+/// Which projection of which layer a linear sits in (PEFT's `target_modules` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinearSite {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Projection within the layer.
+    pub projection: Projection,
+}
+
+/// The seven projections of a Llama decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    /// Query.
+    Q,
+    /// Key.
+    K,
+    /// Value.
+    V,
+    /// Attention output.
+    O,
+    /// MLP gate (the SiLU branch).
+    Gate,
+    /// MLP up.
+    Up,
+    /// MLP down.
+    Down,
+}
+
+impl Projection {
+    /// All seven, in checkpoint order.
+    pub const ALL: [Projection; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+
+    /// The module name used by Hugging Face and PEFT (`q_proj`, ...).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    /// `self_attn` or `mlp`.
+    pub fn hf_parent(self) -> &'static str {
+        match self {
+            Self::Q | Self::K | Self::V | Self::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+}
+
+impl LinearSite {
+    /// The Hugging Face module path, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn hf_path(&self) -> String {
+        format!("model.layers.{}.{}.{}", self.layer, self.projection.hf_parent(), self.projection.hf_name())
+    }
+}
+
+/// A linear map `y = x·Wᵀ + b` over the last dimension.
+pub trait LinearLayer<B: Backend>: Module<B> {
+    /// Applies the map to `[batch, len, in_features]`.
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3>;
+}
+
+/// Builds the projection layers while a checkpoint loads.
+pub trait LinearFactory<B: Backend> {
+    /// The layer type the model will hold.
+    type Layer: LinearLayer<B>;
+    /// Builds one layer from its weight `[out, in]` and optional bias `[out]` (shapes already checked).
+    fn build(&self, site: LinearSite, weight: HostTensor, bias: Option<HostTensor>, device: &B::Device)
+    -> Result<Self::Layer>;
+}
+
+/// A full-precision, frozen linear layer.
+#[derive(Module, Debug)]
+pub struct DenseLinear<B: Backend> {
+    /// Weight stored transposed, `[in, out]`, so the forward is a plain matmul.
+    pub weight: Param<Tensor<B, 2>>,
+    /// Optional bias `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> DenseLinear<B> {
+    /// A frozen layer from a Hugging Face weight `[out, in]` and bias.
+    pub fn from_host(weight: &HostTensor, bias: Option<&HostTensor>, device: &B::Device) -> Self {
+        Self {
+            weight: Param::initialized(ParamId::new(), weight.transposed().to_tensor(device)),
+            bias: bias.map(|b| Param::initialized(ParamId::new(), b.to_tensor(device))),
+        }
+    }
+}
+
+impl<B: Backend> LinearLayer<B> for DenseLinear<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let y = x.matmul(self.weight.val().unsqueeze());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+/// Builds [`DenseLinear`] layers: the full-precision model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenseFactory;
+
+impl<B: Backend> LinearFactory<B> for DenseFactory {
+    type Layer = DenseLinear<B>;
+    fn build(&self, _site: LinearSite, weight: HostTensor, bias: Option<HostTensor>, device: &B::Device)
+    -> Result<DenseLinear<B>> {
+        Ok(DenseLinear::from_host(&weight, bias.as_ref(), device))
+    }
+}

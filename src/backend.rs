@@ -1,0 +1,139 @@
+//! Backends chosen at run time among those compiled in (`ndarray`, `wgpu`, `cuda` cargo features).
+//!
+//! Model code is generic over `B: Backend`; a [`BackendJob`] is run once, monomorphised for the
+//! backend the user picked.
+
+use std::fmt;
+
+use burn::tensor::backend::Backend;
+
+/// A backend the user can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// CPU through ndarray (the default).
+    Ndarray,
+    /// GPU through wgpu: Vulkan, Metal or DirectX (WGSL kernels).
+    Wgpu,
+    /// NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+impl BackendKind {
+    /// All kinds, in preference order for `--backend` help.
+    pub const ALL: [BackendKind; 3] = [Self::Ndarray, Self::Wgpu, Self::Cuda];
+
+    /// The cargo feature and `--backend` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ndarray => "ndarray",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this binary was built with the backend.
+    pub fn compiled_in(self) -> bool {
+        match self {
+            Self::Ndarray => cfg!(feature = "ndarray"),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+            Self::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| format!("unknown backend `{s}` (expected ndarray, wgpu or cuda)"))
+    }
+}
+
+/// Why a backend cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The binary was built without the backend's cargo feature.
+    #[error("backend `{0}` is not compiled into this binary; rebuild with `--features {0}`")]
+    NotCompiled(BackendKind),
+    /// The backend is compiled in but found no usable device.
+    #[error("backend `{0}` found no device: {1}")]
+    NoDevice(BackendKind, String),
+}
+
+/// Work to run on whichever backend is chosen.
+pub trait BackendJob {
+    /// What the job returns.
+    type Output;
+    /// Runs on backend `B` and its device.
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// Runs `job` on the backend `kind`, after checking that it is compiled in and has a device.
+pub fn run_on<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output, BackendError> {
+    if !kind.compiled_in() {
+        return Err(BackendError::NotCompiled(kind));
+    }
+    match kind {
+        #[cfg(feature = "ndarray")]
+        BackendKind::Ndarray => Ok(job.run::<burn::backend::NdArray>(Default::default())),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            probe::<burn::backend::Wgpu>(kind, &Default::default())?;
+            Ok(job.run::<burn::backend::Wgpu>(Default::default()))
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            let device = burn::backend::cuda::CudaDevice::new(0);
+            probe::<burn::backend::Cuda>(kind, &device)?;
+            Ok(job.run::<burn::backend::Cuda>(device))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(BackendError::NotCompiled(kind)),
+    }
+}
+
+/// Whether a backend has a usable device; device discovery panics inside Burn when there is none,
+/// so the probe runs on its own thread and catches that.
+#[allow(dead_code)]
+fn probe<B: Backend>(kind: BackendKind, device: &B::Device) -> Result<(), BackendError> {
+    let device = device.clone();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::thread::spawn(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            burn::tensor::Tensor::<B, 1>::ones([4], &device).sum().into_scalar();
+        }))
+    })
+    .join();
+    std::panic::set_hook(hook);
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(payload)) | Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "device initialisation failed".into());
+            Err(BackendError::NoDevice(kind, message.lines().next().unwrap_or_default().to_string()))
+        }
+    }
+}
+
+/// Whether the wgpu backend has an adapter (false when it is not compiled in).
+pub fn wgpu_available() -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| probe::<burn::backend::Wgpu>(BackendKind::Wgpu, &Default::default()).is_ok())
+    }
+    #[cfg(not(feature = "wgpu"))]
+    false
+}

@@ -1,0 +1,9 @@
+//! prefer: preference optimisation (DPO and its relatives) for Llama-style language models,
+//! in pure Rust on Burn, on any backend from one code path.
+//!
+//! This crate re-exports the workspace's libraries and chooses a backend at run time.
+#![warn(missing_docs)]
+
+pub mod backend;
+
+pub use prefer_llama as llama;
