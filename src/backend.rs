@@ -109,7 +109,9 @@ fn probe<B: Backend>(kind: BackendKind, device: &B::Device) -> Result<(), Backen
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::thread::spawn(move || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-            burn::tensor::Tensor::<B, 1>::ones([4], &device).sum().into_scalar();
+            burn::tensor::Tensor::<B, 1>::ones([4], &device)
+                .sum()
+                .into_scalar();
         }))
     })
     .join();
@@ -122,7 +124,10 @@ fn probe<B: Backend>(kind: BackendKind, device: &B::Device) -> Result<(), Backen
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "device initialisation failed".into());
-            Err(BackendError::NoDevice(kind, message.lines().next().unwrap_or_default().to_string()))
+            Err(BackendError::NoDevice(
+                kind,
+                message.lines().next().unwrap_or_default().to_string(),
+            ))
         }
     }
 }
@@ -132,7 +137,9 @@ pub fn wgpu_available() -> bool {
     #[cfg(feature = "wgpu")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| probe::<burn::backend::Wgpu>(BackendKind::Wgpu, &Default::default()).is_ok())
+        *OK.get_or_init(|| {
+            probe::<burn::backend::Wgpu>(BackendKind::Wgpu, &Default::default()).is_ok()
+        })
     }
     #[cfg(not(feature = "wgpu"))]
     false

@@ -8,7 +8,14 @@ use burn::tensor::backend::Backend;
 use common::*;
 use prefer::llama::{Checkpoint, SamplingConfig, generate, load_dense};
 
-const VARIANTS: [&str; 6] = ["gqa_f32", "tied_bf16_sharded", "llama3_rope_f16", "linear_rope", "bias", "qwen2"];
+const VARIANTS: [&str; 6] = [
+    "gqa_f32",
+    "tied_bf16_sharded",
+    "llama3_rope_f16",
+    "linear_rope",
+    "bias",
+    "qwen2",
+];
 /// f32 compute against an f64 reference.
 const REL: f64 = 1e-5;
 const ABS: f64 = 1e-6;
@@ -21,17 +28,34 @@ impl Checker for HfParity {
         let dir = fixture(&format!("llama/{name}"));
         let expected = json(&format!("llama/{name}/expected.json"));
         let (model, _) = load_dense::<B>(&dir, device).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let rows: Vec<Vec<u32>> = expected["sequences"].as_array().unwrap().iter().map(ids).collect();
+        let rows: Vec<Vec<u32>> = expected["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
 
         // Each sequence alone.
         for (i, row) in rows.iter().enumerate() {
             let got = token_logprobs(&model, std::slice::from_ref(row), false, device).remove(0);
-            assert_close(&format!("{name} seq {i}"), &got, &floats(&expected["logprobs"][i]), REL, ABS);
+            assert_close(
+                &format!("{name} seq {i}"),
+                &got,
+                &floats(&expected["logprobs"][i]),
+                REL,
+                ABS,
+            );
         }
         // All three in one right-padded batch with an attention mask.
         let got = token_logprobs(&model, &rows, true, device);
         for (i, g) in got.iter().enumerate() {
-            assert_close(&format!("{name} padded row {i}"), g, &floats(&expected["padded"]["logprobs"][i]), REL, ABS);
+            assert_close(
+                &format!("{name} padded row {i}"),
+                g,
+                &floats(&expected["padded"]["logprobs"][i]),
+                REL,
+                ABS,
+            );
         }
         // Greedy continuation through the KV cache.
         let greedy = &expected["greedy"];
@@ -62,17 +86,41 @@ impl Checker for GgufParity {
         // Dequantised tensors, bit for bit, after undoing llama.cpp's Q/K permutation.
         let mut ckpt = Checkpoint::open(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
         for (name, values) in expected["dequantized"].as_object().unwrap() {
-            let t = ckpt.weights.take(name).unwrap().unwrap_or_else(|| panic!("{file}: {name} missing"));
+            let t = ckpt
+                .weights
+                .take(name)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{file}: {name} missing"));
             let want: Vec<f32> = floats(values).into_iter().map(|x| x as f32).collect();
-            assert_eq!(t.shape, ids(&expected["dequantized_shapes"][name]).iter().map(|&x| x as usize).collect::<Vec<_>>());
-            assert!(t.data == want, "{file}: {name} differs from gguf-py's dequantisation");
+            assert_eq!(
+                t.shape,
+                ids(&expected["dequantized_shapes"][name])
+                    .iter()
+                    .map(|&x| x as usize)
+                    .collect::<Vec<_>>()
+            );
+            assert!(
+                t.data == want,
+                "{file}: {name} differs from gguf-py's dequantisation"
+            );
         }
         let (model, tok) = load_dense::<B>(&path, device).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(tok.is_some(), "{file}: tokenizer from metadata");
-        let rows: Vec<Vec<u32>> = expected["sequences"].as_array().unwrap().iter().map(ids).collect();
+        let rows: Vec<Vec<u32>> = expected["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         for (i, row) in rows.iter().enumerate() {
             let got = token_logprobs(&model, std::slice::from_ref(row), false, device).remove(0);
-            assert_close(&format!("{file} seq {i}"), &got, &floats(&expected["logprobs"][i]), REL, ABS);
+            assert_close(
+                &format!("{file} seq {i}"),
+                &got,
+                &floats(&expected["logprobs"][i]),
+                REL,
+                ABS,
+            );
         }
     }
 }

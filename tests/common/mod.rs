@@ -9,7 +9,9 @@ use serde_json::Value;
 
 /// `tests/fixtures/...`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Parses a JSON fixture.
@@ -20,11 +22,19 @@ pub fn json(rel: &str) -> Value {
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 pub fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().expect("array of floats").iter().map(|x| x.as_f64().expect("float")).collect()
+    v.as_array()
+        .expect("array of floats")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
 }
 
 /// Asserts `|a − b| ≤ rel·|b| + abs` element-wise, reporting the worst offender.
@@ -69,10 +79,18 @@ pub fn token_logprobs<B: Backend, L: LinearLayer<B>>(
     let logp = log_softmax(model.forward(ids.clone(), mask), 2);
     let targets = ids.slice([0..b, 1..t]).unsqueeze_dim::<3>(2);
     let picked = logp.slice([0..b, 0..t - 1]).gather(2, targets);
-    let flat: Vec<f32> = picked.into_data().convert::<f32>().to_vec().expect("f32 data");
+    let flat: Vec<f32> = picked
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 data");
     rows.iter()
         .enumerate()
-        .map(|(i, r)| (0..r.len() - 1).map(|j| flat[i * (t - 1) + j] as f64).collect())
+        .map(|(i, r)| {
+            (0..r.len() - 1)
+                .map(|j| flat[i * (t - 1) + j] as f64)
+                .collect()
+        })
         .collect()
 }
 
@@ -86,7 +104,9 @@ pub fn on_each_backend(name: &str, check: impl Checker) {
         if prefer::backend::wgpu_available() {
             check.run::<burn::backend::Wgpu>(&Default::default());
         } else if std::env::var("REQUIRE_WGPU").is_ok_and(|v| v == "1") {
-            panic!("{name}: REQUIRE_WGPU=1 but no wgpu adapter was found (install mesa-vulkan-drivers)");
+            panic!(
+                "{name}: REQUIRE_WGPU=1 but no wgpu adapter was found (install mesa-vulkan-drivers)"
+            );
         } else {
             eprintln!("{name}: skipped on wgpu: no adapter found");
         }

@@ -1,9 +1,6 @@
 //! `prefer generate`: stream a completion to stdout.
 
-use std::{
-    io::Write,
-    path::PathBuf,
-};
+use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
@@ -56,7 +53,8 @@ impl BackendJob for GenerateJob {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         let (model, tokenizer) = load_dense::<B>(&args.model, &device)?;
-        let tokenizer = tokenizer.with_context(|| format!("{}: the model has no tokenizer", args.model.display()))?;
+        let tokenizer = tokenizer
+            .with_context(|| format!("{}: the model has no tokenizer", args.model.display()))?;
         let prompt = if args.chat {
             let mut messages = Vec::new();
             if let Some(system) = &args.system {
@@ -73,7 +71,11 @@ impl BackendJob for GenerateJob {
             bail!("the prompt is empty after tokenisation");
         }
         let mut stops = model.config.eos_token_ids.clone();
-        if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+        if let Some(id) = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_id(t))
+        {
             stops.push(id);
         }
         let config = SamplingConfig {
@@ -93,8 +95,11 @@ impl BackendJob for GenerateJob {
             generated.push(token);
             // Decode everything so far and print the new suffix, holding back an incomplete UTF-8 tail.
             match tokenizer.decode(&generated, true) {
-                Ok(text) if !text.ends_with('\u{FFFD}') && text.len() >= printed => {
-                    let res = out.write_all(text[printed..].as_bytes()).and_then(|_| out.flush());
+                Ok(text) if !text.ends_with('\u{FFFD}') => {
+                    // Text already printed never changes; `get` guards against a decoder that
+                    // rewrites earlier characters.
+                    let new = text.get(printed..).unwrap_or_default();
+                    let res = out.write_all(new.as_bytes()).and_then(|_| out.flush());
                     printed = text.len();
                     if let Err(e) = res {
                         failure = Some(anyhow::Error::from(e));
@@ -115,10 +120,10 @@ impl BackendJob for GenerateJob {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         bail!("--temperature must be 0 or more (got {})", args.temperature);
     }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    if args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
         bail!("--top-p must be in (0, 1] (got {})", args.top_p);
     }
     let backend = args.backend;

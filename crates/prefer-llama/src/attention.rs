@@ -33,8 +33,25 @@ pub struct Attention<B: Backend, L> {
 
 impl<B: Backend, L: LinearLayer<B>> Attention<B, L> {
     /// Assembles the block from its four projections.
-    pub fn new(q_proj: L, k_proj: L, v_proj: L, o_proj: L, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Self { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, _backend: Default::default() }
+    pub fn new(
+        q_proj: L,
+        k_proj: L,
+        v_proj: L,
+        o_proj: L,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            _backend: Default::default(),
+        }
     }
 
     /// `x` `[batch, len, hidden]`; `bias` `[batch, 1, len, keys]` is 0 where a query may attend and
@@ -69,6 +86,7 @@ impl<B: Backend, L: LinearLayer<B>> Attention<B, L> {
         }
         let probs = softmax(scores, 3).reshape([b, kvh, n_rep * t, keys]);
         let out = probs.matmul(v).reshape([b, h, t, hd]);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
 }

@@ -17,7 +17,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and text.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -31,9 +34,17 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// Checks that the template compiles.
-    pub fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, Error> {
+    pub fn new(
+        source: String,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, Error> {
         environment().template_from_str(&source)?;
-        Ok(Self { source, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
+        Ok(Self {
+            source,
+            bos_token: bos_token.unwrap_or_default(),
+            eos_token: eos_token.unwrap_or_default(),
+        })
     }
 
     /// The template text.
@@ -42,7 +53,11 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`, followed by the assistant header when `add_generation_prompt`.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, Error> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let env = environment();
         let template = env.template_from_str(&self.source)?;
         template.render(context! {
@@ -60,12 +75,20 @@ fn environment() -> Environment<'static> {
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     minijinja_contrib::add_to_environment(&mut env);
-    env.add_function("raise_exception", |message: String| -> Result<String, Error> {
-        Err(Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env.add_function("strftime_now", |format: String| -> String {
         // Templates use this for a "today is ..." line; a fixed, documented date keeps renders reproducible.
-        format.replace("%d", "01").replace("%m", "01").replace("%Y", "2025").replace("%b", "Jan").replace("%B", "January")
+        format
+            .replace("%d", "01")
+            .replace("%m", "01")
+            .replace("%Y", "2025")
+            .replace("%b", "Jan")
+            .replace("%B", "January")
     });
     env
 }
@@ -79,16 +102,33 @@ mod tests {
     #[test]
     fn chatml_with_generation_prompt() {
         let t = ChatTemplate::new(CHATML.into(), None, Some("<|im_end|>".into())).unwrap();
-        let out = t.render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], true).unwrap();
-        assert_eq!(out, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let out = t
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "Hi"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn python_methods_and_raise_exception() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip() }}";
         let t = ChatTemplate::new(src.into(), None, None).unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi  ")], false).unwrap(), "hi");
-        let err = t.render(&[ChatMessage::new("system", "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi  ")], false)
+                .unwrap(),
+            "hi"
+        );
+        let err = t
+            .render(&[ChatMessage::new("system", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
     }
 }

@@ -84,25 +84,41 @@ impl LlamaConfig {
 
     /// Parses the JSON of a Hugging Face `config.json`; `path` is used in error messages.
     pub fn from_hf_json(v: &Value, path: &Path) -> Result<Self> {
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("llama");
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama");
         if !matches!(model_type, "llama" | "qwen2" | "mistral" | "smollm3" | "") {
             return Err(LoadError::config(
                 path,
-                format!("model_type `{model_type}` is not supported (supported: llama, qwen2, mistral)"),
+                format!(
+                    "model_type `{model_type}` is not supported (supported: llama, qwen2, mistral)"
+                ),
             ));
         }
         if model_type == "mistral" || model_type == "qwen2" {
-            let sliding = v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(model_type == "mistral");
+            let sliding = v
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(model_type == "mistral");
             let window = v.get("sliding_window").and_then(Value::as_u64);
             if sliding && window.is_some() {
-                return Err(LoadError::config(path, "sliding-window attention is not supported"));
+                return Err(LoadError::config(
+                    path,
+                    "sliding-window attention is not supported",
+                ));
             }
         }
         let req = |key: &str| -> Result<usize> {
             v.get(key)
                 .and_then(Value::as_u64)
                 .map(|x| x as usize)
-                .ok_or_else(|| LoadError::config(path, format!("`{key}` is missing or not a positive integer")))
+                .ok_or_else(|| {
+                    LoadError::config(
+                        path,
+                        format!("`{key}` is missing or not a positive integer"),
+                    )
+                })
         };
         let opt_usize = |key: &str| v.get(key).and_then(Value::as_u64).map(|x| x as usize);
         let opt_f64 = |key: &str| v.get(key).and_then(Value::as_f64);
@@ -153,16 +169,22 @@ impl LlamaConfig {
                 return err(format!("`{name}` must be at least 1"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return err(format!("head_dim ({}) must be even and positive", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return err(format!(
+                "head_dim ({}) must be even and positive",
+                self.head_dim
+            ));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return err(format!("rope_theta ({}) must be positive", self.rope_theta));
         }
         Ok(())
@@ -178,7 +200,11 @@ impl LlamaConfig {
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -208,7 +234,9 @@ fn parse_rope(v: &Value, path: &Path) -> Result<(f64, RopeScaling)> {
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
@@ -218,7 +246,9 @@ fn parse_rope(v: &Value, path: &Path) -> Result<(f64, RopeScaling)> {
         other => {
             return Err(LoadError::config(
                 path,
-                format!("rope type `{other}` is not supported (supported: default, linear, llama3)"),
+                format!(
+                    "rope type `{other}` is not supported (supported: default, linear, llama3)"
+                ),
             ));
         }
     };
@@ -259,17 +289,29 @@ mod tests {
     fn errors_name_the_key() {
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
-        let e = LlamaConfig::from_hf_json(&v, Path::new("dir/config.json")).unwrap_err().to_string();
-        assert_eq!(e, "dir/config.json: `hidden_size` is missing or not a positive integer");
+        let e = LlamaConfig::from_hf_json(&v, Path::new("dir/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "dir/config.json: `hidden_size` is missing or not a positive integer"
+        );
 
         let mut v = base();
         v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
-        let e = LlamaConfig::from_hf_json(&v, Path::new("c.json")).unwrap_err().to_string();
+        let e = LlamaConfig::from_hf_json(&v, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rope type `yarn` is not supported"), "{e}");
 
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
-        let e = LlamaConfig::from_hf_json(&v, Path::new("c.json")).unwrap_err().to_string();
-        assert!(e.contains("not a multiple of num_key_value_heads (3)"), "{e}");
+        let e = LlamaConfig::from_hf_json(&v, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a multiple of num_key_value_heads (3)"),
+            "{e}"
+        );
     }
 }

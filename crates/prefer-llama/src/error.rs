@@ -6,12 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, not chained, so it is printed once).
+        cause: std::io::Error,
     },
     /// A file was read but its contents are not what they should be.
     #[error("{path}: {message}")]
@@ -75,19 +75,31 @@ pub enum LoadError {
 
 impl LoadError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            cause: source,
+        }
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Format { path: path.into(), message: message.into() }
+        Self::Format {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Config { path: path.into(), message: message.into() }
+        Self::Config {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub(crate) fn tokenizer(context: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Self::Tokenizer { context: context.into(), message: message.to_string() }
+        Self::Tokenizer {
+            context: context.into(),
+            message: message.to_string(),
+        }
     }
 }
 

@@ -21,7 +21,12 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, seed: 0, max_new_tokens: 128 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 128,
+        }
     }
 }
 
@@ -45,8 +50,11 @@ impl Sampler {
         }
         let t = self.config.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= total);
         if self.config.top_p < 1.0 {
@@ -100,10 +108,22 @@ pub fn generate<B: Backend, L: LinearLayer<B>>(
     let mut input: Vec<u32> = prompt.to_vec();
     while out.len() < config.max_new_tokens && !input.is_empty() {
         let len = input.len();
-        let ids = TensorData::new(input.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, len]);
-        let hidden = model.forward_hidden(Tensor::<B, 2, Int>::from_data(ids, &device), None, Some(&mut cache));
+        let ids = TensorData::new(
+            input.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            [1, len],
+        );
+        let hidden = model.forward_hidden(
+            Tensor::<B, 2, Int>::from_data(ids, &device),
+            None,
+            Some(&mut cache),
+        );
         let last = hidden.narrow(1, len - 1, 1);
-        let logits: Vec<f32> = model.logits(last).into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let logits: Vec<f32> = model
+            .logits(last)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
         let next = sampler.sample(&logits);
         out.push(next);
         if !on_token(next) || stop_tokens.contains(&next) {

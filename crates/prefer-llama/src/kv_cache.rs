@@ -32,6 +32,9 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache for a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: (0..n_layers).map(|_| LayerCache { kv: None }).collect(), len: 0 }
+        Self {
+            layers: (0..n_layers).map(|_| LayerCache { kv: None }).collect(),
+            len: 0,
+        }
     }
 }

@@ -38,7 +38,15 @@ pub enum Projection {
 
 impl Projection {
     /// All seven, in checkpoint order.
-    pub const ALL: [Projection; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+    pub const ALL: [Projection; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
 
     /// The module name used by Hugging Face and PEFT (`q_proj`, ...).
     pub fn hf_name(self) -> &'static str {
@@ -65,7 +73,12 @@ impl Projection {
 impl LinearSite {
     /// The Hugging Face module path, e.g. `model.layers.3.self_attn.q_proj`.
     pub fn hf_path(&self) -> String {
-        format!("model.layers.{}.{}.{}", self.layer, self.projection.hf_parent(), self.projection.hf_name())
+        format!(
+            "model.layers.{}.{}.{}",
+            self.layer,
+            self.projection.hf_parent(),
+            self.projection.hf_name()
+        )
     }
 }
 
@@ -80,8 +93,13 @@ pub trait LinearFactory<B: Backend> {
     /// The layer type the model will hold.
     type Layer: LinearLayer<B>;
     /// Builds one layer from its weight `[out, in]` and optional bias `[out]` (shapes already checked).
-    fn build(&self, site: LinearSite, weight: HostTensor, bias: Option<HostTensor>, device: &B::Device)
-    -> Result<Self::Layer>;
+    fn build(
+        &self,
+        site: LinearSite,
+        weight: HostTensor,
+        bias: Option<HostTensor>,
+        device: &B::Device,
+    ) -> Result<Self::Layer>;
 }
 
 /// A full-precision, frozen linear layer.
@@ -119,8 +137,13 @@ pub struct DenseFactory;
 
 impl<B: Backend> LinearFactory<B> for DenseFactory {
     type Layer = DenseLinear<B>;
-    fn build(&self, _site: LinearSite, weight: HostTensor, bias: Option<HostTensor>, device: &B::Device)
-    -> Result<DenseLinear<B>> {
+    fn build(
+        &self,
+        _site: LinearSite,
+        weight: HostTensor,
+        bias: Option<HostTensor>,
+        device: &B::Device,
+    ) -> Result<DenseLinear<B>> {
         Ok(DenseLinear::from_host(&weight, bias.as_ref(), device))
     }
 }

@@ -22,7 +22,12 @@ pub struct Mlp<B: Backend, L> {
 impl<B: Backend, L: LinearLayer<B>> Mlp<B, L> {
     /// Assembles the block from its projections.
     pub fn new(gate_proj: L, up_proj: L, down_proj: L) -> Self {
-        Self { gate_proj, up_proj, down_proj, _backend: Default::default() }
+        Self {
+            gate_proj,
+            up_proj,
+            down_proj,
+            _backend: Default::default(),
+        }
     }
 
     /// `[batch, len, hidden] -> [batch, len, hidden]`.

@@ -39,7 +39,10 @@ impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
         bias: Option<&Tensor<B, 4>>,
         cache: Option<&mut crate::kv_cache::LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, bias, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -81,13 +84,21 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
             let p = format!("model.layers.{i}");
             let q_out = c.num_attention_heads * c.head_dim;
             let kv_out = c.num_key_value_heads * c.head_dim;
-            let mut proj = |projection: Projection, out: usize, inp: usize, bias: bool| -> Result<L> {
-                let site = LinearSite { layer: i, projection };
-                let path = site.hf_path();
-                let weight = fetch(source, &format!("{path}.weight"), &[out, inp])?;
-                let bias = if bias { Some(fetch(source, &format!("{path}.bias"), &[out])?) } else { None };
-                factory.build(site, weight, bias, device)
-            };
+            let mut proj =
+                |projection: Projection, out: usize, inp: usize, bias: bool| -> Result<L> {
+                    let site = LinearSite {
+                        layer: i,
+                        projection,
+                    };
+                    let path = site.hf_path();
+                    let weight = fetch(source, &format!("{path}.weight"), &[out, inp])?;
+                    let bias = if bias {
+                        Some(fetch(source, &format!("{path}.bias"), &[out])?)
+                    } else {
+                        None
+                    };
+                    factory.build(site, weight, bias, device)
+                };
             let attn = Attention::new(
                 proj(Projection::Q, q_out, hidden, c.qkv_bias)?,
                 proj(Projection::K, kv_out, hidden, c.qkv_bias)?,
@@ -103,9 +114,19 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
                 proj(Projection::Down, hidden, c.intermediate_size, c.mlp_bias)?,
             );
             layers.push(DecoderLayer {
-                input_layernorm: rms_norm(source, &format!("{p}.input_layernorm.weight"), c, device)?,
+                input_layernorm: rms_norm(
+                    source,
+                    &format!("{p}.input_layernorm.weight"),
+                    c,
+                    device,
+                )?,
                 self_attn: attn,
-                post_attention_layernorm: rms_norm(source, &format!("{p}.post_attention_layernorm.weight"), c, device)?,
+                post_attention_layernorm: rms_norm(
+                    source,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    c,
+                    device,
+                )?,
                 mlp,
             });
         }
@@ -117,7 +138,9 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
             Some(Param::initialized(ParamId::new(), w.to_tensor(device)))
         };
         Ok(Self {
-            embed_tokens: Embedding { weight: Param::initialized(ParamId::new(), embed.to_tensor(device)) },
+            embed_tokens: Embedding {
+                weight: Param::initialized(ParamId::new(), embed.to_tensor(device)),
+            },
             layers,
             norm,
             lm_head,
@@ -167,7 +190,11 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
     }
 
     /// Logits `[batch, len, vocab]` for a right-padded batch.
-    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2, Int>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
         self.logits(self.forward_hidden(input_ids, attention_mask, None))
     }
 
@@ -190,11 +217,17 @@ fn attention_bias<B: Backend>(
     if attention_mask.is_none() && len == 1 {
         return None; // one new token sees every cached key
     }
-    let causal: Vec<bool> = (0..len).flat_map(|i| (0..keys).map(move |j| j > start + i)).collect();
+    let causal: Vec<bool> = (0..len)
+        .flat_map(|i| (0..keys).map(move |j| j > start + i))
+        .collect();
     let mut masked =
-        Tensor::<B, 4, Bool>::from_bool(TensorData::new(causal, [1, 1, len, keys]), device).expand([batch, 1, len, keys]);
+        Tensor::<B, 4, Bool>::from_bool(TensorData::new(causal, [1, 1, len, keys]), device)
+            .expand([batch, 1, len, keys]);
     if let Some(mask) = attention_mask {
-        let padding = mask.equal_elem(0).reshape([batch, 1, 1, keys]).expand([batch, 1, len, keys]);
+        let padding = mask
+            .equal_elem(0)
+            .reshape([batch, 1, 1, keys])
+            .expand([batch, 1, len, keys]);
         masked = masked.bool_or(padding);
     }
     Some(masked.float() * f32::MIN)
@@ -204,15 +237,30 @@ fn attention_bias<B: Backend>(
 fn fetch(source: &mut dyn WeightSource, name: &str, expected: &[usize]) -> Result<HostTensor> {
     let path = source.origin().to_path_buf();
     match source.take(name)? {
-        None => Err(LoadError::MissingTensor { path, name: name.into(), expected: expected.to_vec() }),
-        Some(t) if t.shape != expected => {
-            Err(LoadError::Shape { path, name: name.into(), expected: expected.to_vec(), found: t.shape })
-        }
+        None => Err(LoadError::MissingTensor {
+            path,
+            name: name.into(),
+            expected: expected.to_vec(),
+        }),
+        Some(t) if t.shape != expected => Err(LoadError::Shape {
+            path,
+            name: name.into(),
+            expected: expected.to_vec(),
+            found: t.shape,
+        }),
         Some(t) => Ok(t),
     }
 }
 
-fn rms_norm<B: Backend>(source: &mut dyn WeightSource, name: &str, c: &LlamaConfig, device: &B::Device) -> Result<RmsNorm<B>> {
+fn rms_norm<B: Backend>(
+    source: &mut dyn WeightSource,
+    name: &str,
+    c: &LlamaConfig,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
     let gamma = fetch(source, name, &[c.hidden_size])?;
-    Ok(RmsNorm { gamma: Param::initialized(ParamId::new(), gamma.to_tensor(device)), epsilon: c.rms_norm_eps })
+    Ok(RmsNorm {
+        gamma: Param::initialized(ParamId::new(), gamma.to_tensor(device)),
+        epsilon: c.rms_norm_eps,
+    })
 }

@@ -34,8 +34,12 @@ impl RotaryEmbedding {
             .collect();
         let inv_freq = match &config.rope_scaling {
             RopeScaling::Default => inv_freq,
-            RopeScaling::FreqFactors(factors) => inv_freq.iter().zip(factors).map(|(f, d)| f / d).collect(),
-            RopeScaling::Linear { factor } => inv_freq.into_iter().map(|f| f / *factor as f32).collect(),
+            RopeScaling::FreqFactors(factors) => {
+                inv_freq.iter().zip(factors).map(|(f, d)| f / d).collect()
+            }
+            RopeScaling::Linear { factor } => {
+                inv_freq.into_iter().map(|f| f / *factor as f32).collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -70,7 +74,12 @@ impl RotaryEmbedding {
     }
 
     /// Tables for positions `start .. start + len`.
-    pub fn tables<B: Backend>(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
+    pub fn tables<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> RopeTables<B> {
         let half = self.inv_freq.len();
         let dim = 2 * half;
         let mut cos = Vec::with_capacity(len * dim);
@@ -112,7 +121,10 @@ mod tests {
         let device = Default::default();
         let tables = rope.tables::<NdArray>(1, 1, &device);
         // e0 at position 1 rotates towards e2 (its rotate-half partner) by angle inv_freq[0] = 1.
-        let x = Tensor::<NdArray, 4>::from_data(TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 1, 1, 4]), &device);
+        let x = Tensor::<NdArray, 4>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 1, 1, 4]),
+            &device,
+        );
         let y: Vec<f32> = apply_rotary(x, &tables).into_data().to_vec().unwrap();
         let expected = [1f32.cos(), 0.0, 1f32.sin(), 0.0];
         for (a, b) in y.iter().zip(expected) {
@@ -135,6 +147,11 @@ mod tests {
         let scaled = RotaryEmbedding::new(&config).inv_freq;
         assert_eq!(scaled[0], plain[0]);
         assert_eq!(scaled[31], plain[31] / 8.0);
-        assert!(scaled.iter().zip(&plain).any(|(s, p)| *s < *p && *s > *p / 8.0));
+        assert!(
+            scaled
+                .iter()
+                .zip(&plain)
+                .any(|(s, p)| *s < *p && *s > *p / 8.0)
+        );
     }
 }

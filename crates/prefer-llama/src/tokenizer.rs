@@ -44,8 +44,10 @@ impl ChatTokenizer {
             .map_err(|e| LoadError::tokenizer(path.display().to_string(), e))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).map_err(|e| LoadError::io(&config_path, e))?;
-            serde_json::from_str(&text).map_err(|e| LoadError::format(&config_path, format!("invalid JSON: {e}")))?
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| LoadError::io(&config_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| LoadError::format(&config_path, format!("invalid JSON: {e}")))?
         } else {
             Value::Null
         };
@@ -76,19 +78,32 @@ impl ChatTokenizer {
         let chat_template = template
             .map(|t| ChatTemplate::new(t, bos.clone(), eos.clone()))
             .transpose()
-            .map_err(|e| LoadError::tokenizer(format!("{}: chat_template", config_path.display()), e))?;
-        Ok(Self { inner, bos_token: bos, eos_token: eos, pad_token: pad, chat_template })
+            .map_err(|e| {
+                LoadError::tokenizer(format!("{}: chat_template", config_path.display()), e)
+            })?;
+        Ok(Self {
+            inner,
+            bos_token: bos,
+            eos_token: eos,
+            pad_token: pad,
+            chat_template,
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. prepends BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| LoadError::tokenizer("encode", e))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| LoadError::tokenizer("encode", e))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| LoadError::tokenizer("decode", e))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| LoadError::tokenizer("decode", e))
     }
 
     /// Id of a token given by its text.
@@ -97,11 +112,16 @@ impl ChatTokenizer {
     }
 
     /// Renders a conversation with the chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| LoadError::tokenizer("chat template", "this model has no chat template"))?;
-        template.render(messages, add_generation_prompt).map_err(|e| LoadError::tokenizer("chat template", e))
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            LoadError::tokenizer("chat template", "this model has no chat template")
+        })?;
+        template
+            .render(messages, add_generation_prompt)
+            .map_err(|e| LoadError::tokenizer("chat template", e))
     }
 }

@@ -28,12 +28,18 @@ impl HostTensor {
                 out[c * rows + r] = self.data[r * cols + c];
             }
         }
-        Self { shape: vec![cols, rows], data: out }
+        Self {
+            shape: vec![cols, rows],
+            data: out,
+        }
     }
 
     /// Uploads to a device as a `D`-dimensional tensor.
     pub fn to_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D> {
-        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
+        Tensor::from_data(
+            TensorData::new(self.data.clone(), self.shape.clone()),
+            device,
+        )
     }
 }
 

@@ -22,11 +22,13 @@ pub mod ggml_type {
 /// Name of a ggml type id, for messages.
 pub fn type_name(t: u32) -> String {
     let names = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
-        "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
-        "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
-    names.get(t as usize).map_or_else(|| format!("type {t}"), |n| (*n).to_string())
+    names
+        .get(t as usize)
+        .map_or_else(|| format!("type {t}"), |n| (*n).to_string())
 }
 
 /// Bytes needed for `n` values of type `t`, or `None` if the type is unsupported or `n` does not
@@ -35,9 +37,9 @@ pub fn byte_size(t: u32, n: usize) -> Option<usize> {
     match t {
         ggml_type::F32 => Some(4 * n),
         ggml_type::F16 | ggml_type::BF16 => Some(2 * n),
-        ggml_type::Q8_0 => (n % 32 == 0).then_some(n / 32 * 34),
-        ggml_type::Q4_0 => (n % 32 == 0).then_some(n / 32 * 18),
-        ggml_type::Q4_1 => (n % 32 == 0).then_some(n / 32 * 20),
+        ggml_type::Q8_0 => n.is_multiple_of(32).then_some(n / 32 * 34),
+        ggml_type::Q4_0 => n.is_multiple_of(32).then_some(n / 32 * 18),
+        ggml_type::Q4_1 => n.is_multiple_of(32).then_some(n / 32 * 20),
         _ => None,
     }
 }
@@ -49,9 +51,18 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantises `bytes` of type `t` to f32 (`bytes.len()` must equal [`byte_size`]).
 pub fn dequantize(t: u32, bytes: &[u8]) -> Vec<f32> {
     match t {
-        ggml_type::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        ggml_type::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        ggml_type::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        ggml_type::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        ggml_type::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        ggml_type::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         ggml_type::Q8_0 => bytes
             .chunks_exact(34)
             .flat_map(|blk| {

@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use super::{
     Checkpoint,
-    gguf_file::{GgufFile, GgufValue},
     ggml_quants::{byte_size, dequantize, type_name},
+    gguf_file::{GgufFile, GgufValue},
 };
 use crate::{
     chat_template::ChatTemplate,
@@ -22,13 +22,30 @@ use crate::{
 pub fn open(path: &Path) -> Result<Checkpoint> {
     let file = GgufFile::open(path)?;
     let config = config_from_metadata(&file)?;
-    let tokenizer = if file.get("tokenizer.ggml.model").is_some() { Some(tokenizer_from_metadata(&file)?) } else { None };
-    let source = GgufSource { names: hf_names(&file), file, n_head: config.num_attention_heads, n_kv: config.num_key_value_heads };
-    Ok(Checkpoint { config, weights: Box::new(source), tokenizer, path: path.to_path_buf() })
+    let tokenizer = if file.get("tokenizer.ggml.model").is_some() {
+        Some(tokenizer_from_metadata(&file)?)
+    } else {
+        None
+    };
+    let source = GgufSource {
+        names: hf_names(&file),
+        file,
+        n_head: config.num_attention_heads,
+        n_kv: config.num_key_value_heads,
+    };
+    Ok(Checkpoint {
+        config,
+        weights: Box::new(source),
+        tokenizer,
+        path: path.to_path_buf(),
+    })
 }
 
 fn config_from_metadata(f: &GgufFile) -> Result<LlamaConfig> {
-    let arch = f.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("");
+    let arch = f
+        .get("general.architecture")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("");
     if arch != "llama" {
         return Err(LoadError::config(
             &f.path,
@@ -47,8 +64,16 @@ fn config_from_metadata(f: &GgufFile) -> Result<LlamaConfig> {
         .get("llama.vocab_size")
         .and_then(GgufValue::as_u64)
         .map(|v| v as usize)
-        .or_else(|| f.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map(<[_]>::len))
-        .or_else(|| f.tensors.get("token_embd.weight").and_then(|t| t.dims.get(1).copied()))
+        .or_else(|| {
+            f.get("tokenizer.ggml.tokens")
+                .and_then(GgufValue::as_array)
+                .map(<[_]>::len)
+        })
+        .or_else(|| {
+            f.tensors
+                .get("token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+        })
         .ok_or_else(|| LoadError::config(&f.path, "cannot tell the vocabulary size"))?;
     let head_dim = f
         .get("llama.attention.key_length")
@@ -56,38 +81,64 @@ fn config_from_metadata(f: &GgufFile) -> Result<LlamaConfig> {
         .and_then(GgufValue::as_u64)
         .map_or(hidden / heads.max(1), |v| v as usize);
     let rope_scaling = if let Some(t) = f.tensors.get("rope_freqs.weight") {
-        let bytes = f.tensor_bytes("rope_freqs.weight", t, byte_size(t.ggml_type, t.dims.iter().product()).unwrap_or(0))?;
+        let bytes = f.tensor_bytes(
+            "rope_freqs.weight",
+            t,
+            byte_size(t.ggml_type, t.dims.iter().product()).unwrap_or(0),
+        )?;
         RopeScaling::FreqFactors(dequantize(t.ggml_type, bytes))
     } else {
         match f.get("llama.rope.scaling.type").and_then(GgufValue::as_str) {
             None | Some("none") => RopeScaling::Default,
             Some("linear") => RopeScaling::Linear {
-                factor: f.get("llama.rope.scaling.factor").and_then(GgufValue::as_f64).unwrap_or(1.0),
+                factor: f
+                    .get("llama.rope.scaling.factor")
+                    .and_then(GgufValue::as_f64)
+                    .unwrap_or(1.0),
             },
             Some(other) => {
-                return Err(LoadError::config(&f.path, format!("rope scaling `{other}` is not supported")));
+                return Err(LoadError::config(
+                    &f.path,
+                    format!("rope scaling `{other}` is not supported"),
+                ));
             }
         }
     };
-    let token = |key: &str| f.get(&format!("tokenizer.ggml.{key}")).and_then(GgufValue::as_u64).map(|v| v as u32);
+    let token = |key: &str| {
+        f.get(&format!("tokenizer.ggml.{key}"))
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as u32)
+    };
     let config = LlamaConfig {
         vocab_size: n_vocab,
         hidden_size: hidden,
         intermediate_size: req("feed_forward_length")?,
         num_hidden_layers: req("block_count")?,
         num_attention_heads: heads,
-        num_key_value_heads: f.get("llama.attention.head_count_kv").and_then(GgufValue::as_u64).map_or(heads, |v| v as usize),
+        num_key_value_heads: f
+            .get("llama.attention.head_count_kv")
+            .and_then(GgufValue::as_u64)
+            .map_or(heads, |v| v as usize),
         head_dim,
         max_position_embeddings: req("context_length").unwrap_or(2048),
-        rms_norm_eps: f.get("llama.attention.layer_norm_rms_epsilon").and_then(GgufValue::as_f64).unwrap_or(1e-5),
-        rope_theta: f.get("llama.rope.freq_base").and_then(GgufValue::as_f64).unwrap_or(10_000.0),
+        rms_norm_eps: f
+            .get("llama.attention.layer_norm_rms_epsilon")
+            .and_then(GgufValue::as_f64)
+            .unwrap_or(1e-5),
+        rope_theta: f
+            .get("llama.rope.freq_base")
+            .and_then(GgufValue::as_f64)
+            .unwrap_or(10_000.0),
         rope_scaling,
         tie_word_embeddings: !f.tensors.contains_key("output.weight"),
         qkv_bias: f.tensors.contains_key("blk.0.attn_q.bias"),
         o_bias: f.tensors.contains_key("blk.0.attn_output.bias"),
         mlp_bias: f.tensors.contains_key("blk.0.ffn_up.bias"),
         bos_token_id: token("bos_token_id"),
-        eos_token_ids: token("eos_token_id").into_iter().chain(token("eot_token_id")).collect(),
+        eos_token_ids: token("eos_token_id")
+            .into_iter()
+            .chain(token("eot_token_id"))
+            .collect(),
         pad_token_id: token("padding_token_id"),
     };
     config.validate(&f.path)?;
@@ -145,9 +196,13 @@ impl WeightSource for GgufSource {
             path: self.file.path.clone(),
             name: gguf_name.clone(),
             dtype: type_name(info.ggml_type),
-            hint: " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1; rows must be whole blocks of 32)".into(),
+            hint: " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1; rows must be whole blocks of 32)"
+                .into(),
         })?;
-        let data = dequantize(info.ggml_type, self.file.tensor_bytes(gguf_name, info, size)?);
+        let data = dequantize(
+            info.ggml_type,
+            self.file.tensor_bytes(gguf_name, info, size)?,
+        );
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
         let mut t = HostTensor::new(shape, data);
         if gguf_name.contains(".attn_q.") {
@@ -176,7 +231,8 @@ fn unpermute(t: HostTensor, n_heads: usize) -> HostTensor {
             for i in 0..half {
                 let dst = h * head + j * half + i;
                 let src = h * head + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -189,7 +245,10 @@ fn unpermute(t: HostTensor, n_heads: usize) -> HostTensor {
 fn tokenizer_from_metadata(f: &GgufFile) -> Result<ChatTokenizer> {
     let ctx = format!("{}: tokenizer metadata", f.path.display());
     let err = |m: String| LoadError::tokenizer(ctx.clone(), m);
-    let model = f.get("tokenizer.ggml.model").and_then(GgufValue::as_str).unwrap_or("");
+    let model = f
+        .get("tokenizer.ggml.model")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("");
     let tokens: Vec<String> = f
         .get("tokenizer.ggml.tokens")
         .and_then(GgufValue::as_array)
@@ -202,16 +261,28 @@ fn tokenizer_from_metadata(f: &GgufFile) -> Result<ChatTokenizer> {
         .and_then(GgufValue::as_array)
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
         .unwrap_or_else(|| vec![1; tokens.len()]);
-    let id = |key: &str| f.get(&format!("tokenizer.ggml.{key}")).and_then(GgufValue::as_u64).map(|v| v as usize);
+    let id = |key: &str| {
+        f.get(&format!("tokenizer.ggml.{key}"))
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as usize)
+    };
     let text_of = |i: Option<usize>| i.and_then(|i| tokens.get(i).cloned());
-    let (bos, eos, pad, unk) = (id("bos_token_id"), id("eos_token_id"), id("padding_token_id"), id("unknown_token_id"));
+    let (bos, eos, pad, unk) = (
+        id("bos_token_id"),
+        id("eos_token_id"),
+        id("padding_token_id"),
+        id("unknown_token_id"),
+    );
     let add_bos = f
         .get("tokenizer.ggml.add_bos_token")
         .and_then(GgufValue::as_bool)
         .unwrap_or(model == "llama");
 
-    let vocab: serde_json::Map<String, Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     // Control (3), unknown (2) and user-defined (4) tokens are matched whole in the text.
     let added: Vec<Value> = tokens
         .iter()
@@ -237,11 +308,16 @@ fn tokenizer_from_metadata(f: &GgufFile) -> Result<ChatTokenizer> {
             let merges: Vec<Value> = f
                 .get("tokenizer.ggml.merges")
                 .and_then(GgufValue::as_array)
-                .ok_or_else(|| err("`tokenizer.ggml.merges` is missing for a gpt2 vocabulary".into()))?
+                .ok_or_else(|| {
+                    err("`tokenizer.ggml.merges` is missing for a gpt2 vocabulary".into())
+                })?
                 .iter()
                 .filter_map(|m| m.as_str()?.split_once(' ').map(|(a, b)| json!([a, b])))
                 .collect();
-            let pre = f.get("tokenizer.ggml.pre").and_then(GgufValue::as_str).unwrap_or("default");
+            let pre = f
+                .get("tokenizer.ggml.pre")
+                .and_then(GgufValue::as_str)
+                .unwrap_or("default");
             json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
                 "normalizer": null,
@@ -257,7 +333,9 @@ fn tokenizer_from_metadata(f: &GgufFile) -> Result<ChatTokenizer> {
             let scores: Vec<f64> = f
                 .get("tokenizer.ggml.scores")
                 .and_then(GgufValue::as_array)
-                .ok_or_else(|| err("`tokenizer.ggml.scores` is missing for a llama vocabulary".into()))?
+                .ok_or_else(|| {
+                    err("`tokenizer.ggml.scores` is missing for a llama vocabulary".into())
+                })?
                 .iter()
                 .map(|v| v.as_f64().unwrap_or(0.0))
                 .collect();
@@ -278,7 +356,11 @@ fn tokenizer_from_metadata(f: &GgufFile) -> Result<ChatTokenizer> {
                           "ignore_merges": false, "vocab": vocab, "merges": spm_merges(&tokens, &types, &scores)}
             })
         }
-        other => return Err(err(format!("tokenizer model `{other}` is not supported (supported: gpt2, llama)"))),
+        other => {
+            return Err(err(format!(
+                "tokenizer model `{other}` is not supported (supported: gpt2, llama)"
+            )));
+        }
     };
     let inner: tokenizers::Tokenizer = json.to_string().parse().map_err(|e| err(format!("{e}")))?;
     let chat_template = f
@@ -287,14 +369,18 @@ fn tokenizer_from_metadata(f: &GgufFile) -> Result<ChatTokenizer> {
         .map(|t| ChatTemplate::new(t.to_owned(), text_of(bos), text_of(eos)))
         .transpose()
         .map_err(|e| err(format!("chat template: {e}")))?;
-    Ok(ChatTokenizer { inner, bos_token: text_of(bos), eos_token: text_of(eos), pad_token: text_of(pad), chat_template })
+    Ok(ChatTokenizer {
+        inner,
+        bos_token: text_of(bos),
+        eos_token: text_of(eos),
+        pad_token: text_of(pad),
+        chat_template,
+    })
 }
 
 /// The pre-tokeniser llama.cpp's `tokenizer.ggml.pre` names (GPT-2's regex for unknown names).
 fn bpe_pre_tokenizer(pre: &str) -> Value {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |pattern: &str| {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
@@ -316,7 +402,11 @@ fn bpe_pre_tokenizer(pre: &str) -> Value {
 /// BPE merges equivalent to SentencePiece's score-driven merging: every split of a vocabulary
 /// piece into two pieces of the vocabulary is a merge, ranked by the merged piece's score.
 fn spm_merges(tokens: &[String], types: &[u64], scores: &[f64]) -> Vec<Value> {
-    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         if types.get(id).copied().unwrap_or(1) != 1 {
@@ -331,7 +421,10 @@ fn spm_merges(tokens: &[String], types: &[u64], scores: &[f64]) -> Vec<Value> {
         }
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    merges.into_iter().map(|(_, _, l, r)| json!([tokens[l], tokens[r]])).collect()
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| json!([tokens[l], tokens[r]]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -349,7 +442,8 @@ mod tests {
                 for i in 0..head / 2 {
                     let src = h * head + j * (head / 2) + i;
                     let dst = h * head + 2 * i + j;
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

@@ -1,7 +1,11 @@
 //! The GGUF container of llama.cpp: a header of typed key/value metadata, a table of tensor
 //! descriptions, and aligned tensor data. Versions 2 and 3, little-endian.
 
-use std::{collections::HashMap, fs::File, path::{Path, PathBuf}};
+use std::{
+    collections::HashMap,
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use memmap2::Mmap;
 
@@ -96,31 +100,52 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            LoadError::format(self.path, format!("truncated GGUF header (wanted {n} bytes at offset {})", self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                LoadError::format(
+                    self.path,
+                    format!(
+                        "truncated GGUF header (wanted {n} bytes at offset {})",
+                        self.pos
+                    ),
+                )
+            })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn len(&mut self) -> Result<usize> {
         let n = self.u64()?;
         if n > self.bytes.len() as u64 {
-            return Err(LoadError::format(self.path, format!("corrupt GGUF header: length {n} at offset {}", self.pos)));
+            return Err(LoadError::format(
+                self.path,
+                format!("corrupt GGUF header: length {n} at offset {}", self.pos),
+            ));
         }
         Ok(n as usize)
     }
     fn string(&mut self) -> Result<String> {
         let n = self.len()?;
         let at = self.pos;
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| LoadError::format(self.path, format!("invalid UTF-8 in GGUF string at offset {at}")))
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| {
+            LoadError::format(
+                self.path,
+                format!("invalid UTF-8 in GGUF string at offset {at}"),
+            )
+        })
     }
     fn value(&mut self, ty: u32) -> Result<GgufValue> {
         let b = |r: &mut Self, n| -> Result<Vec<u8>> { Ok(r.take(n)?.to_vec()) };
@@ -162,13 +187,20 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
         // SAFETY: read-only map of a file we only read.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
-        let mut r = Reader { bytes: &mmap, pos: 0, path };
+        let mut r = Reader {
+            bytes: &mmap,
+            pos: 0,
+            path,
+        };
         if r.take(4).ok() != Some(b"GGUF".as_slice()) {
             return Err(LoadError::format(path, "not a GGUF file (bad magic)"));
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(LoadError::format(path, format!("GGUF version {version} is not supported (2 or 3)")));
+            return Err(LoadError::format(
+                path,
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
         }
         let n_tensors = r.len()?;
         let n_kv = r.len()?;
@@ -184,7 +216,10 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()? as usize;
             if n_dims > 4 {
-                return Err(LoadError::format(path, format!("tensor `{name}` has {n_dims} dimensions")));
+                return Err(LoadError::format(
+                    path,
+                    format!("tensor `{name}` has {n_dims} dimensions"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -192,18 +227,37 @@ impl GgufFile {
             }
             let ggml_type = r.u32()?;
             let offset = r.len()?;
-            tensors.insert(name, GgufTensorInfo { dims, ggml_type, offset });
+            tensors.insert(
+                name,
+                GgufTensorInfo {
+                    dims,
+                    ggml_type,
+                    offset,
+                },
+            );
         }
-        let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(32) as usize;
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(GgufValue::as_u64)
+            .unwrap_or(32) as usize;
         let data_start = r.pos.div_ceil(alignment.max(1)) * alignment.max(1);
-        Ok(Self { path: path.to_path_buf(), metadata, tensors, mmap, data_start })
+        Ok(Self {
+            path: path.to_path_buf(),
+            metadata,
+            tensors,
+            mmap,
+            data_start,
+        })
     }
 
     /// The bytes of a tensor, checked against the file's length.
     pub fn tensor_bytes(&self, name: &str, info: &GgufTensorInfo, n_bytes: usize) -> Result<&[u8]> {
         let start = self.data_start + info.offset;
         self.mmap.get(start..start + n_bytes).ok_or_else(|| {
-            LoadError::format(&self.path, format!("tensor `{name}` runs past the end of the file"))
+            LoadError::format(
+                &self.path,
+                format!("tensor `{name}` runs past the end of the file"),
+            )
         })
     }
 

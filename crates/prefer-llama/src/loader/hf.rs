@@ -16,12 +16,19 @@ use crate::{
 pub fn open(dir: &Path) -> Result<Checkpoint> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
-        return Err(LoadError::format(dir, "not a model directory: config.json is missing"));
+        return Err(LoadError::format(
+            dir,
+            "not a model directory: config.json is missing",
+        ));
     }
     let mut config = LlamaConfig::from_hf_file(&config_path)?;
     let files = weight_files(dir)?;
     let weights = SafetensorsSource::open(dir, &files)?;
-    let tokenizer = if dir.join("tokenizer.json").is_file() { Some(ChatTokenizer::from_hf_dir(dir)?) } else { None };
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        Some(ChatTokenizer::from_hf_dir(dir)?)
+    } else {
+        None
+    };
     // generation_config.json may list more stop tokens than config.json (e.g. Llama 3's <|eot_id|>).
     let gen_path = dir.join("generation_config.json");
     if gen_path.is_file() {
@@ -39,7 +46,12 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
             }
         }
     }
-    Ok(Checkpoint { config, weights: Box::new(weights), tokenizer, path: dir.to_path_buf() })
+    Ok(Checkpoint {
+        config,
+        weights: Box::new(weights),
+        tokenizer,
+        path: dir.to_path_buf(),
+    })
 }
 
 /// The safetensors files of a directory: the single file, or every shard named by the index.
@@ -56,19 +68,26 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     let text = std::fs::read_to_string(&index_path).map_err(|e| LoadError::io(&index_path, e))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| LoadError::format(&index_path, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| LoadError::format(&index_path, format!("invalid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| LoadError::format(&index_path, "`weight_map` is missing"))?;
-    let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_owned).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect();
     files.sort();
     files.dedup();
     let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
     for f in &files {
         if !f.is_file() {
-            return Err(LoadError::format(&index_path, format!("shard {} is missing", f.display())));
+            return Err(LoadError::format(
+                &index_path,
+                format!("shard {} is missing", f.display()),
+            ));
         }
     }
     Ok(files)

@@ -41,18 +41,31 @@ impl Checkpoint {
         if path.is_dir() {
             hf::open(path)
         } else if path.is_file() {
-            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            {
                 gguf::open(path)
             } else {
-                Err(LoadError::format(path, "expected a model directory or a .gguf file"))
+                Err(LoadError::format(
+                    path,
+                    "expected a model directory or a .gguf file",
+                ))
             }
         } else {
-            Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+            Err(LoadError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ))
         }
     }
 
     /// Builds the model with the given projection layers.
-    pub fn build<B: Backend, F: LinearFactory<B>>(&mut self, factory: &F, device: &B::Device) -> Result<LlamaModel<B, F::Layer>>
+    pub fn build<B: Backend, F: LinearFactory<B>>(
+        &mut self,
+        factory: &F,
+        device: &B::Device,
+    ) -> Result<LlamaModel<B, F::Layer>>
     where
         F::Layer: LinearLayer<B>,
     {

@@ -38,14 +38,24 @@ impl SafetensorsSource {
             // SAFETY: the file is opened read-only and only read through this map; a checkpoint
             // rewritten while we load it is outside what any loader can guard against.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| LoadError::format(path, format!("not a valid safetensors file: {e}")))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                LoadError::format(path, format!("not a valid safetensors file: {e}"))
+            })?;
             for name in metadata.tensors().keys() {
                 index.insert(name.clone(), shards.len());
             }
-            shards.push(Shard { path: path.clone(), mmap, header_len, metadata });
+            shards.push(Shard {
+                path: path.clone(),
+                mmap,
+                header_len,
+                metadata,
+            });
         }
-        Ok(Self { origin: origin.to_path_buf(), shards, index })
+        Ok(Self {
+            origin: origin.to_path_buf(),
+            shards,
+            index,
+        })
     }
 
     /// Names of all tensors.
@@ -59,7 +69,11 @@ impl SafetensorsSource {
         let info = shard.metadata.info(name)?;
         let (begin, end) = info.data_offsets;
         let start = 8 + shard.header_len;
-        Some((info.dtype, info.shape.clone(), &shard.mmap[start + begin..start + end]))
+        Some((
+            info.dtype,
+            info.shape.clone(),
+            &shard.mmap[start + begin..start + end],
+        ))
     }
 }
 
@@ -86,9 +100,18 @@ impl WeightSource for SafetensorsSource {
 /// Converts little-endian floats to f32; `None` for non-float types.
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)

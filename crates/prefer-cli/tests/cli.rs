@@ -1,0 +1,156 @@
+//! The `prefer` binary: arguments, error lines and exit codes, and generation end to end.
+
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+
+fn prefer() -> Command {
+    Command::cargo_bin("prefer").expect("binary built")
+}
+
+fn tiny_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama/gqa_f32")
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_examples() {
+    let out = prefer().args(["generate", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Examples:") && text.contains("--temperature"),
+        "{text}"
+    );
+}
+
+#[test]
+fn missing_model_is_one_clear_line() {
+    let out = prefer()
+        .args(["generate", "--model", "/no/such/model", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: /no/such/model: no such file or directory\n"
+    );
+}
+
+#[test]
+fn bad_arguments_are_rejected() {
+    let out = prefer()
+        .args(["generate", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--model <MODEL>"), "{}", stderr(&out));
+
+    let out = prefer()
+        .args([
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "p",
+            "--backend",
+            "tpu",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown backend `tpu` (expected ndarray, wgpu or cuda)"));
+
+    let out = prefer()
+        .args(["generate", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "p", "--top-p", "1.5"])
+        .output()
+        .unwrap();
+    assert_eq!(stderr(&out), "error: --top-p must be in (0, 1] (got 1.5)\n");
+}
+
+#[test]
+fn backend_not_compiled_in_is_named() {
+    #[cfg(not(feature = "cuda"))]
+    {
+        let out = prefer()
+            .args(["generate", "--model"])
+            .arg(tiny_model())
+            .args(["--prompt", "p", "--backend", "cuda"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            stderr(&out),
+            "error: backend `cuda` is not compiled into this binary; rebuild with `--features cuda`\n"
+        );
+    }
+}
+
+#[test]
+fn greedy_generation_streams_what_the_library_generates() {
+    use prefer::llama::{SamplingConfig, generate, load_dense};
+    type B = burn::backend::NdArray;
+    let prompt = "The capital of France";
+    let (model, tok) = load_dense::<B>(&tiny_model(), &Default::default()).unwrap();
+    let tok = tok.unwrap();
+    let ids = tok.encode(prompt, true).unwrap();
+    let config = SamplingConfig {
+        temperature: 0.0,
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let stops = [tok.token_id("<|im_end|>").unwrap()];
+    let mut out = generate(&model, &ids, &config, &stops, |_| true);
+    out.retain(|t| !stops.contains(t));
+    let expected = tok.decode(&out, true).unwrap();
+    assert!(!expected.is_empty());
+
+    let run = prefer()
+        .args(["generate", "--model"])
+        .arg(tiny_model())
+        .args([
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        String::from_utf8(run.stdout).unwrap(),
+        format!("{expected}\n")
+    );
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let run = |seed: &str| {
+        let out = prefer()
+            .args(["generate", "--model"])
+            .arg(tiny_model())
+            .args([
+                "--chat",
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                "12",
+                "--seed",
+                seed,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        out.stdout
+    };
+    assert_eq!(run("5"), run("5"));
+}
