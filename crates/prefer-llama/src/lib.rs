@@ -29,4 +29,4 @@ pub use linear::{DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSi
 pub use loader::{Checkpoint, load_dense};
 pub use model::{DenseLlama, LlamaModel};
 pub use tokenizer::ChatTokenizer;
-pub use weights::{HostTensor, WeightSource};
+pub use weights::{HostTensor, MemoryWeights, WeightSource};

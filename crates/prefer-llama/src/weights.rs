@@ -50,3 +50,80 @@ pub trait WeightSource {
     /// Where the weights come from, for error messages.
     fn origin(&self) -> &std::path::Path;
 }
+
+/// Tensors held in memory by name: for models built in-process (tests, benchmarks, conversions).
+#[derive(Debug, Default)]
+pub struct MemoryWeights {
+    tensors: std::collections::HashMap<String, HostTensor>,
+    origin: std::path::PathBuf,
+}
+
+impl MemoryWeights {
+    /// An empty set; `origin` names it in error messages.
+    pub fn new(origin: impl Into<std::path::PathBuf>) -> Self {
+        Self { tensors: Default::default(), origin: origin.into() }
+    }
+
+    /// Adds or replaces a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: HostTensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Random weights for every tensor of `config`, in Hugging Face naming: normal(0, `std`) matrices
+    /// and norms near 1, from a seeded generator.
+    pub fn random(config: &crate::LlamaConfig, std: f32, seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut normal = move |n: usize, mean: f32, s: f32| -> Vec<f32> {
+            // Box–Muller: the workspace needs no distribution crate for this.
+            (0..n)
+                .map(|_| {
+                    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                    mean + s * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect()
+        };
+        let c = config;
+        let mut w = Self::new("<random weights>");
+        let mut add = |name: String, shape: Vec<usize>, mean: f32, s: f32| {
+            let n = shape.iter().product();
+            w.insert(name, HostTensor::new(shape, normal(n, mean, s)));
+        };
+        add("model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden_size], 0.0, std);
+        add("model.norm.weight".into(), vec![c.hidden_size], 1.0, 0.1);
+        if !c.tie_word_embeddings {
+            add("lm_head.weight".into(), vec![c.vocab_size, c.hidden_size], 0.0, std);
+        }
+        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            add(format!("{p}.input_layernorm.weight"), vec![c.hidden_size], 1.0, 0.1);
+            add(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden_size], 1.0, 0.1);
+            for (proj, out, inp, bias) in [
+                ("self_attn.q_proj", q, c.hidden_size, c.qkv_bias),
+                ("self_attn.k_proj", kv, c.hidden_size, c.qkv_bias),
+                ("self_attn.v_proj", kv, c.hidden_size, c.qkv_bias),
+                ("self_attn.o_proj", c.hidden_size, q, c.o_bias),
+                ("mlp.gate_proj", c.intermediate_size, c.hidden_size, c.mlp_bias),
+                ("mlp.up_proj", c.intermediate_size, c.hidden_size, c.mlp_bias),
+                ("mlp.down_proj", c.hidden_size, c.intermediate_size, c.mlp_bias),
+            ] {
+                add(format!("{p}.{proj}.weight"), vec![out, inp], 0.0, std);
+                if bias {
+                    add(format!("{p}.{proj}.bias"), vec![out], 0.0, std);
+                }
+            }
+        }
+        w
+    }
+}
+
+impl WeightSource for MemoryWeights {
+    fn take(&mut self, name: &str) -> crate::Result<Option<HostTensor>> {
+        Ok(self.tensors.remove(name))
+    }
+
+    fn origin(&self) -> &std::path::Path {
+        &self.origin
+    }
+}
