@@ -7,7 +7,9 @@
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
-use prefer::llama::{DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, RopeScaling, SamplingConfig, generate};
+use prefer::llama::{
+    DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, RopeScaling, SamplingConfig, generate,
+};
 
 fn config() -> LlamaConfig {
     // A 12-layer, 768-wide model with a 32k vocabulary (≈ 150M parameters, GPT-2-small-like).
@@ -36,10 +38,13 @@ fn config() -> LlamaConfig {
 fn bench<B: Backend>(name: &str, device: B::Device) {
     let c = config();
     let mut weights = MemoryWeights::random(&c, 0.02, 0);
-    let model: LlamaModel<B, _> = LlamaModel::from_weights(&c, &mut weights, &DenseFactory, &device).expect("model");
+    let model: LlamaModel<B, _> =
+        LlamaModel::from_weights(&c, &mut weights, &DenseFactory, &device).expect("model");
 
     let (batch, len) = (4, 256);
-    let ids: Vec<i64> = (0..batch * len).map(|i| (i * 7919 % c.vocab_size) as i64).collect();
+    let ids: Vec<i64> = (0..batch * len)
+        .map(|i| (i * 7919 % c.vocab_size) as i64)
+        .collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, len]), &device);
     let run = || {
         let h = model.forward_hidden(ids.clone(), None, None);
@@ -55,12 +60,18 @@ fn bench<B: Backend>(name: &str, device: B::Device) {
     let prefill = (reps * batch * len) as f64 / t.elapsed().as_secs_f64();
 
     let prompt: Vec<u32> = (0..32).map(|i| (i * 31 % c.vocab_size) as u32).collect();
-    let sampling = SamplingConfig { temperature: 0.0, max_new_tokens: 32, ..Default::default() };
+    let sampling = SamplingConfig {
+        temperature: 0.0,
+        max_new_tokens: 32,
+        ..Default::default()
+    };
     generate(&model, &prompt, &sampling, &[], |_| true);
     let t = Instant::now();
     let n = generate(&model, &prompt, &sampling, &[], |_| true).len();
     let decode = n as f64 / t.elapsed().as_secs_f64();
-    println!("{name}: prefill {prefill:.0} tokens/s (batch {batch} × {len}), decode {decode:.1} tokens/s (KV cache, after a 32-token prompt)");
+    println!(
+        "{name}: prefill {prefill:.0} tokens/s (batch {batch} × {len}), decode {decode:.1} tokens/s (KV cache, after a 32-token prompt)"
+    );
 }
 
 fn main() {

@@ -19,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let prompt = tokenizer.apply_chat_template(&[ChatMessage::new("user", question)], true)?;
     let ids = tokenizer.encode(&prompt, false)?;
-    let config = SamplingConfig { temperature: 0.0, max_new_tokens: 48, ..Default::default() };
+    let config = SamplingConfig {
+        temperature: 0.0,
+        max_new_tokens: 48,
+        ..Default::default()
+    };
     let out = generate(&model, &ids, &config, &model.config.eos_token_ids, |_| true);
     println!("{}", tokenizer.decode(&out, true)?);
     Ok(())

@@ -7,3 +7,5 @@
 pub mod backend;
 
 pub use prefer_llama as llama;
+pub use prefer_lora as lora;
+pub use prefer_quant as quant;

@@ -83,9 +83,16 @@ impl LinearSite {
 }
 
 /// A linear map `y = x·Wᵀ + b` over the last dimension.
-pub trait LinearLayer<B: Backend>: Module<B> {
+pub trait LinearLayer<B: Backend>: Module<B> + burn::module::ModuleDisplay {
     /// Applies the map to `[batch, len, in_features]`.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3>;
+    /// The effective weight `[out, in]` in full precision (dequantised, adapters merged), for
+    /// exporting a merged checkpoint; not used on the training path.
+    fn merged_weight(&self) -> Tensor<B, 2>;
+    /// The bias `[out]`, if any.
+    fn bias(&self) -> Option<Tensor<B, 1>>;
+    /// `[out_features, in_features]`.
+    fn dims(&self) -> [usize; 2];
 }
 
 /// Builds the projection layers while a checkpoint loads.
@@ -128,6 +135,19 @@ impl<B: Backend> LinearLayer<B> for DenseLinear<B> {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
         }
+    }
+
+    fn merged_weight(&self) -> Tensor<B, 2> {
+        self.weight.val().transpose()
+    }
+
+    fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.bias.as_ref().map(Param::val)
+    }
+
+    fn dims(&self) -> [usize; 2] {
+        let [d_in, d_out] = self.weight.dims();
+        [d_out, d_in]
     }
 }
 

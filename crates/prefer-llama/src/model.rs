@@ -198,6 +198,58 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
         self.logits(self.forward_hidden(input_ids, attention_mask, None))
     }
 
+    /// Every projection with its site, in checkpoint order.
+    pub fn projections(&self) -> Vec<(LinearSite, &L)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (p, layer) in Projection::ALL.into_iter().zip([
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]) {
+                out.push((
+                    LinearSite {
+                        layer: i,
+                        projection: p,
+                    },
+                    layer,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Every projection with its site, mutably (to switch or swap adapters in place).
+    pub fn projections_mut(&mut self) -> Vec<(LinearSite, &mut L)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            for (p, layer) in Projection::ALL.into_iter().zip([
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ]) {
+                out.push((
+                    LinearSite {
+                        layer: i,
+                        projection: p,
+                    },
+                    layer,
+                ));
+            }
+        }
+        out
+    }
+
     /// A fresh cache for generation.
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())

@@ -61,7 +61,10 @@ pub struct MemoryWeights {
 impl MemoryWeights {
     /// An empty set; `origin` names it in error messages.
     pub fn new(origin: impl Into<std::path::PathBuf>) -> Self {
-        Self { tensors: Default::default(), origin: origin.into() }
+        Self {
+            tensors: Default::default(),
+            origin: origin.into(),
+        }
     }
 
     /// Adds or replaces a tensor.
@@ -89,24 +92,62 @@ impl MemoryWeights {
             let n = shape.iter().product();
             w.insert(name, HostTensor::new(shape, normal(n, mean, s)));
         };
-        add("model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden_size], 0.0, std);
+        add(
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, c.hidden_size],
+            0.0,
+            std,
+        );
         add("model.norm.weight".into(), vec![c.hidden_size], 1.0, 0.1);
         if !c.tie_word_embeddings {
-            add("lm_head.weight".into(), vec![c.vocab_size, c.hidden_size], 0.0, std);
+            add(
+                "lm_head.weight".into(),
+                vec![c.vocab_size, c.hidden_size],
+                0.0,
+                std,
+            );
         }
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            add(format!("{p}.input_layernorm.weight"), vec![c.hidden_size], 1.0, 0.1);
-            add(format!("{p}.post_attention_layernorm.weight"), vec![c.hidden_size], 1.0, 0.1);
+            add(
+                format!("{p}.input_layernorm.weight"),
+                vec![c.hidden_size],
+                1.0,
+                0.1,
+            );
+            add(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![c.hidden_size],
+                1.0,
+                0.1,
+            );
             for (proj, out, inp, bias) in [
                 ("self_attn.q_proj", q, c.hidden_size, c.qkv_bias),
                 ("self_attn.k_proj", kv, c.hidden_size, c.qkv_bias),
                 ("self_attn.v_proj", kv, c.hidden_size, c.qkv_bias),
                 ("self_attn.o_proj", c.hidden_size, q, c.o_bias),
-                ("mlp.gate_proj", c.intermediate_size, c.hidden_size, c.mlp_bias),
-                ("mlp.up_proj", c.intermediate_size, c.hidden_size, c.mlp_bias),
-                ("mlp.down_proj", c.hidden_size, c.intermediate_size, c.mlp_bias),
+                (
+                    "mlp.gate_proj",
+                    c.intermediate_size,
+                    c.hidden_size,
+                    c.mlp_bias,
+                ),
+                (
+                    "mlp.up_proj",
+                    c.intermediate_size,
+                    c.hidden_size,
+                    c.mlp_bias,
+                ),
+                (
+                    "mlp.down_proj",
+                    c.hidden_size,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                ),
             ] {
                 add(format!("{p}.{proj}.weight"), vec![out, inp], 0.0, std);
                 if bias {

@@ -1,0 +1,13 @@
+//! LoRA adapters for prefer's Llama: PEFT's configuration names, initialisation and forward,
+//! several named adapters over one frozen base, and adapter files in PEFT's format.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod lora_linear;
+pub mod peft;
+
+pub use config::{ConfigError, LoraConfig};
+pub use lora_linear::{LoraAdapter, LoraFactory, LoraLinear};
+pub use peft::{
+    AdapterError, LoraModel, load_peft, read_peft, save_peft, set_active_adapter, snapshot_adapter,
+};

@@ -1,0 +1,189 @@
+//! A linear layer with low-rank adapters: `base(x) + dropout(x)·A·B·scale`, the merged weight never
+//! built while training. Several named adapters can sit over one base (a trainable policy and a
+//! frozen reference snapshot), and any one — or none — is active.
+
+use burn::{
+    module::{Module, Param, ParamId},
+    nn::{Dropout, DropoutConfig},
+    tensor::{Distribution, Tensor, backend::Backend},
+};
+use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSite, Result};
+
+use crate::config::LoraConfig;
+
+/// One adapter's factors.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// Down-projection, stored `[in, r]` (PEFT stores `lora_A.weight` as `[r, in]`).
+    pub a: Param<Tensor<B, 2>>,
+    /// Up-projection, stored `[r, out]` (PEFT stores `lora_B.weight` as `[out, r]`).
+    pub b: Param<Tensor<B, 2>>,
+    /// `lora_alpha / r` (or `/ √r`).
+    pub scaling: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// PEFT's initialisation: A Kaiming-uniform with a = √5 (U(±1/√in)), B zeros, so a fresh
+    /// adapter leaves the layer unchanged. Both factors are trainable.
+    pub fn init(d_in: usize, d_out: usize, config: &LoraConfig, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Self {
+            a: Param::from_tensor(Tensor::random(
+                [d_in, config.r],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::zeros([config.r, d_out], device)),
+            scaling: config.scaling(),
+        }
+    }
+
+    /// From PEFT's tensors `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]`; trainable.
+    pub fn from_peft(a: &HostTensor, b: &HostTensor, scaling: f64, device: &B::Device) -> Self {
+        Self {
+            a: Param::from_tensor(a.transposed().to_tensor(device)),
+            b: Param::from_tensor(b.transposed().to_tensor(device)),
+            scaling,
+        }
+    }
+
+    /// A frozen copy that shares the tensors (no memory until the original is updated).
+    pub fn frozen_copy(&self) -> Self {
+        Self {
+            a: Param::initialized(ParamId::new(), self.a.val().detach()),
+            b: Param::initialized(ParamId::new(), self.b.val().detach()),
+            scaling: self.scaling,
+        }
+    }
+
+    /// `scale · (A·B)ᵀ`, `[out, in]`.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.a.val().matmul(self.b.val()).transpose() * self.scaling
+    }
+}
+
+/// A base layer with named adapters, at most one active.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend, L> {
+    /// The frozen base (dense or NF4).
+    pub base: L,
+    /// The adapters, in the order of `names`.
+    pub adapters: Vec<LoraAdapter<B>>,
+    /// Dropout on the adapter input (only active while training under autodiff).
+    pub dropout: Dropout,
+    /// Adapter names.
+    #[module(skip)]
+    pub names: Vec<String>,
+    /// Index of the active adapter.
+    #[module(skip)]
+    pub active: Option<usize>,
+}
+
+impl<B: Backend, L: LinearLayer<B>> LoraLinear<B, L> {
+    /// A layer with no adapter.
+    pub fn bare(base: L, dropout: f64) -> Self {
+        Self {
+            base,
+            adapters: Vec::new(),
+            dropout: DropoutConfig::new(dropout).init(),
+            names: Vec::new(),
+            active: None,
+        }
+    }
+
+    /// Adds (or replaces) an adapter and makes it active.
+    pub fn insert(&mut self, name: &str, adapter: LoraAdapter<B>) {
+        match self.names.iter().position(|n| n == name) {
+            Some(i) => {
+                self.adapters[i] = adapter;
+                self.active = Some(i);
+            }
+            None => {
+                self.names.push(name.to_owned());
+                self.adapters.push(adapter);
+                self.active = Some(self.adapters.len() - 1);
+            }
+        }
+    }
+
+    /// Activates `name`, or no adapter with `None`; false if this layer has no such adapter
+    /// (then no adapter is active).
+    pub fn set_active(&mut self, name: Option<&str>) -> bool {
+        self.active = name.and_then(|n| self.names.iter().position(|x| x == n));
+        name.is_none() || self.active.is_some()
+    }
+
+    /// The adapter with this name.
+    pub fn adapter(&self, name: &str) -> Option<&LoraAdapter<B>> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| &self.adapters[i])
+    }
+}
+
+impl<B: Backend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let y = self.base.forward(x.clone());
+        match self.active {
+            Some(i) => {
+                let ad = &self.adapters[i];
+                let h = self.dropout.forward(x).matmul(ad.a.val().unsqueeze());
+                y + h.matmul(ad.b.val().unsqueeze()) * ad.scaling
+            }
+            None => y,
+        }
+    }
+
+    fn merged_weight(&self) -> Tensor<B, 2> {
+        let w = self.base.merged_weight();
+        match self.active {
+            Some(i) => w + self.adapters[i].delta(),
+            None => w,
+        }
+    }
+
+    fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.base.bias()
+    }
+
+    fn dims(&self) -> [usize; 2] {
+        self.base.dims()
+    }
+}
+
+/// Builds base layers with `inner` and wraps them, giving the targeted projections a fresh adapter.
+#[derive(Debug, Clone)]
+pub struct LoraFactory<F> {
+    /// Builds the base layers.
+    pub inner: F,
+    /// The adapter to create.
+    pub config: LoraConfig,
+    /// The new adapter's name.
+    pub adapter_name: String,
+}
+
+impl<B: Backend, F: LinearFactory<B>> LinearFactory<B> for LoraFactory<F> {
+    type Layer = LoraLinear<B, F::Layer>;
+
+    fn build(
+        &self,
+        site: LinearSite,
+        weight: HostTensor,
+        bias: Option<HostTensor>,
+        device: &B::Device,
+    ) -> Result<Self::Layer> {
+        let (d_out, d_in) = (weight.shape[0], weight.shape[1]);
+        let mut layer = LoraLinear::bare(
+            self.inner.build(site, weight, bias, device)?,
+            self.config.lora_dropout,
+        );
+        if self.config.target_modules.contains(&site.projection) {
+            layer.insert(
+                &self.adapter_name,
+                LoraAdapter::init(d_in, d_out, &self.config, device),
+            );
+        }
+        Ok(layer)
+    }
+}

@@ -1,0 +1,277 @@
+//! Adapters in PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors` with keys
+//! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (`[r, in]`) and `lora_B.weight`
+//! (`[out, r]`), and switching, snapshotting and loading adapters across a whole model.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use burn::tensor::{Tensor, backend::Backend};
+use prefer_llama::{
+    HostTensor, LinearLayer, LinearSite, LlamaModel, loader::SafetensorsSource,
+    weights::WeightSource,
+};
+use safetensors::{Dtype, tensor::TensorView};
+
+use crate::{
+    config::LoraConfig,
+    lora_linear::{LoraAdapter, LoraLinear},
+};
+
+/// A model whose projections carry LoRA adapters.
+pub type LoraModel<B, L> = LlamaModel<B, LoraLinear<B, L>>;
+
+/// Errors reading or writing adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// An adapter tensor does not fit the model.
+    #[error(
+        "{path}: tensor `{name}` has shape {found:?}, but the model needs {expected:?} (an adapter made for another base model?)"
+    )]
+    Shape {
+        /// The adapter file.
+        path: PathBuf,
+        /// The tensor key.
+        name: String,
+        /// Shape the model needs.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+}
+
+fn file_err(path: &Path, message: impl std::fmt::Display) -> AdapterError {
+    AdapterError::File {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// PEFT's key of a factor (`"A"` or `"B"`) at a site.
+pub fn peft_key(site: &LinearSite, factor: &str) -> String {
+    format!("base_model.model.{}.lora_{factor}.weight", site.hf_path())
+}
+
+/// Activates the named adapter in every layer that has it (others run their base only), or
+/// switches all adapters off with `None`.
+pub fn set_active_adapter<B: Backend, L: LinearLayer<B>>(
+    model: &mut LoraModel<B, L>,
+    name: Option<&str>,
+) {
+    for (_, layer) in model.projections_mut() {
+        layer.set_active(name);
+    }
+}
+
+/// Copies adapter `from` to a frozen adapter `to` in every layer (e.g. the DPO reference), without
+/// copying the base; `from` stays active.
+pub fn snapshot_adapter<B: Backend, L: LinearLayer<B>>(
+    model: &mut LoraModel<B, L>,
+    from: &str,
+    to: &str,
+) {
+    for (_, layer) in model.projections_mut() {
+        if let Some(copy) = layer.adapter(from).map(LoraAdapter::frozen_copy) {
+            layer.insert(to, copy);
+            layer.set_active(Some(from));
+        }
+    }
+}
+
+/// Writes adapter `name` in PEFT's format into `dir` (created if needed). Each file is written to a
+/// temporary name and renamed, so a reader never sees a half-written file.
+pub fn save_peft<B: Backend, L: LinearLayer<B>>(
+    model: &LoraModel<B, L>,
+    name: &str,
+    config: &LoraConfig,
+    base_model: Option<&str>,
+    dir: &Path,
+) -> Result<(), AdapterError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (site, layer) in model.projections() {
+        let Some(ad) = layer.adapter(name) else {
+            continue;
+        };
+        for (factor, t) in [("A", ad.a.val().transpose()), ("B", ad.b.val().transpose())] {
+            let shape = t.dims().to_vec();
+            let data: Vec<f32> = t
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| file_err(dir, format!("{e:?}")))?;
+            tensors.push((
+                peft_key(&site, factor),
+                shape,
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+        }
+    }
+    if tensors.is_empty() {
+        return Err(file_err(
+            dir,
+            format!("the model has no adapter named `{name}`"),
+        ));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view"),
+            )
+        })
+        .collect();
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| file_err(dir, e))?;
+    write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
+    let json =
+        serde_json::to_string_pretty(&config.to_peft_json(base_model)).expect("JSON of a config");
+    write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+}
+
+/// Reads a PEFT adapter directory: its config and factors by site (A `[r, in]`, B `[out, r]`).
+pub fn read_peft(
+    dir: &Path,
+) -> Result<(LoraConfig, HashMap<LinearSite, (HostTensor, HostTensor)>), AdapterError> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| file_err(&config_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| file_err(&config_path, format!("invalid JSON: {e}")))?;
+    let config = LoraConfig::from_peft_json(&json).map_err(|e| file_err(&config_path, e))?;
+    let path = dir.join("adapter_model.safetensors");
+    if !path.is_file() {
+        return Err(file_err(
+            &path,
+            "missing (adapter_model.bin pickles are not read; save with safe_serialization)",
+        ));
+    }
+    let mut source = SafetensorsSource::open(dir, std::slice::from_ref(&path))
+        .map_err(|e| file_err(&path, e))?;
+    let names: Vec<String> = source.names().map(str::to_owned).collect();
+    let mut a = HashMap::new();
+    let mut b = HashMap::new();
+    for key in names {
+        let site =
+            parse_key(&key).ok_or_else(|| file_err(&path, format!("unexpected tensor `{key}`")))?;
+        let t = source
+            .take(&key)
+            .map_err(|e| file_err(&path, e))?
+            .expect("listed tensor");
+        if t.shape.len() != 2 {
+            return Err(file_err(
+                &path,
+                format!("tensor `{key}` must be 2-D, found shape {:?}", t.shape),
+            ));
+        }
+        if key.ends_with(".lora_A.weight") {
+            a.insert(site.0, t)
+        } else {
+            b.insert(site.0, t)
+        };
+    }
+    let mut out = HashMap::new();
+    for (site, ta) in a {
+        let tb = b
+            .remove(&site)
+            .ok_or_else(|| file_err(&path, format!("`{}` is missing", peft_key(&site, "B"))))?;
+        out.insert(site, (ta, tb));
+    }
+    if let Some(site) = b.keys().next() {
+        return Err(file_err(
+            &path,
+            format!("`{}` is missing", peft_key(site, "A")),
+        ));
+    }
+    Ok((config, out))
+}
+
+fn parse_key(key: &str) -> Option<(LinearSite, char)> {
+    let rest = key.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, factor) = rest.rsplit_once(".lora_")?;
+    let factor = match factor {
+        "A.weight" => 'A',
+        "B.weight" => 'B',
+        _ => return None,
+    };
+    let projection = prefer_llama::Projection::ALL
+        .into_iter()
+        .find(|p| module == format!("{}.{}", p.hf_parent(), p.hf_name()))?;
+    Some((
+        LinearSite {
+            layer: layer.parse().ok()?,
+            projection,
+        },
+        factor,
+    ))
+}
+
+/// Loads a PEFT adapter directory into the model under `name` (trainable, and made active).
+pub fn load_peft<B: Backend, L: LinearLayer<B>>(
+    model: &mut LoraModel<B, L>,
+    dir: &Path,
+    name: &str,
+) -> Result<LoraConfig, AdapterError> {
+    let (config, mut factors) = read_peft(dir)?;
+    let path = dir.join("adapter_model.safetensors");
+    let device = model.embed_tokens.weight.device();
+    let scaling = config.scaling();
+    let n_layers = model.layers.len();
+    for (site, layer) in model.projections_mut() {
+        let Some((a, b)) = factors.remove(&site) else {
+            continue;
+        };
+        let [d_out, d_in] = layer.dims();
+        for (key, t, expected) in [
+            (peft_key(&site, "A"), &a, vec![config.r, d_in]),
+            (peft_key(&site, "B"), &b, vec![d_out, config.r]),
+        ] {
+            if t.shape != expected {
+                return Err(AdapterError::Shape {
+                    path: path.clone(),
+                    name: key,
+                    expected,
+                    found: t.shape.clone(),
+                });
+            }
+        }
+        layer.insert(name, LoraAdapter::from_peft(&a, &b, scaling, &device));
+    }
+    if let Some(site) = factors.keys().next() {
+        return Err(file_err(
+            &path,
+            format!(
+                "`{}` targets layer {} but the model has {n_layers} layers",
+                peft_key(site, "A"),
+                site.layer
+            ),
+        ));
+    }
+    set_active_adapter(model, Some(name));
+    Ok(config)
+}
+
+/// Host copy of a 2-D tensor.
+pub fn to_host<B: Backend>(t: Tensor<B, 2>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    HostTensor::new(
+        shape,
+        t.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+    )
+}

@@ -1,0 +1,235 @@
+//! LoRA behaviour that needs no Python reference: a fresh adapter changes nothing, training moves
+//! only the adapter, adapters switch and snapshot without copying the base, and PEFT files round-trip.
+
+use burn::{
+    backend::{Autodiff, NdArray},
+    module::{AutodiffModule, Module},
+    optim::{AdamWConfig, GradientsParams, Optimizer},
+    tensor::{Int, Tensor, TensorData, backend::Backend},
+};
+use prefer_llama::{DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, Projection, RopeScaling};
+use prefer_lora::{
+    LoraConfig, LoraFactory, LoraModel, load_peft, save_peft, set_active_adapter, snapshot_adapter,
+};
+
+type B = NdArray;
+type AD = Autodiff<NdArray>;
+
+fn config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::Default,
+        tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        pad_token_id: None,
+    }
+}
+
+fn lora_config() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        ..Default::default()
+    }
+}
+
+fn models<Bk: Backend>(
+    device: &Bk::Device,
+) -> (
+    LlamaModel<Bk, prefer_llama::DenseLinear<Bk>>,
+    LoraModel<Bk, prefer_llama::DenseLinear<Bk>>,
+) {
+    let c = config();
+    let dense = LlamaModel::from_weights(
+        &c,
+        &mut MemoryWeights::random(&c, 0.3, 7),
+        &DenseFactory,
+        device,
+    )
+    .unwrap();
+    let factory = LoraFactory {
+        inner: DenseFactory,
+        config: lora_config(),
+        adapter_name: "default".into(),
+    };
+    let lora =
+        LlamaModel::from_weights(&c, &mut MemoryWeights::random(&c, 0.3, 7), &factory, device)
+            .unwrap();
+    (dense, lora)
+}
+
+fn tokens<Bk: Backend>(device: &Bk::Device) -> Tensor<Bk, 2, Int> {
+    let ids: Vec<i64> = (0..2 * 9).map(|i| (i * 17 % 50) as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [2, 9]), device)
+}
+
+fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+#[test]
+fn fresh_adapter_leaves_the_model_unchanged() {
+    let device = Default::default();
+    let (dense, lora) = models::<B>(&device);
+    assert_eq!(
+        values(dense.forward(tokens(&device), None)),
+        values(lora.forward(tokens(&device), None))
+    );
+}
+
+#[test]
+fn training_moves_only_the_adapter_and_the_base_stays_bit_identical() {
+    let device = Default::default();
+    let (_, mut model) = models::<AD>(&device);
+    // Give B non-zero values so A receives gradients too.
+    for (_, layer) in model.projections_mut() {
+        if let Some(i) = layer.active {
+            let b = layer.adapters[i].b.val();
+            layer.adapters[i].b = burn::module::Param::from_tensor(
+                b.random_like(burn::tensor::Distribution::Normal(0.0, 0.1)),
+            );
+        }
+    }
+    let base_before: Vec<Vec<f32>> = model
+        .projections()
+        .iter()
+        .map(|(_, l)| values(l.base.weight.val()))
+        .collect();
+    let embed_before = values(model.embed_tokens.weight.val());
+    let a_before = values(model.layers[0].self_attn.q_proj.adapters[0].a.val());
+    let b_before = values(model.layers[0].self_attn.q_proj.adapters[0].b.val());
+
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    for _ in 0..3 {
+        let loss = model.forward(tokens(&device), None).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    let base_after: Vec<Vec<f32>> = model
+        .projections()
+        .iter()
+        .map(|(_, l)| values(l.base.weight.val()))
+        .collect();
+    assert!(base_before == base_after, "base weights changed");
+    assert!(
+        embed_before == values(model.embed_tokens.weight.val()),
+        "embedding changed"
+    );
+    assert_ne!(
+        a_before,
+        values(model.layers[0].self_attn.q_proj.adapters[0].a.val())
+    );
+    assert_ne!(
+        b_before,
+        values(model.layers[0].self_attn.q_proj.adapters[0].b.val())
+    );
+    // The inner (validation) model sees the same adapters.
+    let inner = model.valid();
+    assert_eq!(inner.layers[0].self_attn.q_proj.adapters.len(), 1);
+}
+
+#[test]
+fn adapters_switch_off_and_snapshot_without_copying_the_base() {
+    let device = Default::default();
+    let (dense, mut model) = models::<B>(&device);
+    for (_, layer) in model.projections_mut() {
+        if let Some(i) = layer.active {
+            let b = layer.adapters[i].b.val();
+            layer.adapters[i].b = burn::module::Param::from_tensor(
+                b.random_like(burn::tensor::Distribution::Normal(0.0, 0.1)),
+            );
+        }
+    }
+    let with = values(model.forward(tokens(&device), None));
+    snapshot_adapter(&mut model, "default", "reference");
+    assert_eq!(
+        values(model.forward(tokens(&device), None)),
+        with,
+        "snapshot leaves the policy active"
+    );
+    set_active_adapter(&mut model, Some("reference"));
+    assert_eq!(
+        values(model.forward(tokens(&device), None)),
+        with,
+        "the reference equals the snapshot"
+    );
+    set_active_adapter(&mut model, None);
+    assert_eq!(
+        values(model.forward(tokens(&device), None)),
+        values(dense.forward(tokens(&device), None))
+    );
+    // Parameters: one base, two adapters.
+    let n_base: usize = dense.num_params();
+    let adapter: usize = model
+        .projections()
+        .iter()
+        .map(|(_, l)| {
+            l.adapters[0].a.val().dims().iter().product::<usize>()
+                + l.adapters[0].b.val().dims().iter().product::<usize>()
+        })
+        .sum();
+    assert_eq!(model.num_params(), n_base + 2 * adapter);
+}
+
+#[test]
+fn peft_files_round_trip_and_reject_another_base() {
+    let device = Default::default();
+    let (_, mut model) = models::<B>(&device);
+    for (_, layer) in model.projections_mut() {
+        if let Some(i) = layer.active {
+            let b = layer.adapters[i].b.val();
+            layer.adapters[i].b = burn::module::Param::from_tensor(
+                b.random_like(burn::tensor::Distribution::Normal(0.0, 0.1)),
+            );
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("prefer-lora-rt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = lora_config();
+    save_peft(&model, "default", &cfg, Some("tiny"), &dir).unwrap();
+    let expected = values(model.forward(tokens(&device), None));
+
+    let (_, mut fresh) = models::<B>(&device);
+    let loaded = load_peft(&mut fresh, &dir, "default").unwrap();
+    assert_eq!(loaded.r, 4);
+    assert_eq!(loaded.target_modules, Projection::ALL.to_vec());
+    assert_eq!(values(fresh.forward(tokens(&device), None)), expected);
+
+    // A base with a different MLP width: the error names the tensor and both shapes.
+    let mut c = config();
+    c.intermediate_size = 40;
+    let factory = LoraFactory {
+        inner: DenseFactory,
+        config: lora_config(),
+        adapter_name: "x".into(),
+    };
+    let mut other: LoraModel<B, _> = LlamaModel::from_weights(
+        &c,
+        &mut MemoryWeights::random(&c, 0.3, 7),
+        &factory,
+        &device,
+    )
+    .unwrap();
+    let err = load_peft(&mut other, &dir, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor `base_model.model.model.layers.0.mlp.")
+            && err.contains("but the model needs"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
