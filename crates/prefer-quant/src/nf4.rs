@@ -28,42 +28,54 @@ pub const NF4_CODE: [f32; 16] = [
 /// Block sizes bitsandbytes accepts for 4-bit quantisation.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 
-/// Index of the NF4 level nearest to `x` (first one on a tie), as `argmin(|x - code|)`.
-pub fn nearest_nf4(x: f32) -> u8 {
-    let mut best = 0;
-    let mut best_d = f32::INFINITY;
-    for (i, c) in NF4_CODE.iter().enumerate() {
-        let d = (x - c).abs();
-        if d < best_d {
-            best = i;
-            best_d = d;
-        }
-    }
-    best as u8
+/// Decision boundaries between consecutive levels, `(c[i] + c[i+1]) / 2` in f32.
+fn bounds() -> [f32; 15] {
+    std::array::from_fn(|i| (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0)
 }
 
-/// Quantises `values` blockwise: returns the packed codes (`ceil(n/2)` bytes) and one absmax per block.
+/// The code of a value in [-1, 1]: the number of boundaries strictly below it, as
+/// `torch.bucketize(right=False)` (a value exactly on a boundary takes the lower code).
+pub fn nf4_code(x: f32, bounds: &[f32; 15]) -> u8 {
+    bounds.iter().filter(|b| **b < x).count() as u8
+}
+
+/// Quantises `values` blockwise as bitsandbytes 0.50 does on the CPU (`backends/default/ops.py`):
+/// full blocks scale by the reciprocal of their absmax (`x · (1/max(m, 1e-38))`); a shorter last
+/// block divides by `max(m, 1e-38)` and stores that clamped value. Returns the packed codes
+/// (`ceil(n/2)` bytes, an odd tail padded with the zero level) and one absmax per block.
 pub fn quantize_nf4(values: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let bounds = bounds();
     let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
-    let mut codes = Vec::with_capacity(values.len());
+    let mut codes = Vec::with_capacity(values.len() + 1);
     for block in values.chunks(blocksize) {
         let m = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        absmax.push(m);
-        let inv = 1.0 / m;
-        codes.extend(
-            block
-                .iter()
-                .map(|v| nearest_nf4((v * inv).clamp(-1.0, 1.0))),
-        );
+        if block.len() == blocksize {
+            absmax.push(m);
+            let inv = 1.0 / m.max(1e-38);
+            codes.extend(
+                block
+                    .iter()
+                    .map(|v| nf4_code((v * inv).clamp(-1.0, 1.0), &bounds)),
+            );
+        } else {
+            let m = m.max(1e-38);
+            absmax.push(m);
+            codes.extend(
+                block
+                    .iter()
+                    .map(|v| nf4_code((v / m).clamp(-1.0, 1.0), &bounds)),
+            );
+        }
     }
     (pack_nibbles(&codes), absmax)
 }
 
-/// Two 4-bit codes per byte, the even index in the high nibble; an odd count leaves a zero low nibble.
+/// Two 4-bit codes per byte, the even index in the high nibble; an odd count is padded with code 7
+/// (the zero level), as bitsandbytes pads with 0.0.
 pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
     codes
         .chunks(2)
-        .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0))
+        .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(7))
         .collect()
 }
 
