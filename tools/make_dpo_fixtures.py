@@ -103,9 +103,10 @@ STANDARD = [
     {"prompt": "Water is", "chosen": " wet and clear.", "rejected": " dry."},
     {"prompt": "Cats like to", "chosen": " nap in the sun.", "rejected": " bark at cars."},
     # trailing space in the prompt: tokenized alone it ends in a lone " " token, but in
-    # prompt+completion the space merges into " Paris" -> TRL's common-prefix rule moves the split.
-    # The rejected text already ends in the EOS text, so TRL does not append a second one.
-    {"prompt": "Q: Capital of France?\nA: ", "chosen": "Paris.", "rejected": "Rome.<|im_end|>"},
+    # prompt+completion the space merges into " b" / " s" -> TRL's common-prefix rule moves the
+    # split one token left.  The rejected text already ends in the EOS text, so TRL does not
+    # append a second one.
+    {"prompt": "Q: Sky color?\nA: ", "chosen": "blue.", "rejected": "sea.<|im_end|>"},
 ]
 
 STANDARD_ARRAY = [
@@ -185,7 +186,7 @@ def sharegpt_to_trl(row):
 # (file name, writer kind, rows as stored, rows as given to TRL, truncation max_length)
 DATA_FILES = [
     ("standard.jsonl", "jsonl", STANDARD, STANDARD, 10),
-    ("standard_array.json", "array", STANDARD_ARRAY, STANDARD_ARRAY, 6),
+    ("standard_array.json", "array", STANDARD_ARRAY, STANDARD_ARRAY, 7),
     ("conversational.jsonl", "jsonl", CONVERSATIONAL, CONVERSATIONAL, 24),
     ("implicit.jsonl", "jsonl", IMPLICIT, IMPLICIT, 28),
     ("sharegpt.json", "array", SHAREGPT, [sharegpt_to_trl(r) for r in SHAREGPT], 40),
@@ -383,6 +384,13 @@ def make_adapter():
     if ADAPTER_DIR.exists():
         shutil.rmtree(ADAPTER_DIR)
     pm.save_pretrained(str(ADAPTER_DIR))
+    for f in ADAPTER_DIR.iterdir():
+        f.chmod(0o644)
+    # PEFT stores target_modules as a set: sort it so the file does not depend on PYTHONHASHSEED
+    cfg_path = ADAPTER_DIR / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     readme = ADAPTER_DIR / "README.md"
     if readme.exists():
         readme.unlink()
@@ -491,9 +499,10 @@ def make_dpo_losses(adapter_sd):
     }
     pp = per_pair_values(tr, batch)
     res["per_pair"] = pp
+    # one metadata key only: safetensors writes the metadata map in hash order
     st.save_file(grads, str(OUT / "sigmoid_grads.safetensors"), metadata={
-        "loss": "DPO sigmoid, beta=0.1, label_smoothing=0.0, first 4 rows of standard.jsonl",
-        "loss_value": repr(loss), "trl": trl.__version__})
+        "description": "d/dLoRA of TRL %s DPO sigmoid loss (beta=0.1, label_smoothing=0.0) on the first "
+                       "4 rows of standard.jsonl; loss=%r" % (trl.__version__, loss)})
     assert set(grads) == set(adapter_sd)
     res["sigmoid_grads"] = {"file": "sigmoid_grads.safetensors", "loss": f32(loss),
                             "global_norm": f32(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values())))}
@@ -502,6 +511,25 @@ def make_dpo_losses(adapter_sd):
     h = (np.array(pp["chosen_logratios"], np.float64) - np.array(pp["rejected_logratios"], np.float64))
     plain = float(np.mean(np.logaddexp(0.0, -0.1 * h)))
     assert abs(plain - loss) < 1e-5, (plain, loss)
+
+    # independent gradient check: plain HF forward + log_softmax on a fresh PEFT model
+    pm = peft_policy(adapter_sd)
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    shift = cm[:, 1:].float()
+
+    def seq_logps(model):
+        lg = model(input_ids=ids, attention_mask=am, use_cache=False).logits.float()
+        return (torch.log_softmax(lg[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0] * shift).sum(1)
+
+    with torch.no_grad(), pm.disable_adapter():
+        ref = seq_logps(pm)
+    lr = seq_logps(pm) - ref
+    plain_loss = -F.logsigmoid(0.1 * (lr[:4] - lr[4:])).mean()
+    plain_loss.backward()
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            g = grads[name.replace(".default.", ".")]
+            assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4), (name, (p.grad - g).abs().max())
 
     by = {}
     for ls in (0.1, 0.0):
@@ -638,6 +666,15 @@ def make_other_trainers(adapter_sd, dpo_res):
         with tr.model.disable_adapter():
             kl_ref = tr._compute_kl_logps(tr.model, batch)
     metrics = {k: float(v[-1]) for k, v in sorted(tr._metrics["train"].items())}
+    # check against the KTO formula with the DPO per-pair values (same sequences)
+    labels = [bool(f["label"]) for f in feats]
+    assert labels == [True] * 4 + [False] * 4
+    kl = max(float(np.mean(np.array(f32s(kl_pol), np.float64) - np.array(f32s(kl_ref), np.float64))), 0.0)
+    cl = np.array(dpo_res["per_pair"]["chosen_logratios"], np.float64)
+    rl = np.array(dpo_res["per_pair"]["rejected_logratios"], np.float64)
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    kto = float(np.mean(np.concatenate([1 - sig(0.1 * (cl - kl)), 1 - sig(0.1 * (kl - rl))])))
+    assert abs(kto - loss) < 1e-5, (kto, loss)
     out["kto"] = {
         "trainer": "KTOTrainer", "config": {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0,
                                              "undesirable_weight": 1.0, "per_device_train_batch_size": 8},
@@ -667,6 +704,7 @@ def main():
     res["versions"] = versions
     dump(OUT / "losses.json", res, indent=1)
     shutil.rmtree(TMP, ignore_errors=True)
+    (OUT / "sigmoid_grads.safetensors").chmod(0o644)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print("total bytes", total)
 

@@ -25,8 +25,10 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{LoadError, Result};
 pub use generate::{SamplingConfig, generate};
-pub use linear::{DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSite, Projection};
+pub use linear::{
+    DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection,
+};
 pub use loader::{Checkpoint, load_dense};
 pub use model::{DenseLlama, LlamaModel};
 pub use tokenizer::ChatTokenizer;
-pub use weights::{HostTensor, MemoryWeights, WeightSource};
+pub use weights::{HostTensor, MemoryWeights, RawTensor, WeightSource, fetch};

@@ -6,7 +6,10 @@ use burn::{
     tensor::{Tensor, backend::Backend},
 };
 
-use crate::{error::Result, weights::HostTensor};
+use crate::{
+    error::Result,
+    weights::{HostTensor, WeightSource, fetch},
+};
 
 /// Which projection of which layer a linear sits in (PEFT's `target_modules` names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,16 +98,53 @@ pub trait LinearLayer<B: Backend>: Module<B> + burn::module::ModuleDisplay {
     fn dims(&self) -> [usize; 2];
 }
 
-/// Builds the projection layers while a checkpoint loads.
+/// What the model expects of one projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearSpec {
+    /// Where it sits.
+    pub site: LinearSite,
+    /// Rows of the weight.
+    pub out_features: usize,
+    /// Columns of the weight.
+    pub in_features: usize,
+    /// Whether the config asks for a bias.
+    pub bias: bool,
+}
+
+impl LinearSpec {
+    /// Reads the full-precision weight `[out, in]` and bias `[out]`, checking their shapes.
+    pub fn fetch_dense(
+        &self,
+        source: &mut dyn WeightSource,
+    ) -> Result<(HostTensor, Option<HostTensor>)> {
+        let path = self.site.hf_path();
+        let weight = fetch(
+            source,
+            &format!("{path}.weight"),
+            &[self.out_features, self.in_features],
+        )?;
+        let bias = if self.bias {
+            Some(fetch(
+                source,
+                &format!("{path}.bias"),
+                &[self.out_features],
+            )?)
+        } else {
+            None
+        };
+        Ok((weight, bias))
+    }
+}
+
+/// Builds the projection layers while a checkpoint loads; each factory reads the tensors it needs.
 pub trait LinearFactory<B: Backend> {
     /// The layer type the model will hold.
     type Layer: LinearLayer<B>;
-    /// Builds one layer from its weight `[out, in]` and optional bias `[out]` (shapes already checked).
+    /// Builds one layer from the checkpoint.
     fn build(
         &self,
-        site: LinearSite,
-        weight: HostTensor,
-        bias: Option<HostTensor>,
+        spec: &LinearSpec,
+        source: &mut dyn WeightSource,
         device: &B::Device,
     ) -> Result<Self::Layer>;
 }
@@ -159,11 +199,11 @@ impl<B: Backend> LinearFactory<B> for DenseFactory {
     type Layer = DenseLinear<B>;
     fn build(
         &self,
-        _site: LinearSite,
-        weight: HostTensor,
-        bias: Option<HostTensor>,
+        spec: &LinearSpec,
+        source: &mut dyn WeightSource,
         device: &B::Device,
     ) -> Result<DenseLinear<B>> {
+        let (weight, bias) = spec.fetch_dense(source)?;
         Ok(DenseLinear::from_host(&weight, bias.as_ref(), device))
     }
 }

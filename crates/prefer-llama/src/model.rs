@@ -10,12 +10,12 @@ use burn::{
 use crate::{
     attention::Attention,
     config::LlamaConfig,
-    error::{LoadError, Result},
+    error::Result,
     kv_cache::KvCache,
-    linear::{LinearFactory, LinearLayer, LinearSite, Projection},
+    linear::{LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection},
     mlp::Mlp,
     rope::{RopeTables, RotaryEmbedding},
-    weights::{HostTensor, WeightSource},
+    weights::{WeightSource, fetch},
 };
 
 /// One pre-norm decoder layer.
@@ -84,21 +84,22 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
             let p = format!("model.layers.{i}");
             let q_out = c.num_attention_heads * c.head_dim;
             let kv_out = c.num_key_value_heads * c.head_dim;
-            let mut proj =
-                |projection: Projection, out: usize, inp: usize, bias: bool| -> Result<L> {
-                    let site = LinearSite {
+            let mut proj = |projection: Projection,
+                            out_features: usize,
+                            in_features: usize,
+                            bias: bool|
+             -> Result<L> {
+                let spec = LinearSpec {
+                    site: LinearSite {
                         layer: i,
                         projection,
-                    };
-                    let path = site.hf_path();
-                    let weight = fetch(source, &format!("{path}.weight"), &[out, inp])?;
-                    let bias = if bias {
-                        Some(fetch(source, &format!("{path}.bias"), &[out])?)
-                    } else {
-                        None
-                    };
-                    factory.build(site, weight, bias, device)
+                    },
+                    out_features,
+                    in_features,
+                    bias,
                 };
+                factory.build(&spec, source, device)
+            };
             let attn = Attention::new(
                 proj(Projection::Q, q_out, hidden, c.qkv_bias)?,
                 proj(Projection::K, kv_out, hidden, c.qkv_bias)?,
@@ -283,25 +284,6 @@ fn attention_bias<B: Backend>(
         masked = masked.bool_or(padding);
     }
     Some(masked.float() * f32::MIN)
-}
-
-/// Takes a tensor and checks its shape.
-fn fetch(source: &mut dyn WeightSource, name: &str, expected: &[usize]) -> Result<HostTensor> {
-    let path = source.origin().to_path_buf();
-    match source.take(name)? {
-        None => Err(LoadError::MissingTensor {
-            path,
-            name: name.into(),
-            expected: expected.to_vec(),
-        }),
-        Some(t) if t.shape != expected => Err(LoadError::Shape {
-            path,
-            name: name.into(),
-            expected: expected.to_vec(),
-            found: t.shape,
-        }),
-        Some(t) => Ok(t),
-    }
 }
 
 fn rms_norm<B: Backend>(

@@ -43,12 +43,51 @@ impl HostTensor {
     }
 }
 
+/// A tensor as stored, for layers that read their own formats (e.g. bitsandbytes 4-bit codes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    /// The file's dtype name (`U8`, `F32`, ...).
+    pub dtype: String,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+    /// Little-endian bytes.
+    pub bytes: Vec<u8>,
+}
+
 /// A source of named checkpoint tensors, in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
     /// Takes the tensor with this name, converted to f32, or `None` when the checkpoint lacks it.
     fn take(&mut self, name: &str) -> crate::Result<Option<HostTensor>>;
+    /// Takes the tensor with this name as stored, or `None` (the default for sources that only
+    /// hold floats).
+    fn take_raw(&mut self, _name: &str) -> crate::Result<Option<RawTensor>> {
+        Ok(None)
+    }
     /// Where the weights come from, for error messages.
     fn origin(&self) -> &std::path::Path;
+}
+
+/// Takes a tensor and checks its shape.
+pub fn fetch(
+    source: &mut dyn WeightSource,
+    name: &str,
+    expected: &[usize],
+) -> crate::Result<HostTensor> {
+    let path = source.origin().to_path_buf();
+    match source.take(name)? {
+        None => Err(crate::LoadError::MissingTensor {
+            path,
+            name: name.into(),
+            expected: expected.to_vec(),
+        }),
+        Some(t) if t.shape != expected => Err(crate::LoadError::Shape {
+            path,
+            name: name.into(),
+            expected: expected.to_vec(),
+            found: t.shape,
+        }),
+        Some(t) => Ok(t),
+    }
 }
 
 /// Tensors held in memory by name: for models built in-process (tests, benchmarks, conversions).

@@ -7,7 +7,7 @@ use burn::{
     nn::{Dropout, DropoutConfig},
     tensor::{Distribution, Tensor, backend::Backend},
 };
-use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSite, Result};
+use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSpec, Result, WeightSource};
 
 use crate::config::LoraConfig;
 
@@ -168,14 +168,14 @@ impl<B: Backend, F: LinearFactory<B>> LinearFactory<B> for LoraFactory<F> {
 
     fn build(
         &self,
-        site: LinearSite,
-        weight: HostTensor,
-        bias: Option<HostTensor>,
+        spec: &LinearSpec,
+        source: &mut dyn WeightSource,
         device: &B::Device,
     ) -> Result<Self::Layer> {
-        let (d_out, d_in) = (weight.shape[0], weight.shape[1]);
+        let (d_out, d_in) = (spec.out_features, spec.in_features);
+        let site = spec.site;
         let mut layer = LoraLinear::bare(
-            self.inner.build(site, weight, bias, device)?,
+            self.inner.build(spec, source, device)?,
             self.config.lora_dropout,
         );
         if self.config.target_modules.contains(&site.projection) {

@@ -9,7 +9,9 @@ use burn::{
     module::{Module, Param, ParamId},
     tensor::{DType, ElementConversion, Int, Tensor, TensorData, backend::Backend},
 };
-use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSite, LoadError, Result};
+use prefer_llama::{
+    HostTensor, LinearFactory, LinearLayer, LinearSpec, LoadError, Result, WeightSource,
+};
 
 use crate::{
     double_quant::{NESTED_BLOCKSIZE, dynamic_map},
@@ -256,19 +258,37 @@ impl Default for Nf4Factory {
 impl<B: Backend> LinearFactory<B> for Nf4Factory {
     type Layer = Nf4Linear<B>;
 
+    /// Reads a pre-quantised bitsandbytes weight when the checkpoint has one; otherwise quantises
+    /// the full-precision weight.
     fn build(
         &self,
-        site: LinearSite,
-        weight: HostTensor,
-        bias: Option<HostTensor>,
+        spec: &LinearSpec,
+        source: &mut dyn WeightSource,
         device: &B::Device,
     ) -> Result<Nf4Linear<B>> {
-        let shape = [weight.shape[0], weight.shape[1]];
-        let w = Nf4Weight::quantize(&weight.data, shape, self.blocksize, self.double_quant)
-            .map_err(|e| LoadError::Config {
-                path: site.hf_path().into(),
-                message: e.to_string(),
-            })?;
+        if let Some(w) = crate::bnb::read_bnb_weight(source, spec)? {
+            let bias = if spec.bias {
+                Some(prefer_llama::fetch(
+                    source,
+                    &format!("{}.bias", spec.site.hf_path()),
+                    &[spec.out_features],
+                )?)
+            } else {
+                None
+            };
+            return Ok(Nf4Linear::from_weight(&w, bias.as_ref(), device));
+        }
+        let (weight, bias) = spec.fetch_dense(source)?;
+        let w = Nf4Weight::quantize(
+            &weight.data,
+            [spec.out_features, spec.in_features],
+            self.blocksize,
+            self.double_quant,
+        )
+        .map_err(|e| LoadError::Config {
+            path: spec.site.hf_path().into(),
+            message: e.to_string(),
+        })?;
         Ok(Nf4Linear::from_weight(&w, bias.as_ref(), device))
     }
 }

@@ -38,6 +38,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         weights: Box::new(source),
         tokenizer,
         path: path.to_path_buf(),
+        quantization_config: None,
     })
 }
 

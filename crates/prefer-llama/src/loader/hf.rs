@@ -22,6 +22,10 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         ));
     }
     let mut config = LlamaConfig::from_hf_file(&config_path)?;
+    let quantization_config = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("quantization_config").cloned());
     let files = weight_files(dir)?;
     let weights = SafetensorsSource::open(dir, &files)?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
@@ -51,6 +55,7 @@ pub fn open(dir: &Path) -> Result<Checkpoint> {
         weights: Box::new(weights),
         tokenizer,
         path: dir.to_path_buf(),
+        quantization_config,
     })
 }
 

@@ -33,6 +33,18 @@ pub struct Checkpoint {
     pub tokenizer: Option<ChatTokenizer>,
     /// Where it was opened from.
     pub path: PathBuf,
+    /// `quantization_config` of a pre-quantised Hugging Face checkpoint.
+    pub quantization_config: Option<serde_json::Value>,
+}
+
+impl Checkpoint {
+    /// Whether the weights are stored as bitsandbytes 4-bit codes (`load_in_4bit` in `quantization_config`).
+    pub fn is_bnb_4bit(&self) -> bool {
+        self.quantization_config.as_ref().is_some_and(|q| {
+            q.get("quant_method").and_then(|m| m.as_str()) == Some("bitsandbytes")
+                && q.get("load_in_4bit").and_then(|m| m.as_bool()) == Some(true)
+        })
+    }
 }
 
 impl Checkpoint {

@@ -11,7 +11,7 @@ use safetensors::{Dtype, SafeTensors, tensor::Metadata};
 
 use crate::{
     error::{LoadError, Result},
-    weights::{HostTensor, WeightSource},
+    weights::{HostTensor, RawTensor, WeightSource},
 };
 
 struct Shard {
@@ -87,9 +87,21 @@ impl WeightSource for SafetensorsSource {
             path: path.clone(),
             name: name.into(),
             dtype: format!("{dtype:?}"),
-            hint: " (supported: F32, F16, BF16, F64)".into(),
+            hint: if dtype == Dtype::U8 {
+                " (a bitsandbytes 4-bit weight: load this model in 4-bit)".into()
+            } else {
+                " (supported: F32, F16, BF16, F64)".into()
+            },
         })?;
         Ok(Some(HostTensor::new(shape, data)))
+    }
+
+    fn take_raw(&mut self, name: &str) -> Result<Option<RawTensor>> {
+        Ok(self.raw(name).map(|(dtype, shape, bytes)| RawTensor {
+            dtype: format!("{dtype:?}"),
+            shape,
+            bytes: bytes.to_vec(),
+        }))
     }
 
     fn origin(&self) -> &Path {
