@@ -7,7 +7,11 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use prefer::{
     backend::{BackendJob, BackendKind, run_on},
-    llama::{ChatMessage, SamplingConfig, generate, load_dense},
+    llama::{
+        ChatMessage, ChatTokenizer, Checkpoint, DenseFactory, DenseLinear, LinearLayer, LlamaModel,
+        SamplingConfig, generate,
+    },
+    quant::{Nf4Factory, Nf4Linear},
 };
 
 pub const EXAMPLES: &str = "Examples:
@@ -51,8 +55,25 @@ struct GenerateJob(GenerateArgs);
 impl BackendJob for GenerateJob {
     type Output = Result<()>;
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let args = self.0;
-        let (model, tokenizer) = load_dense::<B>(&args.model, &device)?;
+        // A bitsandbytes 4-bit checkpoint stays in NF4; anything else loads in full precision.
+        let mut ckpt = Checkpoint::open(&self.0.model)?;
+        let tokenizer = ckpt.tokenizer.take();
+        if ckpt.is_bnb_4bit() {
+            let model: LlamaModel<B, Nf4Linear<B>> = ckpt.build(&Nf4Factory::default(), &device)?;
+            return self.generate(&model, tokenizer);
+        }
+        let model: LlamaModel<B, DenseLinear<B>> = ckpt.build(&DenseFactory, &device)?;
+        self.generate(&model, tokenizer)
+    }
+}
+
+impl GenerateJob {
+    fn generate<B: Backend, L: LinearLayer<B>>(
+        &self,
+        model: &LlamaModel<B, L>,
+        tokenizer: Option<ChatTokenizer>,
+    ) -> Result<()> {
+        let args = &self.0;
         let tokenizer = tokenizer
             .with_context(|| format!("{}: the model has no tokenizer", args.model.display()))?;
         let prompt = if args.chat {
@@ -88,7 +109,7 @@ impl BackendJob for GenerateJob {
         let mut generated: Vec<u32> = Vec::new();
         let mut printed = 0;
         let mut failure = None;
-        generate(&model, &ids, &config, &stops, |token| {
+        generate(model, &ids, &config, &stops, |token| {
             if stops.contains(&token) {
                 return false;
             }

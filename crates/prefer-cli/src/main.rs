@@ -1,6 +1,8 @@
 //! `prefer`: preference optimisation for Llama-style models, from the command line.
 
 mod generate;
+mod merge;
+mod quantize;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,12 @@ enum Command {
     /// Generate text from a prompt with a Hugging Face directory or a GGUF file.
     #[command(after_help = generate::EXAMPLES)]
     Generate(generate::GenerateArgs),
+    /// Quantise a Hugging Face model to NF4 in bitsandbytes' checkpoint format.
+    #[command(after_help = quantize::EXAMPLES)]
+    Quantize(quantize::QuantizeArgs),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face checkpoint.
+    #[command(after_help = merge::EXAMPLES)]
+    Merge(merge::MergeArgs),
 }
 
 /// `--backend` values, checked at parse time; whether one is compiled in is checked when it is used.
@@ -41,6 +49,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -154,3 +154,71 @@ fn sampling_is_reproducible_with_a_seed() {
     };
     assert_eq!(run("5"), run("5"));
 }
+
+#[test]
+fn quantize_then_generate_in_nf4() {
+    let out = std::env::temp_dir().join(format!("prefer-cli-quant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = prefer()
+        .args(["quantize", "--model"])
+        .arg(tiny_model())
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        text.contains("quantised 14 Linear weights") && text.contains("4.127 nominal"),
+        "{text}"
+    );
+    let run = prefer()
+        .args(["generate", "--model"])
+        .arg(&out)
+        .args([
+            "--prompt",
+            "Hello",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let _ = std::fs::remove_dir_all(&out);
+
+    let run = prefer()
+        .args(["quantize", "--model"])
+        .arg(tiny_model())
+        .args(["--output", "x", "--block-size", "48"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stderr(&run),
+        "error: --block-size must be a power of two from 32 to 4096 (got 48)\n"
+    );
+    let run = prefer()
+        .args(["quantize", "--model", "/no/dir", "--output", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stderr(&run),
+        "error: /no/dir: expected a Hugging Face model directory (with config.json)\n"
+    );
+}
+
+#[test]
+fn merge_reports_a_missing_adapter() {
+    let run = prefer()
+        .args(["merge", "--model"])
+        .arg(tiny_model())
+        .args(["--adapter", "/no/adapter", "--output", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(
+        stderr(&run),
+        "error: /no/adapter/adapter_config.json: No such file or directory (os error 2)\n"
+    );
+}

@@ -190,6 +190,58 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The `config.json` transformers would write for this architecture (`LlamaForCausalLM`, or
+    /// `Qwen2ForCausalLM` when only q/k/v carry biases), in transformers 5's `rope_parameters` style.
+    pub fn to_hf_json(&self) -> Value {
+        let qwen = self.qkv_bias && !self.o_bias;
+        let mut rope = match &self.rope_scaling {
+            RopeScaling::Default | RopeScaling::FreqFactors(_) => {
+                serde_json::json!({"rope_type": "default"})
+            }
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": *original_max_position_embeddings as u64})
+            }
+        };
+        rope["rope_theta"] = serde_json::json!(self.rope_theta);
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => serde_json::json!(one),
+            many => serde_json::json!(many),
+        };
+        serde_json::json!({
+            "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+            "model_type": if qwen { "qwen2" } else { "llama" },
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+        })
+    }
+
     /// Query heads per key/value head.
     pub fn n_rep(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

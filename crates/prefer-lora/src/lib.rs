@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod lora_linear;
+pub mod merge;
 pub mod peft;
 
 pub use config::{ConfigError, LoraConfig};
 pub use lora_linear::{LoraAdapter, LoraFactory, LoraLinear};
+pub use merge::{MergeDtype, MergeError, merge_checkpoint};
 pub use peft::{
     AdapterError, LoraModel, load_peft, read_peft, save_peft, set_active_adapter, snapshot_adapter,
 };
