@@ -55,7 +55,10 @@ fn random_weights(n: usize, seed: u64) -> Vec<f32> {
 fn device_bytes<B: Backend>(layer: &Nf4Linear<B>) -> usize {
     let words = layer.codes.val().dims()[0] * 4;
     let scales = layer.scales.val().dims()[0] * 4;
-    let scale_codes = layer.scale_codes.as_ref().map_or(0, |c| c.val().dims()[0] * 4);
+    let scale_codes = layer
+        .scale_codes
+        .as_ref()
+        .map_or(0, |c| c.val().dims()[0] * 4);
     words + scales + scale_codes
 }
 
@@ -70,7 +73,8 @@ fn main() {
             let n = spec.out_features * spec.in_features;
             let values = random_weights(n, (layer * 7 + p as usize + 1) as u64);
             let t = Instant::now();
-            let w = Nf4Weight::quantize(&values, [spec.out_features, spec.in_features], 64, true).expect("block size");
+            let w = Nf4Weight::quantize(&values, [spec.out_features, spec.in_features], 64, true)
+                .expect("block size");
             quantize_secs += t.elapsed().as_secs_f64();
             assert!(matches!(w.absmax, Absmax::Double { .. }));
             let l = Nf4Linear::<NdArray>::from_weight(&w, None, &device);
@@ -80,8 +84,13 @@ fn main() {
         }
     }
     let embed = c.vocab_size * c.hidden_size;
-    println!("Llama-3.2-1B shape: {params} quantised Linear parameters (+ {embed} embedding parameters kept in full precision)");
-    println!("  f32 Linear weights:            {:.3} GB", 4.0 * params as f64 / 1e9);
+    println!(
+        "Llama-3.2-1B shape: {params} quantised Linear parameters (+ {embed} embedding parameters kept in full precision)"
+    );
+    println!(
+        "  f32 Linear weights:            {:.3} GB",
+        4.0 * params as f64 / 1e9
+    );
     println!(
         "  NF4 (bitsandbytes layout):     {:.3} GB = {:.4} bits/parameter",
         host_bytes as f64 / 1e9,
@@ -93,5 +102,8 @@ fn main() {
         8.0 * dev_bytes as f64 / params as f64
     );
     println!("  quantisation time: {quantize_secs:.1} s on one core");
-    assert!(dev_bytes as f64 <= 0.55e9, "NF4 Linear weights take more than 0.55 GB");
+    assert!(
+        dev_bytes as f64 <= 0.55e9,
+        "NF4 Linear weights take more than 0.55 GB"
+    );
 }

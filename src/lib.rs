@@ -6,6 +6,7 @@
 
 pub mod backend;
 
+pub use prefer_dpo as dpo;
 pub use prefer_llama as llama;
 pub use prefer_lora as lora;
 pub use prefer_quant as quant;

@@ -1,0 +1,9 @@
+//! Direct preference optimisation for prefer's Llama: preference data in TRL's and ShareGPT's
+//! formats, per-sequence log-probs, every DPO-family loss of TRL 1.16 and its metrics.
+#![warn(missing_docs)]
+
+pub mod loss;
+pub mod metrics;
+
+pub use loss::{LossConfig, LossType, PairLogps, dpo_loss};
+pub use metrics::PairRecords;

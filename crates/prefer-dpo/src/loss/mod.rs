@@ -1,0 +1,184 @@
+//! The DPO family of losses, each as TRL 1.16's `DPOTrainer` computes it from per-sequence
+//! log-probability sums of the policy and the reference; several can be combined with weights.
+
+mod pairwise;
+
+use std::{fmt, str::FromStr};
+
+use burn::tensor::{Tensor, backend::Backend};
+
+pub use pairwise::per_pair_loss;
+
+/// A DPO-family loss, by TRL's `loss_type` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LossType {
+    /// `−log σ(βh)`; with label smoothing ε > 0, conservative DPO `−(1−ε)·log σ(βh) − ε·log σ(−βh)`.
+    Sigmoid,
+    /// Robust DPO: unbiased under label noise ε.
+    Robust,
+    /// IPO on length-normalised log-ratios: `(h̄ − 1/(2β))²`.
+    Ipo,
+    /// SLiC hinge: `relu(1 − βh)`.
+    Hinge,
+    /// EXO (pairwise), needs ε > 0.
+    ExoPair,
+    /// NCA (pairwise).
+    NcaPair,
+    /// BCO (pairwise).
+    BcoPair,
+    /// SPPO with hard win/loss probabilities.
+    SppoHard,
+    /// AOT: distributional alignment of sorted paired log-ratios.
+    Aot,
+    /// AOT on unpaired (separately sorted) log-ratios.
+    AotUnpaired,
+    /// APO-zero: raise chosen, lower rejected likelihood.
+    ApoZero,
+    /// APO-down: lower both, rejected more.
+    ApoDown,
+    /// DiscoPOP: logistic/exponential blend (τ = `discopop_tau`).
+    Discopop,
+    /// Supervised term: mean negative log-likelihood of the chosen completion tokens.
+    Sft,
+    /// Sigmoid on length-normalised log-ratios.
+    SigmoidNorm,
+}
+
+impl LossType {
+    /// All losses with their TRL names.
+    pub const ALL: [(LossType, &'static str); 15] = [
+        (Self::Sigmoid, "sigmoid"),
+        (Self::Robust, "robust"),
+        (Self::Ipo, "ipo"),
+        (Self::Hinge, "hinge"),
+        (Self::ExoPair, "exo_pair"),
+        (Self::NcaPair, "nca_pair"),
+        (Self::BcoPair, "bco_pair"),
+        (Self::SppoHard, "sppo_hard"),
+        (Self::Aot, "aot"),
+        (Self::AotUnpaired, "aot_unpaired"),
+        (Self::ApoZero, "apo_zero"),
+        (Self::ApoDown, "apo_down"),
+        (Self::Discopop, "discopop"),
+        (Self::Sft, "sft"),
+        (Self::SigmoidNorm, "sigmoid_norm"),
+    ];
+
+    /// TRL's name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(t, _)| *t == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?")
+    }
+}
+
+impl fmt::Display for LossType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LossType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(t, _)| *t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
+                format!("unknown loss_type `{s}` (valid: {})", names.join(", "))
+            })
+    }
+}
+
+/// TRL's `DPOConfig` options that shape the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossConfig {
+    /// Strength of the KL regularisation (`beta`, 0.1).
+    pub beta: f64,
+    /// Losses to add up (`loss_type`, `["sigmoid"]`).
+    pub loss_types: Vec<LossType>,
+    /// Weights of the losses (`loss_weights`; all 1 when absent).
+    pub loss_weights: Option<Vec<f64>>,
+    /// Label smoothing ε (`label_smoothing`, 0).
+    pub label_smoothing: f64,
+    /// Temperature of DiscoPOP's blend (`discopop_tau`, 0.05).
+    pub discopop_tau: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss_types: vec![LossType::Sigmoid],
+            loss_weights: None,
+            label_smoothing: 0.0,
+            discopop_tau: 0.05,
+        }
+    }
+}
+
+impl LossConfig {
+    /// Checks the options, naming the one at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            return Err(format!("beta must be positive (got {})", self.beta));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(format!(
+                "label_smoothing must be in [0, 0.5) (got {})",
+                self.label_smoothing
+            ));
+        }
+        if self.loss_types.is_empty() {
+            return Err("loss_type must name at least one loss".into());
+        }
+        if let Some(w) = &self.loss_weights {
+            if w.len() != self.loss_types.len() {
+                return Err(format!(
+                    "loss_weights has {} values but loss_type names {} losses",
+                    w.len(),
+                    self.loss_types.len()
+                ));
+            }
+        }
+        if self.loss_types.contains(&LossType::ExoPair) && self.label_smoothing == 0.0 {
+            return Err("loss_type exo_pair needs label_smoothing > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Per-sequence quantities of a batch of pairs, `[P]` each.
+#[derive(Debug, Clone)]
+pub struct PairLogps<B: Backend> {
+    /// Policy log-prob sum over the chosen completion.
+    pub chosen: Tensor<B, 1>,
+    /// Policy log-prob sum over the rejected completion.
+    pub rejected: Tensor<B, 1>,
+    /// Reference sums (no gradient).
+    pub ref_chosen: Tensor<B, 1>,
+    /// Reference sums (no gradient).
+    pub ref_rejected: Tensor<B, 1>,
+    /// Completion tokens of each chosen sequence (≥ 1), as floats.
+    pub chosen_tokens: Tensor<B, 1>,
+    /// Completion tokens of each rejected sequence (≥ 1), as floats.
+    pub rejected_tokens: Tensor<B, 1>,
+}
+
+/// The weighted sum of the configured losses, each the mean over pairs: a one-element tensor.
+pub fn dpo_loss<B: Backend>(config: &LossConfig, x: &PairLogps<B>) -> Tensor<B, 1> {
+    let mut total: Option<Tensor<B, 1>> = None;
+    for (i, t) in config.loss_types.iter().enumerate() {
+        let w = config.loss_weights.as_ref().map_or(1.0, |w| w[i]);
+        let term = per_pair_loss(*t, config, x).mean() * w;
+        total = Some(match total {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    total.expect("validated: at least one loss")
+}

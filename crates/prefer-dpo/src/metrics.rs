@@ -1,0 +1,97 @@
+//! The preference metrics under TRL's names, from per-pair values read back to the host.
+
+use std::collections::BTreeMap;
+
+/// Per-pair values of one or more batches, on the host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PairRecords {
+    /// Policy log-prob sums of the chosen completions.
+    pub chosen: Vec<f64>,
+    /// Policy log-prob sums of the rejected completions.
+    pub rejected: Vec<f64>,
+    /// Reference sums, chosen.
+    pub ref_chosen: Vec<f64>,
+    /// Reference sums, rejected.
+    pub ref_rejected: Vec<f64>,
+    /// Completion tokens, chosen.
+    pub chosen_tokens: Vec<f64>,
+    /// Completion tokens, rejected.
+    pub rejected_tokens: Vec<f64>,
+    /// Sum over chosen completion tokens of the token's mean logit (over the vocabulary).
+    pub chosen_logit_sums: Vec<f64>,
+    /// The same for rejected completions.
+    pub rejected_logit_sums: Vec<f64>,
+}
+
+impl PairRecords {
+    /// Appends another batch.
+    pub fn extend(&mut self, other: &PairRecords) {
+        self.chosen.extend(&other.chosen);
+        self.rejected.extend(&other.rejected);
+        self.ref_chosen.extend(&other.ref_chosen);
+        self.ref_rejected.extend(&other.ref_rejected);
+        self.chosen_tokens.extend(&other.chosen_tokens);
+        self.rejected_tokens.extend(&other.rejected_tokens);
+        self.chosen_logit_sums.extend(&other.chosen_logit_sums);
+        self.rejected_logit_sums.extend(&other.rejected_logit_sums);
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.chosen.len()
+    }
+
+    /// Whether there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.chosen.is_empty()
+    }
+
+    /// TRL's metrics (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies` with a strict `>`,
+    /// `rewards/margins`, `logps/chosen`, `logps/rejected`, `logits/chosen`, `logits/rejected` as
+    /// token-weighted means) plus `num_pairs` and `kl`: the mean per-token difference between policy
+    /// and reference log-probs over all completion tokens, an estimate of the drift from the reference.
+    pub fn metrics(&self, beta: f64) -> BTreeMap<String, f64> {
+        let n = self.len() as f64;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
+        let rc: Vec<f64> = self
+            .chosen
+            .iter()
+            .zip(&self.ref_chosen)
+            .map(|(p, r)| beta * (p - r))
+            .collect();
+        let rr: Vec<f64> = self
+            .rejected
+            .iter()
+            .zip(&self.ref_rejected)
+            .map(|(p, r)| beta * (p - r))
+            .collect();
+        let acc = rc.iter().zip(&rr).filter(|(c, r)| c > r).count() as f64 / n;
+        let margins: Vec<f64> = rc.iter().zip(&rr).map(|(c, r)| c - r).collect();
+        let ct: f64 = self.chosen_tokens.iter().sum();
+        let rt: f64 = self.rejected_tokens.iter().sum();
+        let drift: f64 = self.chosen.iter().chain(&self.rejected).sum::<f64>()
+            - self
+                .ref_chosen
+                .iter()
+                .chain(&self.ref_rejected)
+                .sum::<f64>();
+        BTreeMap::from([
+            ("rewards/chosen".into(), mean(&rc)),
+            ("rewards/rejected".into(), mean(&rr)),
+            ("rewards/accuracies".into(), acc),
+            ("rewards/margins".into(), mean(&margins)),
+            ("logps/chosen".into(), mean(&self.chosen)),
+            ("logps/rejected".into(), mean(&self.rejected)),
+            (
+                "logits/chosen".into(),
+                self.chosen_logit_sums.iter().sum::<f64>() / ct.max(1.0),
+            ),
+            (
+                "logits/rejected".into(),
+                self.rejected_logit_sums.iter().sum::<f64>() / rt.max(1.0),
+            ),
+            ("num_pairs".into(), n),
+            ("kl".into(), drift / (ct + rt).max(1.0)),
+        ])
+    }
+}
