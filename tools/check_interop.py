@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,9 @@ GQA = "tests/fixtures/llama/gqa_f32"
 NF4_EXPECTED = ROOT / "tests/fixtures/nf4/gqa_f32_bnb4/expected.json"
 R4 = "tests/fixtures/lora/peft_r4"
 RTOL, ATOL = 1e-5, 1e-6
+
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def run(cmd):

@@ -2,8 +2,12 @@
 //! formats, per-sequence log-probs, every DPO-family loss of TRL 1.16 and its metrics.
 #![warn(missing_docs)]
 
+pub mod eval;
+pub mod logps;
 pub mod loss;
 pub mod metrics;
 
+pub use eval::{BatchEval, evaluate_batch};
+pub use logps::{DpoBatch, SequenceLogps, sequence_logps};
 pub use loss::{LossConfig, LossType, PairLogps, dpo_loss};
 pub use metrics::PairRecords;

@@ -11,5 +11,6 @@ pub use config::{ConfigError, LoraConfig};
 pub use lora_linear::{LoraAdapter, LoraFactory, LoraLinear};
 pub use merge::{MergeDtype, MergeError, merge_checkpoint};
 pub use peft::{
-    AdapterError, LoraModel, load_peft, read_peft, save_peft, set_active_adapter, snapshot_adapter,
+    AdapterError, LoraModel, load_peft, peft_key, read_peft, save_peft, set_active_adapter,
+    snapshot_adapter,
 };
