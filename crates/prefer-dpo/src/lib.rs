@@ -2,6 +2,7 @@
 //! formats, per-sequence log-probs, every DPO-family loss of TRL 1.16 and its metrics.
 #![warn(missing_docs)]
 
+pub mod data;
 pub mod eval;
 pub mod logps;
 pub mod loss;

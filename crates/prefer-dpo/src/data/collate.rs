@@ -1,0 +1,152 @@
+//! Batches as TRL's DPO collator builds them: rows `[prompt+chosen ×P, prompt+rejected ×P]`,
+//! each truncated to `max_length` (keeping its start or its end), right-padded, with completion masks.
+
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+
+use super::{formats::BadRow, tokenize::TokenizedPair};
+use crate::logps::DpoBatch;
+
+/// Which end of a too-long sequence to keep (`truncation_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TruncationMode {
+    /// Keep the first `max_length` tokens (TRL's default); pairs whose prompt fills `max_length`
+    /// are dropped before batching, as TRL does.
+    #[default]
+    KeepStart,
+    /// Keep the last `max_length` tokens.
+    KeepEnd,
+}
+
+/// A batch on the host, row-major `[2P, T]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBatch {
+    /// Ids, padded with the pad id.
+    pub input_ids: Vec<i64>,
+    /// 1 for tokens, 0 for padding.
+    pub attention_mask: Vec<i64>,
+    /// 1 for completion tokens.
+    pub completion_mask: Vec<i64>,
+    /// `[2P, T]`.
+    pub shape: [usize; 2],
+}
+
+impl HostBatch {
+    /// Uploads to a device.
+    pub fn to_device<B: Backend>(&self, device: &B::Device) -> DpoBatch<B> {
+        let comp: Vec<f32> = self.completion_mask.iter().map(|&x| x as f32).collect();
+        DpoBatch {
+            input_ids: Tensor::<B, 2, Int>::from_data(
+                TensorData::new(self.input_ids.clone(), self.shape),
+                device,
+            ),
+            attention_mask: Tensor::<B, 2, Int>::from_data(
+                TensorData::new(self.attention_mask.clone(), self.shape),
+                device,
+            ),
+            completion_mask: Tensor::from_data(TensorData::new(comp, self.shape), device),
+        }
+    }
+}
+
+/// With `KeepStart`, a pair whose prompt alone fills `max_length` would keep no completion token:
+/// such pairs are bad rows ("completion truncated away"), as TRL drops them.
+pub fn drop_truncated_away(
+    pairs: Vec<TokenizedPair>,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+) -> (Vec<TokenizedPair>, Vec<BadRow>) {
+    let Some(m) = max_length.filter(|_| mode == TruncationMode::KeepStart) else {
+        return (pairs, Vec::new());
+    };
+    let (kept, dropped): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.prompt.len() < m);
+    let bad = dropped
+        .into_iter()
+        .map(|p| BadRow {
+            location: p.location,
+            reason: format!(
+                "completion truncated away: the prompt alone has {} tokens and max_length is {m}",
+                p.prompt.len()
+            ),
+        })
+        .collect();
+    (kept, bad)
+}
+
+/// Builds a batch from pairs.
+pub fn collate(
+    pairs: &[&TokenizedPair],
+    pad_id: u32,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+) -> HostBatch {
+    let mut seqs: Vec<(Vec<u32>, Vec<i64>)> = Vec::with_capacity(2 * pairs.len());
+    for pick_chosen in [true, false] {
+        for p in pairs {
+            let completion = if pick_chosen { &p.chosen } else { &p.rejected };
+            let mut ids = p.prompt.clone();
+            ids.extend(completion);
+            let mut mask = vec![0i64; p.prompt.len()];
+            mask.extend(std::iter::repeat_n(1, completion.len()));
+            if let Some(m) = max_length.filter(|m| ids.len() > *m) {
+                match mode {
+                    TruncationMode::KeepStart => {
+                        ids.truncate(m);
+                        mask.truncate(m);
+                    }
+                    TruncationMode::KeepEnd => {
+                        ids.drain(..ids.len() - m);
+                        mask.drain(..mask.len() - m);
+                    }
+                }
+            }
+            seqs.push((ids, mask));
+        }
+    }
+    let t = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
+    let mut b = HostBatch {
+        input_ids: vec![],
+        attention_mask: vec![],
+        completion_mask: vec![],
+        shape: [seqs.len(), t],
+    };
+    for (ids, mask) in &seqs {
+        b.input_ids.extend(
+            ids.iter()
+                .map(|&x| x as i64)
+                .chain(std::iter::repeat_n(pad_id as i64, t - ids.len())),
+        );
+        b.attention_mask
+            .extend(std::iter::repeat_n(1, ids.len()).chain(std::iter::repeat_n(0, t - ids.len())));
+        b.completion_mask.extend(
+            mask.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, t - ids.len())),
+        );
+    }
+    b
+}
+
+/// Orders pairs so that each batch holds pairs of similar length (less padding): a seeded shuffle,
+/// then a sort by length within windows of `window_batches` batches, then the batches shuffled.
+pub fn group_by_length(
+    pairs: &[TokenizedPair],
+    batch_size: usize,
+    window_batches: usize,
+    seed: u64,
+) -> Vec<usize> {
+    use rand::{SeedableRng, seq::SliceRandom};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut idx: Vec<usize> = (0..pairs.len()).collect();
+    idx.shuffle(&mut rng);
+    let len =
+        |i: &usize| pairs[*i].prompt.len() + pairs[*i].chosen.len().max(pairs[*i].rejected.len());
+    for window in idx.chunks_mut(batch_size.max(1) * window_batches.max(1)) {
+        window.sort_by_key(len);
+    }
+    let mut batches: Vec<Vec<usize>> = idx
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    batches.shuffle(&mut rng);
+    batches.concat()
+}

@@ -1,0 +1,223 @@
+//! Preference files in every format → the token ids TRL 1.16's `DPOTrainer` produces, truncation as
+//! its collator does it, and bad rows reported with `file:line: reason` (fixtures from
+//! `tools/make_dpo_fixtures.py`).
+
+use std::path::PathBuf;
+
+use prefer_dpo::data::{
+    DataFormat, OnBadRow, TokenizeOptions, TruncationMode, collate, drop_truncated_away, load_file,
+    parse_rows, tokenize_rows,
+};
+use prefer_llama::{ChatTokenizer, Checkpoint};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tokenizer() -> ChatTokenizer {
+    Checkpoint::open(&root().join("llama/gqa_f32"))
+        .unwrap()
+        .tokenizer
+        .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn i64s(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn every_format_gives_trls_token_ids() {
+    let tok = tokenizer();
+    for (file, format) in [
+        ("standard.jsonl", DataFormat::Standard),
+        ("standard_array.json", DataFormat::Standard),
+        ("conversational.jsonl", DataFormat::Conversational),
+        ("implicit.jsonl", DataFormat::Implicit),
+        ("sharegpt.json", DataFormat::ShareGpt),
+    ] {
+        let path = root().join("dpo").join(file);
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join(format!("dpo/{file}.expected.json"))).unwrap(),
+        )
+        .unwrap();
+        let loaded = load_file(&path, None)
+            .unwrap()
+            .check(OnBadRow::Error)
+            .unwrap();
+        assert_eq!(loaded.format, Some(format), "{file}");
+        let (pairs, bad) = tokenize_rows(&tok, &loaded.rows, TokenizeOptions::default());
+        assert!(bad.is_empty(), "{file}: {bad:?}");
+        let rows = expected["rows"].as_array().unwrap();
+        assert_eq!(pairs.len(), rows.len(), "{file}");
+        for (i, (p, e)) in pairs.iter().zip(rows).enumerate() {
+            assert_eq!(p.prompt, ids(&e["prompt_ids"]), "{file} row {i}: prompt");
+            assert_eq!(p.chosen, ids(&e["chosen_ids"]), "{file} row {i}: chosen");
+            assert_eq!(
+                p.rejected,
+                ids(&e["rejected_ids"]),
+                "{file} row {i}: rejected"
+            );
+        }
+
+        // Truncation in both modes, as TRL's trainer and collator apply it.
+        for key in ["truncated", "truncated_keep_end"] {
+            let t = &expected[key];
+            let max = t["settings"]["max_length"].as_u64().unwrap() as usize;
+            let mode = if t["settings"]["truncation_mode"] == "keep_end" {
+                TruncationMode::KeepEnd
+            } else {
+                TruncationMode::KeepStart
+            };
+            let (kept, dropped) = drop_truncated_away(pairs.clone(), Some(max), mode);
+            assert_eq!(
+                dropped.len(),
+                t["dropped_rows"].as_array().unwrap().len(),
+                "{file} {key}: dropped rows"
+            );
+            for (p, e) in kept.iter().zip(t["rows"].as_array().unwrap()) {
+                let b = collate(&[p], 0, Some(max), mode);
+                let n = b.shape[1];
+                let chosen_len = e["chosen_input_ids"].as_array().unwrap().len();
+                let rejected_len = e["rejected_input_ids"].as_array().unwrap().len();
+                assert_eq!(
+                    &b.input_ids[..chosen_len],
+                    i64s(&e["chosen_input_ids"]).as_slice(),
+                    "{file} {key}"
+                );
+                assert_eq!(
+                    &b.completion_mask[..chosen_len],
+                    i64s(&e["chosen_completion_mask"]).as_slice(),
+                    "{file} {key}"
+                );
+                assert_eq!(
+                    &b.input_ids[n..n + rejected_len],
+                    i64s(&e["rejected_input_ids"]).as_slice(),
+                    "{file} {key}"
+                );
+                assert_eq!(
+                    &b.completion_mask[n..n + rejected_len],
+                    i64s(&e["rejected_completion_mask"]).as_slice(),
+                    "{file} {key}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batches_are_chosen_then_rejected_right_padded() {
+    let tok = tokenizer();
+    let loaded = load_file(&root().join("dpo/standard.jsonl"), None).unwrap();
+    let (pairs, _) = tokenize_rows(&tok, &loaded.rows[..2], TokenizeOptions::default());
+    let b = collate(
+        &pairs.iter().collect::<Vec<_>>(),
+        0,
+        None,
+        TruncationMode::KeepStart,
+    );
+    let t = b.shape[1];
+    assert_eq!(b.shape[0], 4);
+    let row = |r: usize| &b.input_ids[r * t..(r + 1) * t];
+    let expect = |p: &prefer_dpo::data::TokenizedPair, c: &[u32]| -> Vec<i64> {
+        let mut v: Vec<i64> = p.prompt.iter().chain(c).map(|&x| x as i64).collect();
+        v.resize(t, 0);
+        v
+    };
+    assert_eq!(row(0), expect(&pairs[0], &pairs[0].chosen).as_slice());
+    assert_eq!(row(1), expect(&pairs[1], &pairs[1].chosen).as_slice());
+    assert_eq!(row(2), expect(&pairs[0], &pairs[0].rejected).as_slice());
+    assert_eq!(row(3), expect(&pairs[1], &pairs[1].rejected).as_slice());
+}
+
+#[test]
+fn bad_rows_are_named_with_file_line_and_reason() {
+    let data = concat!(
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n",
+        "{\"prompt\": \"a\", \"chosen\": \"b\"\n",
+        "{\"prompt\": \"a\", \"rejected\": \"c\"}\n",
+        "{\"prompt\": \"a\", \"chosen\": 5, \"rejected\": \"c\"}\n",
+        "{\"prompt\": \"  \", \"chosen\": \"b\", \"rejected\": \"c\"}\n",
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"b\"}\n",
+        "{\"prompt\": \"a\", \"chosen\": \"\", \"rejected\": \"c\"}\n",
+        "[1, 2]\n",
+    );
+    let mut bytes = data.as_bytes().to_vec();
+    bytes.extend(b"{\"prompt\": \"\xff\", \"chosen\": \"b\", \"rejected\": \"c\"}\n");
+    let loaded = parse_rows("pairs.jsonl", &bytes, None).unwrap();
+    assert_eq!(loaded.rows.len(), 1);
+    let messages: Vec<String> = loaded.bad.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            "pairs.jsonl:2: malformed JSON: EOF while parsing an object at line 1 column 29",
+            "pairs.jsonl:3: missing field `chosen`",
+            "pairs.jsonl:4: `chosen` must be a string, found a number",
+            "pairs.jsonl:5: `prompt` is empty",
+            "pairs.jsonl:6: chosen and rejected are identical",
+            "pairs.jsonl:7: `chosen` is empty",
+            "pairs.jsonl:8: a row must be a JSON object",
+            "pairs.jsonl:9: invalid UTF-8",
+        ]
+    );
+    // The default policy stops at the first; "skip" keeps the good rows and counts the rest.
+    assert_eq!(
+        loaded
+            .clone()
+            .check(OnBadRow::Error)
+            .unwrap_err()
+            .to_string(),
+        messages[0]
+    );
+    let kept = loaded.check(OnBadRow::Skip).unwrap();
+    assert_eq!((kept.rows.len(), kept.bad.len()), (1, 8));
+}
+
+#[test]
+fn bom_crlf_and_formats_mixed_in_a_file() {
+    let data = "\u{feff}{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\r\n\r\n{\"prompt\": [{\"role\": \"user\", \"content\": \"x\"}], \"chosen\": [{\"role\": \"assistant\", \"content\": \"y\"}], \"rejected\": [{\"role\": \"assistant\", \"content\": \"z\"}]}\r\n";
+    let loaded = parse_rows("mixed.jsonl", data.as_bytes(), None).unwrap();
+    assert_eq!(loaded.rows.len(), 1);
+    assert_eq!(
+        loaded.bad[0].to_string(),
+        "mixed.jsonl:3: row is in the conversational format but the file is standard"
+    );
+
+    let arr = "[{\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}], \"chosen\": {\"from\": \"gpt\", \"value\": \"a\"}, \"rejected\": {\"from\": \"bot\", \"value\": \"b\"}}]";
+    let loaded = parse_rows("sg.json", arr.as_bytes(), None).unwrap();
+    assert_eq!(
+        loaded.bad[0].to_string(),
+        "sg.json: row 1: `rejected`: unknown speaker `bot` (valid: system, human, gpt)"
+    );
+}
+
+#[test]
+fn truncated_away_completions_are_bad_rows() {
+    let tok = tokenizer();
+    let loaded = load_file(&root().join("dpo/standard.jsonl"), None).unwrap();
+    let (pairs, _) = tokenize_rows(&tok, &loaded.rows, TokenizeOptions::default());
+    let (_, bad) = drop_truncated_away(pairs, Some(3), TruncationMode::KeepStart);
+    assert!(bad[0].to_string().contains("standard.jsonl:1: completion truncated away: the prompt alone has 5 tokens and max_length is 3"), "{}", bad[0]);
+    let opts = TokenizeOptions {
+        max_completion_length: Some(0),
+        ..Default::default()
+    };
+    let (_, bad) = tokenize_rows(&tok, &loaded.rows, opts);
+    assert!(
+        bad[0]
+            .to_string()
+            .ends_with("standard.jsonl:1: a completion is empty after tokenisation and truncation")
+    );
+}
