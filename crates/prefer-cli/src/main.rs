@@ -1,5 +1,6 @@
 //! `prefer`: preference optimisation for Llama-style models, from the command line.
 
+mod eval;
 mod generate;
 mod merge;
 mod quantize;
@@ -22,6 +23,9 @@ enum Command {
     /// Generate text from a prompt with a Hugging Face directory or a GGUF file.
     #[command(after_help = generate::EXAMPLES)]
     Generate(generate::GenerateArgs),
+    /// DPO loss and preference metrics of a policy adapter against a reference, on preference pairs.
+    #[command(after_help = eval::EXAMPLES)]
+    Eval(eval::EvalArgs),
     /// Quantise a Hugging Face model to NF4 in bitsandbytes' checkpoint format.
     #[command(after_help = quantize::EXAMPLES)]
     Quantize(quantize::QuantizeArgs),
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
     };
     match result {

@@ -222,3 +222,115 @@ fn merge_reports_a_missing_adapter() {
         "error: /no/adapter/adapter_config.json: No such file or directory (os error 2)\n"
     );
 }
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[test]
+fn eval_reports_trls_numbers_as_json() {
+    let data = std::env::temp_dir().join(format!("prefer-eval-{}.jsonl", std::process::id()));
+    let rows: Vec<String> = std::fs::read_to_string(fixtures().join("dpo/standard.jsonl"))
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = prefer()
+        .args(["eval", "--model"])
+        .arg(tiny_model())
+        .arg("--adapter")
+        .arg(fixtures().join("dpo/adapter"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let trl: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("dpo/losses.json")).unwrap())
+            .unwrap();
+    let want = &trl["losses"]["label_smoothing_0.1"]["sigmoid"];
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 + 1e-4 * b.abs();
+    assert!(
+        close(
+            out["metrics"]["loss"].as_f64().unwrap(),
+            want["loss"].as_f64().unwrap()
+        ),
+        "{out}"
+    );
+    for m in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(
+            close(
+                out["metrics"][m].as_f64().unwrap(),
+                want["metrics"][m].as_f64().unwrap()
+            ),
+            "{m}: {out}"
+        );
+    }
+    let pairs = out["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 4);
+    let first = trl["per_pair"]["reference_chosen_logps"][0]
+        .as_f64()
+        .unwrap();
+    assert!(close(pairs[0]["ref_logps/chosen"].as_f64().unwrap(), first));
+    let _ = std::fs::remove_file(&data);
+}
+
+#[test]
+fn eval_stops_at_a_bad_row_before_loading_the_model() {
+    let data = std::env::temp_dir().join(format!("prefer-eval-bad-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\"}\n",
+    )
+    .unwrap();
+    let run = prefer()
+        .args(["eval", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(
+        stderr(&run),
+        format!("error: {}:2: missing field `chosen`\n", data.display())
+    );
+    let run = prefer()
+        .args(["eval", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data)
+        .args(["--on-bad-row", "skip"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        stderr(&run),
+        "skipped 1 bad rows of 2 (on_bad_row = skip)\n"
+    );
+    let run = prefer()
+        .args(["eval", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data)
+        .args(["--loss-type", "dpo"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&run).contains("unknown loss_type `dpo`"),
+        "{}",
+        stderr(&run)
+    );
+    let _ = std::fs::remove_file(&data);
+}

@@ -68,3 +68,105 @@ impl<B: Backend> BatchEval<B> {
         }
     }
 }
+
+/// How `evaluate_pairs` reads and batches data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOptions {
+    /// Loss options.
+    pub loss: LossConfig,
+    /// Pairs per batch.
+    pub batch_size: usize,
+    /// Longest prompt+completion sequence (`max_length`).
+    pub max_length: Option<usize>,
+    /// Which end of a long sequence to keep.
+    pub truncation_mode: crate::data::TruncationMode,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            loss: LossConfig::default(),
+            batch_size: 4,
+            max_length: Some(1024),
+            truncation_mode: Default::default(),
+        }
+    }
+}
+
+/// One pair's numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PairResult {
+    /// Policy log-prob of the chosen completion.
+    #[serde(rename = "logps/chosen")]
+    pub chosen: f64,
+    /// Policy log-prob of the rejected completion.
+    #[serde(rename = "logps/rejected")]
+    pub rejected: f64,
+    /// Reference log-prob of the chosen completion.
+    #[serde(rename = "ref_logps/chosen")]
+    pub ref_chosen: f64,
+    /// Reference log-prob of the rejected completion.
+    #[serde(rename = "ref_logps/rejected")]
+    pub ref_rejected: f64,
+    /// The pair's (weighted) loss.
+    pub loss: f64,
+}
+
+/// Metrics over all pairs plus each pair's numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    /// TRL's metric names, `loss` included.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Per pair, in input order.
+    pub pairs: Vec<PairResult>,
+}
+
+/// Evaluates tokenised pairs: batches of `batch_size`, the policy against the reference.
+pub fn evaluate_pairs<B: Backend, L: LinearLayer<B>>(
+    policy: &LlamaModel<B, L>,
+    reference: &LlamaModel<B, L>,
+    pairs: &[crate::data::TokenizedPair],
+    pad_id: u32,
+    options: &EvalOptions,
+) -> EvalReport {
+    let device = policy.embed_tokens.weight.device();
+    let mut records = PairRecords::default();
+    let mut results = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(options.batch_size.max(1)) {
+        let refs: Vec<_> = chunk.iter().collect();
+        let batch =
+            crate::data::collate(&refs, pad_id, options.max_length, options.truncation_mode)
+                .to_device::<B>(&device);
+        let out = evaluate_batch(&options.loss, policy, reference, &batch);
+        let mut per_pair = vec![0.0; chunk.len()];
+        for (i, t) in options.loss.loss_types.iter().enumerate() {
+            let w = options.loss.loss_weights.as_ref().map_or(1.0, |w| w[i]);
+            let l = host(crate::loss::per_pair_loss(*t, &options.loss, &out.pairs));
+            per_pair
+                .iter_mut()
+                .zip(l)
+                .for_each(|(acc, v)| *acc += w * v);
+        }
+        let r = out.records();
+        for (i, loss) in per_pair.into_iter().enumerate() {
+            results.push(PairResult {
+                chosen: r.chosen[i],
+                rejected: r.rejected[i],
+                ref_chosen: r.ref_chosen[i],
+                ref_rejected: r.ref_rejected[i],
+                loss,
+            });
+        }
+        records.extend(&r);
+    }
+    let mut metrics = records.metrics(options.loss.beta);
+    let n = results.len().max(1) as f64;
+    metrics.insert(
+        "loss".into(),
+        results.iter().map(|p| p.loss).sum::<f64>() / n,
+    );
+    EvalReport {
+        metrics,
+        pairs: results,
+    }
+}

@@ -8,7 +8,7 @@ pub mod logps;
 pub mod loss;
 pub mod metrics;
 
-pub use eval::{BatchEval, evaluate_batch};
+pub use eval::{BatchEval, EvalOptions, EvalReport, PairResult, evaluate_batch, evaluate_pairs};
 pub use logps::{DpoBatch, SequenceLogps, sequence_logps};
 pub use loss::{LossConfig, LossType, PairLogps, dpo_loss};
 pub use metrics::PairRecords;
