@@ -221,3 +221,39 @@ fn truncated_away_completions_are_bad_rows() {
             .ends_with("standard.jsonl:1: a completion is empty after tokenisation and truncation")
     );
 }
+
+#[test]
+fn train_eval_split_and_length_grouping_are_seeded_and_complete() {
+    use prefer_dpo::data::{group_by_length, split_train_eval};
+    let rows: Vec<usize> = (0..50).collect();
+    let (train, eval) = split_train_eval(&rows, 0.2, 42);
+    assert_eq!((train.len(), eval.len()), (40, 10));
+    let mut all: Vec<usize> = train.iter().chain(&eval).copied().collect();
+    all.sort();
+    assert_eq!(all, rows);
+    assert_eq!(
+        split_train_eval(&rows, 0.2, 42),
+        (train.clone(), eval.clone())
+    );
+    assert_ne!(split_train_eval(&rows, 0.2, 7).1, eval);
+
+    let tok = tokenizer();
+    let loaded = load_file(&root().join("dpo/sharegpt.json"), None).unwrap();
+    let (pairs, _) = tokenize_rows(&tok, &loaded.rows, TokenizeOptions::default());
+    let order = group_by_length(&pairs, 2, 50, 3);
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..pairs.len()).collect::<Vec<_>>());
+    // Within the single window, each batch of two holds neighbours in length order.
+    let len = |i: usize| pairs[i].prompt.len() + pairs[i].chosen.len().max(pairs[i].rejected.len());
+    let mut lens: Vec<usize> = (0..pairs.len()).map(len).collect();
+    lens.sort();
+    for b in order.chunks(2).filter(|b| b.len() == 2) {
+        let (a, c) = (len(b[0]).min(len(b[1])), len(b[0]).max(len(b[1])));
+        let pos = lens.iter().position(|&l| l == a).unwrap();
+        assert!(
+            lens[pos..].iter().take(2).any(|&l| l == c)
+                || lens.iter().filter(|&&l| l == a).count() > 1
+        );
+    }
+}

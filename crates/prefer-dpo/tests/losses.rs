@@ -179,3 +179,63 @@ fn bad_options_name_the_option() {
         "loss_weights has 2 values but loss_type names 1 losses"
     );
 }
+
+#[test]
+fn simpo_orpo_and_kto_match_trl() {
+    use prefer_dpo::loss::{KtoConfig, kto_kl, kto_loss, orpo_log_odds, orpo_loss, simpo_loss};
+    let f = fixture();
+    let o = &f["other_trainers"];
+    let p = &f["per_pair"];
+    let avg = |k: &str, n: &str| -> Vec<f64> {
+        v(&p[k]).iter().zip(v(&p[n])).map(|(s, n)| s / n).collect()
+    };
+    let (ca, ra) = (
+        avg("policy_chosen_logps", "chosen_token_counts"),
+        avg("policy_rejected_logps", "rejected_token_counts"),
+    );
+
+    // SimPO (CPOTrainer, loss_type simpo, cpo_alpha 0), and with CPO's NLL term (cpo_alpha 1).
+    let s = simpo_loss(t(ca.clone()), t(ra.clone()), 2.0, 0.5, 0.0)
+        .mean()
+        .into_scalar();
+    close("simpo", s, o["simpo"]["loss"].as_f64().unwrap());
+    let nll = o["cpo_simpo"]["metrics"]["nll_loss"].as_f64().unwrap();
+    close(
+        "cpo simpo",
+        s + nll,
+        o["cpo_simpo"]["loss"].as_f64().unwrap(),
+    );
+
+    // ORPO: the odds ratio from TRL's mean log-probs, and the loss with TRL's NLL.
+    let c = &o["orpo"]["components"];
+    let odds = orpo_log_odds(t(v(&c["avg_chosen_logps"])), t(v(&c["avg_rejected_logps"])));
+    let odds_v: Vec<f64> = odds.clone().into_data().to_vec().unwrap();
+    for (a, b) in odds_v.iter().zip(v(&c["log_odds"])) {
+        close("orpo log odds", *a, b);
+    }
+    let nll = t(vec![o["orpo"]["metrics"]["nll_loss"].as_f64().unwrap()]);
+    close(
+        "orpo",
+        orpo_loss(nll, odds, 0.1).into_scalar(),
+        o["orpo"]["loss"].as_f64().unwrap(),
+    );
+
+    // KTO: the four chosen completions desirable, the four rejected undesirable.
+    let k = &o["kto"];
+    let kl = kto_kl(t(v(&k["policy_KL_logps"])), t(v(&k["reference_KL_logps"])));
+    close(
+        "kto kl",
+        kl.clone().into_scalar(),
+        k["kl"].as_f64().unwrap(),
+    );
+    let diff = |a: &str, b: &str| -> Vec<f64> {
+        v(&p[a]).iter().zip(v(&p[b])).map(|(x, y)| x - y).collect()
+    };
+    let loss = kto_loss(
+        &KtoConfig::default(),
+        t(diff("policy_chosen_logps", "reference_chosen_logps")),
+        t(diff("policy_rejected_logps", "reference_rejected_logps")),
+        kl,
+    );
+    close("kto", loss.into_scalar(), k["loss"].as_f64().unwrap());
+}

@@ -1,13 +1,17 @@
 //! The DPO family of losses, each as TRL 1.16's `DPOTrainer` computes it from per-sequence
 //! log-probability sums of the policy and the reference; several can be combined with weights.
 
+pub mod kto;
 mod pairwise;
+pub mod reference_free;
 
 use std::{fmt, str::FromStr};
 
 use burn::tensor::{Tensor, backend::Backend};
 
+pub use kto::{KtoConfig, kto_kl, kto_loss};
 pub use pairwise::per_pair_loss;
+pub use reference_free::{orpo_log_odds, orpo_loss, simpo_loss};
 
 /// A DPO-family loss, by TRL's `loss_type` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
