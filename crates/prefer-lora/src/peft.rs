@@ -145,10 +145,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
+/// An adapter's factors by site: A `[r, in]` and B `[out, r]`, as PEFT stores them.
+pub type AdapterFactors = HashMap<LinearSite, (HostTensor, HostTensor)>;
+
 /// Reads a PEFT adapter directory: its config and factors by site (A `[r, in]`, B `[out, r]`).
-pub fn read_peft(
-    dir: &Path,
-) -> Result<(LoraConfig, HashMap<LinearSite, (HostTensor, HostTensor)>), AdapterError> {
+pub fn read_peft(dir: &Path) -> Result<(LoraConfig, AdapterFactors), AdapterError> {
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| file_err(&config_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text)

@@ -6,6 +6,8 @@
 
 /// The 16 NF4 levels: quantiles of a standard normal, normalised to [-1, 1], with an exact zero.
 /// The values of bitsandbytes' `nf4` lookup table, as f32.
+/// The literals are bitsandbytes' own (f64 in its source); they round to the f32 table it uses.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -83,7 +85,11 @@ pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
 #[inline]
 pub fn nibble(packed: &[u8], i: usize) -> u8 {
     let b = packed[i / 2];
-    if i % 2 == 0 { b >> 4 } else { b & 0x0f }
+    if i.is_multiple_of(2) {
+        b >> 4
+    } else {
+        b & 0x0f
+    }
 }
 
 /// Dequantises `n` values: `NF4_CODE[code] · absmax[block]`.

@@ -163,7 +163,9 @@ fn ceil_log2(x: usize) -> u32 {
     }
 }
 
-/// `multi_row_sum` of ATen's SumKernel.cpp over `nrows` interleaved rows of `L`-lane values.
+/// `multi_row_sum` of ATen's SumKernel.cpp over `nrows` interleaved rows of `L`-lane values
+/// (its index loops kept as written there, to be checkable).
+#[allow(clippy::needless_range_loop)]
 fn multi_row_sum<const L: usize>(
     load: impl Fn(usize, usize) -> [f32; L],
     nrows: usize,

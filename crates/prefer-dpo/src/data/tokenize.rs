@@ -36,11 +36,11 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Prompt, chosen and rejected ids of one row.
+pub type RowIds = (Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// Tokenises one row.
-pub fn tokenize_row(
-    tok: &ChatTokenizer,
-    row: &PreferenceRow,
-) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+pub fn tokenize_row(tok: &ChatTokenizer, row: &PreferenceRow) -> Result<RowIds, String> {
     let err = |e: prefer_llama::LoadError| e.to_string();
     let (p, pc, pr) = match (&row.prompt, &row.chosen, &row.rejected) {
         (Turns::Text(p), Turns::Text(c), Turns::Text(r)) => {

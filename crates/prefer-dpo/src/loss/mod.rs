@@ -140,14 +140,16 @@ impl LossConfig {
         if self.loss_types.is_empty() {
             return Err("loss_type must name at least one loss".into());
         }
-        if let Some(w) = &self.loss_weights {
-            if w.len() != self.loss_types.len() {
-                return Err(format!(
-                    "loss_weights has {} values but loss_type names {} losses",
-                    w.len(),
-                    self.loss_types.len()
-                ));
-            }
+        if let Some(w) = self
+            .loss_weights
+            .as_ref()
+            .filter(|w| w.len() != self.loss_types.len())
+        {
+            return Err(format!(
+                "loss_weights has {} values but loss_type names {} losses",
+                w.len(),
+                self.loss_types.len()
+            ));
         }
         if self.loss_types.contains(&LossType::ExoPair) && self.label_smoothing == 0.0 {
             return Err("loss_type exo_pair needs label_smoothing > 0".into());
