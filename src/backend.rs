@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use burn::tensor::backend::Backend;
+use prefer_kernels::PreferBackend;
 
 /// A backend the user can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +73,7 @@ pub trait BackendJob {
     /// What the job returns.
     type Output;
     /// Runs on backend `B` and its device.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: PreferBackend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Runs `job` on the backend `kind`, after checking that it is compiled in and has a device.
@@ -103,7 +103,10 @@ pub fn run_on<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output, Bac
 /// Whether a backend has a usable device; device discovery panics inside Burn when there is none,
 /// so the probe runs on its own thread and catches that.
 #[allow(dead_code)]
-fn probe<B: Backend>(kind: BackendKind, device: &B::Device) -> Result<(), BackendError> {
+fn probe<B: burn::tensor::backend::Backend>(
+    kind: BackendKind,
+    device: &B::Device,
+) -> Result<(), BackendError> {
     let device = device.clone();
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));

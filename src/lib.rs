@@ -7,6 +7,7 @@
 pub mod backend;
 
 pub use prefer_dpo as dpo;
+pub use prefer_kernels as kernels;
 pub use prefer_llama as llama;
 pub use prefer_lora as lora;
 pub use prefer_quant as quant;

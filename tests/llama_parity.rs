@@ -4,7 +4,6 @@
 
 mod common;
 
-use burn::tensor::backend::Backend;
 use common::*;
 use prefer::llama::{Checkpoint, SamplingConfig, generate, load_dense};
 
@@ -23,7 +22,7 @@ const ABS: f64 = 1e-6;
 struct HfParity(&'static str);
 
 impl Checker for HfParity {
-    fn run<B: Backend>(&self, device: &B::Device) {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
         let name = self.0;
         let dir = fixture(&format!("llama/{name}"));
         let expected = json(&format!("llama/{name}/expected.json"));
@@ -79,7 +78,7 @@ fn hf_checkpoints_match_transformers() {
 struct GgufParity(&'static str);
 
 impl Checker for GgufParity {
-    fn run<B: Backend>(&self, device: &B::Device) {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
         let file = self.0;
         let path = fixture(&format!("llama/gguf/{file}"));
         let expected = json(&format!("llama/gguf/{file}.expected.json"));

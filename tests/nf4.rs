@@ -3,7 +3,6 @@
 
 mod common;
 
-use burn::tensor::backend::Backend;
 use common::*;
 use prefer::{
     llama::{Checkpoint, DenseFactory, HostTensor, LinearLayer, LlamaModel, MemoryWeights},
@@ -32,7 +31,7 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
 struct DeviceDequant;
 
 impl Checker for DeviceDequant {
-    fn run<B: Backend>(&self, device: &B::Device) {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
         for (shape, blocksize, double) in [
             ([32, 64], 64, true),
             ([64, 176], 64, true),
@@ -71,7 +70,7 @@ fn nf4_linear_dequantises_on_device_as_on_host() {
 struct Nf4Model;
 
 impl Checker for Nf4Model {
-    fn run<B: Backend>(&self, device: &B::Device) {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
         let dir = fixture("llama/gqa_f32");
         let mut ckpt = Checkpoint::open(&dir).unwrap();
         let model: LlamaModel<B, Nf4Linear<B>> =

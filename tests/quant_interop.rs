@@ -17,7 +17,7 @@ use safetensors::SafeTensors;
 struct ReadBnb;
 
 impl Checker for ReadBnb {
-    fn run<B: Backend>(&self, device: &B::Device) {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
         let dir = fixture("nf4/gqa_f32_bnb4");
         let mut ckpt = Checkpoint::open(&dir).unwrap();
         assert!(ckpt.is_bnb_4bit());
@@ -103,7 +103,7 @@ fn bare_lora<B: Backend>(
 struct PeftParity(&'static str);
 
 impl Checker for PeftParity {
-    fn run<B: Backend>(&self, device: &B::Device) {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
         let name = self.0;
         let mut model = bare_lora::<B>(&fixture("llama/gqa_f32"), device);
         load_peft(&mut model, &fixture(&format!("lora/{name}")), "default").unwrap();

@@ -118,5 +118,5 @@ pub fn on_each_backend(name: &str, check: impl Checker) {
 
 /// A check generic over the backend.
 pub trait Checker {
-    fn run<B: Backend>(&self, device: &B::Device);
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device);
 }

@@ -88,7 +88,7 @@ struct EvalJob(EvalArgs);
 
 impl BackendJob for EvalJob {
     type Output = Result<EvalReport>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<EvalReport> {
+    fn run<B: prefer::kernels::PreferBackend>(self, device: B::Device) -> Result<EvalReport> {
         let mut ckpt = Checkpoint::open(&self.0.model)?;
         if ckpt.is_bnb_4bit() {
             self.eval::<B, _>(&mut ckpt, Nf4Factory::default(), &device)

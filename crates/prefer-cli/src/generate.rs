@@ -54,7 +54,7 @@ struct GenerateJob(GenerateArgs);
 
 impl BackendJob for GenerateJob {
     type Output = Result<()>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: prefer::kernels::PreferBackend>(self, device: B::Device) -> Result<()> {
         // A bitsandbytes 4-bit checkpoint stays in NF4; anything else loads in full precision.
         let mut ckpt = Checkpoint::open(&self.0.model)?;
         let tokenizer = ckpt.tokenizer.take();

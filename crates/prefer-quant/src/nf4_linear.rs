@@ -9,6 +9,7 @@ use burn::{
     module::{Module, Param, ParamId},
     tensor::{DType, ElementConversion, Int, Tensor, TensorData, backend::Backend},
 };
+use prefer_kernels::{Nf4DequantBackend, nf4_dequantize};
 use prefer_llama::{
     HostTensor, LinearFactory, LinearLayer, LinearSpec, LoadError, Result, WeightSource,
 };
@@ -141,29 +142,21 @@ impl<B: Backend> Nf4Linear<B> {
         self.dynamic_table.clone().select(0, idx) * scales.select(0, block_of) + self.offset
     }
 
-    /// The weight `[out, in]` in f32, built on the device from codes and scales.
-    pub fn dequantize(&self) -> Tensor<B, 2> {
+    /// The weight `[out, in]` in f32, built on the device from codes and scales (a CubeCL kernel on
+    /// wgpu and CUDA, tensor operations elsewhere).
+    pub fn dequantize(&self) -> Tensor<B, 2>
+    where
+        B: Nf4DequantBackend,
+    {
         let [out, inp] = self.shape;
-        let nb = self.n_blocks();
-        let words = self.codes.val();
-        let nibbles: Vec<_> = (0..8)
-            .map(|k| {
-                words
-                    .clone()
-                    .bitwise_right_shift_scalar((4 * k).elem())
-                    .bitwise_and_scalar(15.elem())
-            })
-            .collect();
-        let idx = Tensor::stack::<2>(nibbles, 1)
-            .reshape([-1])
-            .narrow(0, 0, nb * self.blocksize);
-        let levels = self
-            .code_table
-            .clone()
-            .select(0, idx)
-            .reshape([nb, self.blocksize]);
-        let w = levels * self.block_absmax().unsqueeze_dim(1);
-        w.reshape([-1]).narrow(0, 0, out * inp).reshape([out, inp])
+        let w = nf4_dequantize(
+            self.codes.val(),
+            self.code_table.clone(),
+            self.block_absmax(),
+            self.blocksize,
+            out * inp,
+        );
+        w.reshape([out, inp])
     }
 
     /// Downloads the codes and scales into bitsandbytes' layout.
@@ -215,7 +208,7 @@ impl<B: Backend> Nf4Linear<B> {
     }
 }
 
-impl<B: Backend> LinearLayer<B> for Nf4Linear<B> {
+impl<B: Nf4DequantBackend> LinearLayer<B> for Nf4Linear<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let y = x.matmul(self.dequantize().transpose().unsqueeze());
         match &self.bias {
@@ -255,7 +248,7 @@ impl Default for Nf4Factory {
     }
 }
 
-impl<B: Backend> LinearFactory<B> for Nf4Factory {
+impl<B: Nf4DequantBackend> LinearFactory<B> for Nf4Factory {
     type Layer = Nf4Linear<B>;
 
     /// Reads a pre-quantised bitsandbytes weight when the checkpoint has one; otherwise quantises

@@ -1,0 +1,16 @@
+//! Backend extensions for prefer: operations with a CubeCL kernel on the GPU backends (wgpu, CUDA)
+//! and a plain tensor-op implementation everywhere else. Callers use one function; the backend picks.
+//!
+//! Each extension is a trait over `Backend` implemented for the CPU backend (tensor ops), for
+//! `CubeBackend` (the kernel), for `Fusion<B>` (a custom operation wrapping the kernel) and for
+//! `Autodiff<B>`. This crate knows tensors, not models.
+#![warn(missing_docs)]
+
+pub mod nf4_dequant;
+
+pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
+
+/// Every extension prefer needs: the bound model code puts on its backend.
+pub trait PreferBackend: Nf4DequantBackend {}
+
+impl<B: Nf4DequantBackend> PreferBackend for B {}

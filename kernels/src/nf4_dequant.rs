@@ -1,0 +1,234 @@
+//! NF4 dequantisation: packed 4-bit codes (eight per i32 word, element `8w + k` in bits `4k..4k+4`)
+//! and one scale per block → f32 values `table[code] · absmax[i / blocksize]`.
+
+use burn::{
+    backend::Autodiff,
+    backend::autodiff::checkpoint::strategy::CheckpointStrategy,
+    tensor::{
+        ElementConversion, Int, Tensor, TensorPrimitive,
+        backend::{AutodiffBackend, Backend},
+        ops::{FloatTensor, IntTensor},
+    },
+};
+
+/// Dequantises NF4 codes.
+pub trait Nf4DequantBackend: Backend {
+    /// `codes`: `ceil(n/8)` i32 words; `table`: the 16 levels; `absmax`: one scale per block.
+    /// Returns `n` values, `table[code_i] · absmax[i / blocksize]`, computed in f32 with one
+    /// multiplication, so every implementation gives the same bits.
+    ///
+    /// The default implementation uses tensor operations and runs on any backend.
+    fn nf4_dequantize(
+        codes: IntTensor<Self>,
+        table: FloatTensor<Self>,
+        absmax: FloatTensor<Self>,
+        blocksize: usize,
+        n: usize,
+    ) -> FloatTensor<Self> {
+        let words = Tensor::<Self, 1, Int>::from_primitive(codes);
+        let table = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(table));
+        let absmax = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(absmax));
+        let nb = absmax.dims()[0];
+        let nibbles: Vec<_> = (0..8)
+            .map(|k| {
+                words
+                    .clone()
+                    .bitwise_right_shift_scalar((4 * k).elem())
+                    .bitwise_and_scalar(15.elem())
+            })
+            .collect();
+        let idx = Tensor::stack::<2>(nibbles, 1).reshape([-1]);
+        // Codes cover at least `n` values; pad them to whole blocks for the per-block product.
+        let m = idx.dims()[0].min(nb * blocksize);
+        let mut levels = table.select(0, idx.narrow(0, 0, m));
+        if m < nb * blocksize {
+            let device = levels.device();
+            levels = Tensor::cat(
+                vec![levels, Tensor::zeros([nb * blocksize - m], &device)],
+                0,
+            );
+        }
+        let levels = levels.reshape([nb, blocksize]);
+        let out = (levels * absmax.unsqueeze_dim(1))
+            .reshape([-1])
+            .narrow(0, 0, n);
+        out.into_primitive().tensor()
+    }
+}
+
+/// Dequantises NF4 codes on whichever backend `B` is (see [`Nf4DequantBackend::nf4_dequantize`]).
+pub fn nf4_dequantize<B: Nf4DequantBackend>(
+    codes: Tensor<B, 1, Int>,
+    table: Tensor<B, 1>,
+    absmax: Tensor<B, 1>,
+    blocksize: usize,
+    n: usize,
+) -> Tensor<B, 1> {
+    let out = B::nf4_dequantize(
+        codes.into_primitive(),
+        table.into_primitive().tensor(),
+        absmax.into_primitive().tensor(),
+        blocksize,
+        n,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[cfg(feature = "ndarray")]
+impl Nf4DequantBackend for burn::backend::NdArray {}
+
+/// The weights are frozen: no gradient flows into codes or scales, so the inner result is wrapped
+/// as a constant.
+impl<B: Nf4DequantBackend, C: CheckpointStrategy> Nf4DequantBackend for Autodiff<B, C> {
+    fn nf4_dequantize(
+        codes: IntTensor<Self>,
+        table: FloatTensor<Self>,
+        absmax: FloatTensor<Self>,
+        blocksize: usize,
+        n: usize,
+    ) -> FloatTensor<Self> {
+        let out = B::nf4_dequantize(codes, table.primitive, absmax.primitive, blocksize, n);
+        <Self as AutodiffBackend>::from_inner(out)
+    }
+}
+
+#[cfg(feature = "cube")]
+mod cube {
+    use std::marker::PhantomData;
+
+    use burn::tensor::{
+        Shape,
+        ops::{FloatTensor, IntTensor},
+    };
+    use burn_cubecl::{
+        BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
+        ops::numeric::empty_device,
+    };
+    use burn_fusion::{
+        Fusion, FusionBackend, FusionRuntime,
+        stream::{Operation, OperationStreams},
+    };
+    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+    use cubecl::prelude::*;
+
+    use super::Nf4DequantBackend;
+
+    /// One unit per output value.
+    #[cube(launch)]
+    fn nf4_dequant_kernel<F: Float, I: Int>(
+        codes: &Tensor<I>,
+        table: &Tensor<F>,
+        absmax: &Tensor<F>,
+        out: &mut Tensor<F>,
+        #[comptime] blocksize: usize,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let word = u32::cast_from(codes[i / 8]);
+        let shift = u32::cast_from((i % 8) * 4);
+        let code = usize::cast_from((word >> shift) & 15u32);
+        out[i] = table[code] * absmax[i / blocksize];
+    }
+
+    const CUBE: u32 = 256;
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4DequantBackend
+        for CubeBackend<R, F, I, BT>
+    {
+        fn nf4_dequantize(
+            codes: IntTensor<Self>,
+            table: FloatTensor<Self>,
+            absmax: FloatTensor<Self>,
+            blocksize: usize,
+            n: usize,
+        ) -> FloatTensor<Self> {
+            let (codes, table, absmax) = (
+                into_contiguous(codes),
+                into_contiguous(table),
+                into_contiguous(absmax),
+            );
+            let client = table.client.clone();
+            let out = empty_device::<R, F>(client.clone(), table.device.clone(), Shape::new([n]));
+            let cubes = (n as u32).div_ceil(CUBE);
+            // wgpu allows at most 65 535 cubes per grid dimension.
+            let x = cubes.clamp(1, 65_535);
+            let y = cubes.div_ceil(x);
+            nf4_dequant_kernel::launch::<F, I, R>(
+                &client,
+                CubeCount::Static(x, y, 1),
+                CubeDim::new_1d(CUBE),
+                codes.into_tensor_arg(),
+                table.into_tensor_arg(),
+                absmax.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                blocksize,
+            );
+            out
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    struct DequantOp<B> {
+        desc: CustomOpIr,
+        blocksize: usize,
+        n: usize,
+        _b: PhantomData<B>,
+    }
+
+    impl<B: FusionBackend + Nf4DequantBackend> Operation<B::FusionRuntime> for DequantOp<B> {
+        fn execute(
+            &self,
+            h: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+        ) {
+            let ([codes, table, absmax], [out]) = self.desc.as_fixed();
+            let result = B::nf4_dequantize(
+                h.get_int_tensor::<B>(codes),
+                h.get_float_tensor::<B>(table),
+                h.get_float_tensor::<B>(absmax),
+                self.blocksize,
+                self.n,
+            );
+            h.register_float_tensor::<B>(&out.id, result);
+        }
+    }
+
+    /// Custom operations are not fused: the kernel runs as its own step in the stream.
+    impl<B: FusionBackend + Nf4DequantBackend> Nf4DequantBackend for Fusion<B> {
+        fn nf4_dequantize(
+            codes: IntTensor<Self>,
+            table: FloatTensor<Self>,
+            absmax: FloatTensor<Self>,
+            blocksize: usize,
+            n: usize,
+        ) -> FloatTensor<Self> {
+            let client = table.client.clone();
+            let streams = OperationStreams::with_inputs([&codes, &table, &absmax]);
+            let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), table.dtype);
+            let desc = CustomOpIr::new(
+                "nf4_dequantize",
+                &[
+                    codes.clone().into_ir(),
+                    table.clone().into_ir(),
+                    absmax.clone().into_ir(),
+                ],
+                &[out],
+            );
+            let [result]: [_; 1] = client
+                .register(
+                    streams,
+                    OperationIr::Custom(desc.clone()),
+                    DequantOp::<B> {
+                        desc,
+                        blocksize,
+                        n,
+                        _b: PhantomData,
+                    },
+                )
+                .try_into()
+                .expect("one output");
+            result
+        }
+    }
+}
