@@ -233,3 +233,76 @@ fn peft_files_round_trip_and_reject_another_base() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn training_over_an_nf4_base_leaves_codes_and_scales_bit_identical() {
+    use prefer_quant::Nf4Factory;
+    let device = Default::default();
+    let c = config();
+    let factory = LoraFactory {
+        inner: Nf4Factory::default(),
+        config: lora_config(),
+        adapter_name: "default".into(),
+    };
+    let mut model: Nf4Model = LlamaModel::from_weights(
+        &c,
+        &mut MemoryWeights::random(&c, 0.3, 7),
+        &factory,
+        &device,
+    )
+    .unwrap();
+    for (_, layer) in model.projections_mut() {
+        if let Some(i) = layer.active {
+            let b = layer.adapters[i].b.val();
+            layer.adapters[i].b = burn::module::Param::from_tensor(
+                b.random_like(burn::tensor::Distribution::Normal(0.0, 0.1)),
+            );
+        }
+    }
+    type Nf4Model = LlamaModel<AD, prefer_lora::LoraLinear<AD, prefer_quant::Nf4Linear<AD>>>;
+    let frozen = |m: &Nf4Model| -> Vec<prefer_quant::Nf4Weight> {
+        m.projections()
+            .iter()
+            .map(|(_, l)| l.base.to_weight())
+            .collect()
+    };
+    let before = frozen(&model);
+    let a_before = values(model.layers[1].mlp.down_proj.adapters[0].a.val());
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    for _ in 0..2 {
+        let loss = model.forward(tokens(&device), None).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    assert!(before == frozen(&model), "NF4 codes or scales changed");
+    assert_ne!(
+        a_before,
+        values(model.layers[1].mlp.down_proj.adapters[0].a.val())
+    );
+}
+
+#[test]
+fn fresh_a_is_kaiming_uniform_and_b_is_zero() {
+    let device = Default::default();
+    let (_, model) = models::<B>(&device);
+    for (site, layer) in model.projections() {
+        let ad = &layer.adapters[0];
+        let [d_in, r] = ad.a.val().dims();
+        assert_eq!(r, 4);
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let a = values(ad.a.val());
+        assert!(
+            a.iter().all(|x| x.abs() <= bound),
+            "{site:?}: A outside ±1/√in"
+        );
+        assert!(
+            a.iter().any(|x| x.abs() > bound / 2.0),
+            "{site:?}: A not spread over its range"
+        );
+        assert!(
+            values(ad.b.val()).iter().all(|x| *x == 0.0),
+            "{site:?}: B must start at zero"
+        );
+        assert_eq!(ad.scaling, 2.0);
+    }
+}
