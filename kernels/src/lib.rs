@@ -7,10 +7,12 @@
 #![warn(missing_docs)]
 
 pub mod nf4_dequant;
+pub mod selective_log_softmax;
 
 pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
+pub use selective_log_softmax::{SelectiveLogSoftmaxBackend, selective_log_softmax};
 
 /// Every extension prefer needs: the bound model code puts on its backend.
-pub trait PreferBackend: Nf4DequantBackend {}
+pub trait PreferBackend: Nf4DequantBackend + SelectiveLogSoftmaxBackend {}
 
-impl<B: Nf4DequantBackend> PreferBackend for B {}
+impl<B: Nf4DequantBackend + SelectiveLogSoftmaxBackend> PreferBackend for B {}

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use prefer::{
     backend::{BackendJob, BackendKind, run_on},
@@ -99,7 +98,7 @@ impl BackendJob for EvalJob {
 }
 
 impl EvalJob {
-    fn eval<B: Backend, F: LinearFactory<B>>(
+    fn eval<B: prefer::kernels::PreferBackend, F: LinearFactory<B>>(
         &self,
         ckpt: &mut Checkpoint,
         inner: F,

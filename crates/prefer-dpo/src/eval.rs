@@ -21,7 +21,7 @@ pub struct BatchEval<B: Backend> {
 }
 
 /// Computes the loss of `batch` with `policy`, taking the reference log-probs from `reference`.
-pub fn evaluate_batch<B: Backend, L: LinearLayer<B>>(
+pub fn evaluate_batch<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
     config: &LossConfig,
     policy: &LlamaModel<B, L>,
     reference: &LlamaModel<B, L>,
@@ -122,7 +122,7 @@ pub struct EvalReport {
 }
 
 /// Evaluates tokenised pairs: batches of `batch_size`, the policy against the reference.
-pub fn evaluate_pairs<B: Backend, L: LinearLayer<B>>(
+pub fn evaluate_pairs<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
     policy: &LlamaModel<B, L>,
     reference: &LlamaModel<B, L>,
     pairs: &[crate::data::TokenizedPair],

@@ -1,7 +1,8 @@
 //! Per-sequence log-probabilities of completions: the model's hidden states, the LM head, a log-softmax
 //! and the target token's log-prob, summed over the completion tokens of each row.
 
-use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
+use prefer_kernels::{SelectiveLogSoftmaxBackend, selective_log_softmax};
 use prefer_llama::{LinearLayer, LlamaModel};
 
 /// A tokenised batch of pairs: rows `[chosen_0 .. chosen_{P-1}, rejected_0 .. rejected_{P-1}]`,
@@ -44,8 +45,10 @@ impl<B: Backend> SequenceLogps<B> {
 
 /// Log-probs of every row's completion under `model`.
 ///
-/// Position `t` predicts token `t + 1`, so the completion mask is shifted by one, as in TRL.
-pub fn sequence_logps<B: Backend, L: LinearLayer<B>>(
+/// Position `t` predicts token `t + 1`, so the completion mask is shifted by one, as in TRL. The
+/// target log-probs come from the selective log-softmax extension (a kernel on wgpu and CUDA), so
+/// no `[batch, time, vocab]` log-softmax is built.
+pub fn sequence_logps<B: SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
 ) -> SequenceLogps<B> {
@@ -56,16 +59,16 @@ pub fn sequence_logps<B: Backend, L: LinearLayer<B>>(
         None,
     );
     let logits = model.logits(hidden.narrow(1, 0, t - 1)); // [n, t-1, V]
+    let vocab = logits.dims()[2];
     let targets = batch
         .input_ids
         .clone()
         .narrow(1, 1, t - 1)
-        .unsqueeze_dim::<3>(2);
+        .reshape([n * (t - 1)]);
     let mask = batch.completion_mask.clone().narrow(1, 1, t - 1);
     let mean_logits = logits.clone().detach().mean_dim(2).reshape([n, t - 1]);
-    let token_logps = log_softmax(logits, 2)
-        .gather(2, targets)
-        .reshape([n, t - 1]);
+    let token_logps =
+        selective_log_softmax(logits.reshape([n * (t - 1), vocab]), targets).reshape([n, t - 1]);
     SequenceLogps {
         sums: (token_logps * mask.clone()).sum_dim(1).reshape([n]),
         tokens: mask.clone().sum_dim(1).reshape([n]),
