@@ -187,7 +187,11 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
 
     /// Logits `[batch, len, vocab]` from hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        hidden.matmul(self.lm_head_weight().transpose().unsqueeze())
+        // `W · hᵀ` keeps the large `[vocab, hidden]` weight in its stored layout; only the small
+        // `[vocab, tokens]` result is transposed.
+        let [b, t, h] = hidden.dims();
+        let logits = self.lm_head_weight().matmul(hidden.reshape([b * t, h]).transpose());
+        logits.transpose().reshape([b, t, self.config.vocab_size])
     }
 
     /// Logits `[batch, len, vocab]` for a right-padded batch.
