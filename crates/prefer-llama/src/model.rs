@@ -190,7 +190,9 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
         // `W · hᵀ` keeps the large `[vocab, hidden]` weight in its stored layout; only the small
         // `[vocab, tokens]` result is transposed.
         let [b, t, h] = hidden.dims();
-        let logits = self.lm_head_weight().matmul(hidden.reshape([b * t, h]).transpose());
+        let logits = self
+            .lm_head_weight()
+            .matmul(hidden.reshape([b * t, h]).transpose());
         logits.transpose().reshape([b, t, self.config.vocab_size])
     }
 
