@@ -27,10 +27,21 @@ pub fn evaluate_batch<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLa
     reference: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
+    let ref_sums = sequence_logps(reference, batch).sums.detach();
+    evaluate_batch_with(config, policy, ref_sums, batch)
+}
+
+/// Computes the loss of `batch` with `policy` against given reference sums `[2P]` (detached; rows
+/// in the batch's `[chosen.., rejected..]` order).
+pub fn evaluate_batch_with<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
+    config: &LossConfig,
+    policy: &LlamaModel<B, L>,
+    ref_sums: Tensor<B, 1>,
+    batch: &DpoBatch<B>,
+) -> BatchEval<B> {
     let pol = sequence_logps(policy, batch);
-    let reference = sequence_logps(reference, batch);
     let (chosen, rejected) = SequenceLogps::split(pol.sums.clone());
-    let (ref_chosen, ref_rejected) = SequenceLogps::split(reference.sums.detach());
+    let (ref_chosen, ref_rejected) = SequenceLogps::split(ref_sums);
     let (chosen_tokens, rejected_tokens) = SequenceLogps::split(pol.tokens.clone());
     let pairs = PairLogps {
         chosen,

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod logps;
 pub mod loss;
 pub mod metrics;
+pub mod train;
 
 pub use eval::{BatchEval, EvalOptions, EvalReport, PairResult, evaluate_batch, evaluate_pairs};
 pub use logps::{DpoBatch, SequenceLogps, sequence_logps};

@@ -1,0 +1,64 @@
+//! DPO training: TRL's `DPOTrainer` semantics over a LoRA adapter on a frozen (NF4 or dense) base,
+//! with the reference as a frozen adapter snapshot over the same base, checkpoints that resume
+//! bit-identically, and TRL's metrics in `metrics.jsonl` / `metrics.csv`.
+
+pub mod checkpoint;
+pub mod clip;
+pub mod config;
+pub mod metrics_log;
+pub mod reference;
+pub mod schedule;
+pub mod step;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+pub use checkpoint::{
+    POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState, latest_checkpoint, list_checkpoints,
+};
+pub use config::{ConfigError, LrSchedulerType, TrainConfig};
+pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
+pub use reference::{Fingerprint, RefLogps, compute_ref_logps};
+pub use schedule::LrSchedule;
+pub use step::{DpoInput, DpoOutput, DpoPolicy};
+pub use trainer::{ReferenceSource, Resume, Silent, TrainObserver, TrainRun, TrainSummary, train};
+
+/// Why training stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A bad option.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data cannot be trained on.
+    #[error("data: {0}")]
+    Data(String),
+    /// An adapter could not be read or written.
+    #[error(transparent)]
+    Adapter(#[from] prefer_lora::AdapterError),
+    /// A checkpoint or log file could not be read or written.
+    #[error("{path}: {message}")]
+    Checkpoint {
+        /// The file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The loss or the gradient norm is NaN or infinite; the step was not applied.
+    #[error(
+        "step {step}: {metric} is {value}; training stopped before applying the step ({})",
+        match last_checkpoint {
+            Some(p) => format!("the last good checkpoint is {}", p.display()),
+            None => "no checkpoint was saved yet".to_string(),
+        }
+    )]
+    NonFinite {
+        /// The optimiser step that failed.
+        step: usize,
+        /// `loss` or `grad_norm`.
+        metric: String,
+        /// Its value.
+        value: f64,
+        /// The newest checkpoint on disk.
+        last_checkpoint: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,135 @@
+//! One DPO step as burn-train's `TrainStep` / `InferenceStep`: the policy's log-probs, the
+//! reference's (a frozen adapter over the same base, or precomputed), the loss and its gradients,
+//! and the per-pair numbers the metrics need — read on the training thread.
+
+use burn::{
+    module::Module,
+    tensor::{Tensor, backend::AutodiffBackend, backend::Backend},
+    train::{InferenceStep, ItemLazy, TrainOutput, TrainStep},
+};
+use prefer_kernels::SelectiveLogSoftmaxBackend;
+use prefer_llama::{LinearLayer, LlamaModel};
+use prefer_lora::{LoraLinear, set_active_adapter};
+
+use crate::{
+    eval::{BatchEval, evaluate_batch_with},
+    logps::{DpoBatch, sequence_logps},
+    loss::LossConfig,
+    metrics::PairRecords,
+};
+
+/// The model a DPO run trains: a Llama whose projections carry LoRA adapters over a frozen base.
+///
+/// `policy` is the trainable adapter; the reference is the frozen adapter `reference` over the same
+/// base (or the bare base with `None`), unless the batch brings precomputed reference log-probs.
+#[derive(Module, Debug)]
+pub struct DpoPolicy<B: Backend, L> {
+    /// The model; only the `policy` adapter's factors are trainable.
+    pub model: LlamaModel<B, LoraLinear<B, L>>,
+    /// Loss options.
+    #[module(skip)]
+    pub loss: LossConfig,
+    /// The frozen adapter the reference runs with (`None`: adapters off).
+    #[module(skip)]
+    pub reference: Option<String>,
+}
+
+/// A step's input: a batch and, when precomputed, the reference's per-row log-prob sums.
+#[derive(Debug, Clone)]
+pub struct DpoInput<B: Backend> {
+    /// `[chosen.., rejected..]` rows.
+    pub batch: DpoBatch<B>,
+    /// Reference sums `[2P]` in the same row order, or `None` to run the reference model.
+    pub ref_logps: Option<Tensor<B, 1>>,
+}
+
+/// A step's numbers on the host: the loss and the per-pair values behind TRL's metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DpoOutput {
+    /// The (weighted) loss of the micro-batch.
+    pub loss: f64,
+    /// Per-pair log-probs and token counts.
+    pub records: PairRecords,
+    /// Tokens in the micro-batch (prompt + completion, padding excluded).
+    pub tokens: usize,
+}
+
+impl ItemLazy for DpoOutput {
+    type ItemSync = DpoOutput;
+    fn sync(self) -> Self::ItemSync {
+        self
+    }
+}
+
+impl<B: SelectiveLogSoftmaxBackend, L: LinearLayer<B>> DpoPolicy<B, L>
+where
+    LoraLinear<B, L>: LinearLayer<B>,
+{
+    /// The loss of `input` with its per-pair values.
+    pub fn evaluate(&self, input: &DpoInput<B>) -> BatchEval<B> {
+        let ref_sums = match &input.ref_logps {
+            Some(r) => r.clone(),
+            None => {
+                // Same base, other adapter: a clone shares every tensor.
+                let mut reference = self.model.clone();
+                set_active_adapter(&mut reference, self.reference.as_deref());
+                // The reference is a fixed function: no adapter dropout.
+                for (_, layer) in reference.projections_mut() {
+                    layer.dropout.prob = 0.0;
+                }
+                sequence_logps(&reference, &input.batch).sums.detach()
+            }
+        };
+        evaluate_batch_with(&self.loss, &self.model, ref_sums, &input.batch)
+    }
+
+    fn output(&self, input: &DpoInput<B>, eval: &BatchEval<B>) -> DpoOutput {
+        let tokens = input
+            .batch
+            .attention_mask
+            .clone()
+            .sum()
+            .into_scalar()
+            .elem::<i64>() as usize;
+        DpoOutput {
+            loss: eval.loss.clone().into_scalar().elem::<f64>(),
+            records: eval.records(),
+            tokens,
+        }
+    }
+}
+
+use burn::tensor::ElementConversion;
+
+impl<B, L> TrainStep for DpoPolicy<B, L>
+where
+    B: AutodiffBackend + SelectiveLogSoftmaxBackend,
+    L: LinearLayer<B> + burn::module::AutodiffModule<B> + 'static,
+    L::InnerModule: burn::module::ModuleDisplay,
+    LoraLinear<B, L>: LinearLayer<B>,
+{
+    type Input = DpoInput<B>;
+    type Output = DpoOutput;
+
+    fn step(&self, input: DpoInput<B>) -> TrainOutput<DpoOutput> {
+        let eval = self.evaluate(&input);
+        let grads = eval.loss.backward();
+        let out = self.output(&input, &eval);
+        TrainOutput::new(self, grads, out)
+    }
+}
+
+impl<B, L> InferenceStep for DpoPolicy<B, L>
+where
+    B: SelectiveLogSoftmaxBackend,
+    L: LinearLayer<B>,
+    LoraLinear<B, L>: LinearLayer<B>,
+{
+    type Input = DpoInput<B>;
+    type Output = DpoOutput;
+
+    fn step(&self, input: DpoInput<B>) -> DpoOutput {
+        let eval = self.evaluate(&input);
+        self.output(&input, &eval)
+    }
+}

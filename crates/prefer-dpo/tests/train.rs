@@ -1,0 +1,459 @@
+//! The trainer: schedules and the optimiser step against Hugging Face/torch, learning on a built-in
+//! preference task with an NF4 base, bit-identical resume, the NaN guard, the cached reference.
+
+use std::path::{Path, PathBuf};
+
+use burn::{
+    backend::{Autodiff, NdArray},
+    module::{Module, Param},
+    optim::{AdamWConfig, GradientsParams, Optimizer},
+    tensor::{Tensor, TensorData},
+};
+use prefer_dpo::{
+    data::TokenizedPair,
+    train::{
+        LrSchedule, LrSchedulerType, ReferenceSource, Resume, Silent, TrainConfig, TrainError,
+        TrainRun, TrainSummary, clip::average_and_clip, list_checkpoints, train,
+    },
+};
+use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights, RopeScaling};
+use prefer_lora::LoraFactory;
+use prefer_quant::Nf4Factory;
+use rand::{Rng, SeedableRng};
+
+type AD = Autodiff<NdArray>;
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/train")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn schedules_match_hugging_face() {
+    for case in fixture("schedules.json").as_array().unwrap() {
+        let kind: LrSchedulerType = serde_json::from_value(case["kind"].clone()).unwrap();
+        let s = LrSchedule {
+            kind,
+            peak: case["peak"].as_f64().unwrap(),
+            warmup: case["warmup"].as_u64().unwrap() as usize,
+            total: case["total"].as_u64().unwrap() as usize,
+            step: 0,
+        };
+        for (i, want) in case["lrs"].as_array().unwrap().iter().enumerate() {
+            let got = s.lr_at(i);
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs().max(1e-12),
+                "{case}: step {i}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct Two<B: burn::tensor::backend::Backend> {
+    a: Param<Tensor<B, 2>>,
+    b: Param<Tensor<B, 1>>,
+}
+
+/// Averaged micro-batch gradients, one global-norm clip and torch's AdamW, four steps.
+#[test]
+fn averaged_clipped_adamw_steps_match_torch() {
+    let f = fixture("adamw_clip.json");
+    let dev = Default::default();
+    let init: Vec<Vec<f32>> = f["init"].as_array().unwrap().iter().map(floats).collect();
+    let mut m = Two::<AD> {
+        a: Param::from_tensor(Tensor::from_data(
+            TensorData::new(init[0].clone(), [3, 4]),
+            &dev,
+        )),
+        b: Param::from_tensor(Tensor::from_data(
+            TensorData::new(init[1].clone(), [5]),
+            &dev,
+        )),
+    };
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init::<AD, Two<AD>>();
+    let accum = f["accum"].as_u64().unwrap() as usize;
+    for (s, step) in f["steps"].as_array().unwrap().iter().enumerate() {
+        let mut sum = GradientsParams::new();
+        for (k, micro) in step["micro_grads"].as_array().unwrap().iter().enumerate() {
+            let g: Vec<Vec<f32>> = micro.as_array().unwrap().iter().map(floats).collect();
+            let ga = Tensor::<NdArray, 2>::from_data(TensorData::new(g[0].clone(), [3, 4]), &dev);
+            let gb = Tensor::<NdArray, 1>::from_data(TensorData::new(g[1].clone(), [5]), &dev);
+            if k == 0 {
+                sum.register(m.a.id, ga);
+                sum.register(m.b.id, gb);
+            } else {
+                let pa = sum.remove::<NdArray, 2>(m.a.id).unwrap();
+                let pb = sum.remove::<NdArray, 1>(m.b.id).unwrap();
+                sum.register(m.a.id, pa + ga);
+                sum.register(m.b.id, pb + gb);
+            }
+        }
+        let (grads, norm) = average_and_clip(&m, sum, accum, f["max_norm"].as_f64().unwrap());
+        let want_norm = step["grad_norm"].as_f64().unwrap();
+        assert!(
+            (norm - want_norm).abs() <= 1e-5 * want_norm,
+            "step {s}: norm {norm} vs {want_norm}"
+        );
+        m = optim.step(f["lr"].as_f64().unwrap(), m, grads);
+        let want: Vec<Vec<f32>> = step["params"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+        let got = [
+            m.a.val().into_data().to_vec::<f32>().unwrap(),
+            m.b.val().into_data().to_vec::<f32>().unwrap(),
+        ];
+        for (g, w) in got.iter().zip(&want) {
+            for (x, y) in g.iter().zip(w) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                    "step {s}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+// --- a built-in preference task: prefer completions drawn from one half of the vocabulary ---
+
+const VOCAB: usize = 64;
+
+fn model_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: VOCAB,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::Default,
+        tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        pad_token_id: Some(0),
+    }
+}
+
+/// Pairs whose chosen completion uses tokens 40..52 and rejected one 52..64, after a random prompt.
+fn pairs(n: usize, seed: u64) -> Vec<TokenizedPair> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let prompt_len = rng.random_range(3..7);
+            let len = rng.random_range(2..5);
+            TokenizedPair {
+                location: format!("toy:{i}"),
+                prompt: (0..prompt_len).map(|_| rng.random_range(1..40)).collect(),
+                chosen: (0..len).map(|_| rng.random_range(40..52)).collect(),
+                rejected: (0..len).map(|_| rng.random_range(52..64)).collect(),
+            }
+        })
+        .collect()
+}
+
+fn base_config(out: &Path) -> TrainConfig {
+    TrainConfig {
+        output_dir: out.to_path_buf(),
+        learning_rate: 2e-3,
+        per_device_train_batch_size: 8,
+        per_device_eval_batch_size: 16,
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: vec!["all-linear".into()],
+        lr_scheduler_type: LrSchedulerType::Constant,
+        logging_steps: 5,
+        save_steps: 0,
+        max_length: Some(32),
+        ..Default::default()
+    }
+}
+
+fn nf4_model(
+    config: &TrainConfig,
+) -> prefer_dpo::train::trainer::LoraLlama<AD, prefer_quant::Nf4Linear<AD>> {
+    let dev = Default::default();
+    <AD as burn::tensor::backend::Backend>::seed(&dev, config.seed);
+    let mut weights = MemoryWeights::random(&model_config(), 0.3, 11);
+    let factory = LoraFactory {
+        inner: Nf4Factory::default(),
+        config: config.lora().unwrap(),
+        adapter_name: "default".into(),
+    };
+    LlamaModel::from_weights(&model_config(), &mut weights, &factory, &dev).unwrap()
+}
+
+/// Burn's random generator is one per process: runs that must repeat exactly take turns.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    reference: ReferenceSource,
+) -> Result<TrainSummary, TrainError> {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let r = TrainRun {
+        train: pairs(64, 1),
+        eval: pairs(32, 2),
+        pad_id: 0,
+        reference,
+        base_model: Some("toy".into()),
+        model_fingerprint: prefer_dpo::train::Fingerprint::default().str("toy-model"),
+        resume,
+    };
+    train(nf4_model(config), r, config, &mut Silent)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("prefer-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn learns_the_preference_with_an_nf4_base() {
+    let out = scratch("learns");
+    let config = TrainConfig {
+        max_steps: 40,
+        eval_steps: Some(40),
+        ..base_config(&out)
+    };
+    // Before: the policy is the reference, every margin is 0 and no pair counts as won.
+    let before = run(
+        &TrainConfig {
+            max_steps: 1,
+            learning_rate: 1e-12,
+            ..config.clone()
+        },
+        None,
+        ReferenceSource::Snapshot,
+    )
+    .unwrap();
+    let b = before.final_eval.unwrap();
+    assert!(
+        (b.get("eval_loss").unwrap() - std::f64::consts::LN_2).abs() < 1e-3,
+        "{b:?}"
+    );
+    let s = run(&config, None, ReferenceSource::Snapshot).unwrap();
+    let e = s.final_eval.unwrap();
+    let acc = e.get("eval_rewards/accuracies").unwrap();
+    let loss = e.get("eval_loss").unwrap();
+    assert!(acc >= 0.9, "held-out accuracy {acc}");
+    assert!(loss < std::f64::consts::LN_2, "held-out loss {loss}");
+    assert!(e.get("eval_rewards/margins").unwrap() > 0.0);
+    // Outputs: the adapter in PEFT's format and the metrics files, one train row per 5 steps.
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+    let rows = prefer_dpo::train::read_jsonl(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.iter().filter(|r| !r.is_eval()).count(), 8);
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + rows.len());
+    assert!(csv.starts_with("step,epoch,loss,rewards/chosen"));
+    for r in rows.iter().filter(|r| !r.is_eval()) {
+        for k in [
+            "loss",
+            "grad_norm",
+            "learning_rate",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logits/rejected",
+            "kl",
+            "num_pairs",
+            "tokens_per_second",
+        ] {
+            assert!(r.get(k).is_some_and(f64::is_finite), "{k} missing in {r:?}");
+        }
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn resume_is_bit_identical_with_accumulation_and_dropout() {
+    let (a, b) = (scratch("straight"), scratch("resumed"));
+    let cfg = |out: &Path, steps| TrainConfig {
+        max_steps: steps,
+        gradient_accumulation_steps: 2,
+        per_device_train_batch_size: 4,
+        lora_dropout: 0.1,
+        lr_scheduler_type: LrSchedulerType::Linear,
+        warmup_steps: 2,
+        save_steps: 3,
+        save_total_limit: Some(2),
+        ..base_config(out)
+    };
+    // 12 steps over 64 pairs in micro-batches of 4 with 2 per step: epochs turn at step 8.
+    let straight = run(&cfg(&a, 12), None, ReferenceSource::Snapshot).unwrap();
+    let kept: Vec<usize> = list_checkpoints(&a).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![9, 12], "save_total_limit keeps the last two");
+    // The second run is "killed" after step 6: what it left is its step-6 checkpoint.
+    let interrupted = TrainConfig {
+        save_total_limit: None,
+        ..cfg(&b, 12)
+    };
+    run(&interrupted, None, ReferenceSource::Snapshot).unwrap();
+    let resumed = run(
+        &interrupted,
+        Some(Resume::From(b.join("checkpoint-6"))),
+        ReferenceSource::Snapshot,
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, 12);
+    assert_eq!(
+        adapter_bytes(&straight.adapter_dir),
+        adapter_bytes(&resumed.adapter_dir)
+    );
+    // The resumed run's log has each step once.
+    let rows = prefer_dpo::train::read_jsonl(&b.join("metrics.jsonl")).unwrap();
+    let train_steps: Vec<usize> = rows
+        .iter()
+        .filter(|r| !r.is_eval())
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(train_steps, vec![5, 10, 12]);
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let out = scratch("nan");
+    let config = TrainConfig {
+        max_steps: 10,
+        learning_rate: 1e30,
+        save_steps: 1,
+        max_grad_norm: 0.0,
+        ..base_config(&out)
+    };
+    let err = run(&config, None, ReferenceSource::Snapshot).unwrap_err();
+    let TrainError::NonFinite {
+        step,
+        last_checkpoint,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    let good = last_checkpoint
+        .clone()
+        .expect("a checkpoint before the failure");
+    assert_eq!(good, out.join(format!("checkpoint-{}", step - 1)));
+    assert!(good.join("adapter/adapter_model.safetensors").is_file());
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("step {step}")) && msg.contains("checkpoint-"),
+        "{msg}"
+    );
+    assert!(
+        !out.join("adapter").exists(),
+        "no final adapter from a failed run"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn precomputed_reference_is_cached_and_matches_the_snapshot() {
+    let cache = scratch("cache");
+    // SAFETY: set before any thread of this test reads it; other tests do not read it.
+    unsafe { std::env::set_var("PREFER_CACHE_DIR", &cache) };
+    let (a, b) = (scratch("snap"), scratch("pre"));
+    let cfg = |out: &Path, pre| TrainConfig {
+        max_steps: 4,
+        precompute_ref_log_probs: pre,
+        eval_steps: Some(4),
+        ..base_config(out)
+    };
+    let snap = run(&cfg(&a, false), None, ReferenceSource::Snapshot).unwrap();
+    let pre = run(&cfg(&b, true), None, ReferenceSource::Snapshot).unwrap();
+    let files: Vec<_> = std::fs::read_dir(cache.join("ref-logps"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 1, "one cache file");
+    let again = run(&cfg(&b, true), None, ReferenceSource::Snapshot).unwrap();
+    for k in ["eval_loss", "eval_rewards/margins", "eval_logps/chosen"] {
+        let (x, y, z) = (
+            snap.final_eval.as_ref().unwrap().get(k).unwrap(),
+            pre.final_eval.as_ref().unwrap().get(k).unwrap(),
+            again.final_eval.as_ref().unwrap().get(k).unwrap(),
+        );
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{k}: {x} vs {y}");
+        assert_eq!(y, z, "{k}: the cached run differs");
+    }
+    for d in [a, b, cache] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn bad_options_are_named_before_any_work() {
+    let out = scratch("bad");
+    for (cfg, key) in [
+        (
+            TrainConfig {
+                beta: 0.0,
+                ..base_config(&out)
+            },
+            "beta",
+        ),
+        (
+            TrainConfig {
+                per_device_train_batch_size: 0,
+                ..base_config(&out)
+            },
+            "per_device_train_batch_size",
+        ),
+        (
+            TrainConfig {
+                max_prompt_length: Some(40),
+                ..base_config(&out)
+            },
+            "max_prompt_length",
+        ),
+        (
+            TrainConfig {
+                data: Some("/no/such/file.jsonl".into()),
+                ..base_config(&out)
+            },
+            "data",
+        ),
+        (
+            TrainConfig {
+                target_modules: vec!["qproj".into()],
+                ..base_config(&out)
+            },
+            "target_modules",
+        ),
+    ] {
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.key, key, "{err}");
+        assert!(err.to_string().contains(key));
+    }
+    assert!(!out.exists());
+}
