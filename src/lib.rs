@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod training;
 
 pub use prefer_dpo as dpo;
 pub use prefer_kernels as kernels;

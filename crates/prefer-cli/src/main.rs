@@ -3,7 +3,9 @@
 mod eval;
 mod generate;
 mod merge;
+mod plot;
 mod quantize;
+mod train;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LoRA adapter with DPO (TRL's DPOTrainer options); no arguments runs the built-in job.
+    #[command(after_help = train::EXAMPLES)]
+    Train(train::TrainArgs),
     /// Generate text from a prompt with a Hugging Face directory or a GGUF file.
     #[command(after_help = generate::EXAMPLES)]
     Generate(generate::GenerateArgs),
@@ -50,8 +55,24 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("error: internal failure: {msg}");
     }));
-    let cli = Cli::parse();
+    // `prefer train` takes any config key as `--key value`: those are split off before clap.
+    let mut argv: Vec<String> = std::env::args().collect();
+    let mut overrides = Vec::new();
+    if argv.get(1).map(String::as_str) == Some("train") {
+        match train::split_overrides(argv.split_off(2)) {
+            Ok((rest, o)) => {
+                argv.extend(rest);
+                overrides = o;
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
+        Command::Train(args) => train::run(args, overrides),
         Command::Generate(args) => generate::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),

@@ -106,6 +106,13 @@ impl MemoryWeights {
         }
     }
 
+    /// Names of the tensors held, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Adds or replaces a tensor.
     pub fn insert(&mut self, name: impl Into<String>, tensor: HostTensor) {
         self.tensors.insert(name.into(), tensor);

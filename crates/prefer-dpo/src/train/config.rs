@@ -104,6 +104,8 @@ pub struct TrainConfig {
     pub logging_steps: usize,
     /// Evaluate every N optimiser steps (default: `logging_steps`); 0 evaluates only at the end.
     pub eval_steps: Option<usize>,
+    /// Evaluate once before the first step (logged as step 0).
+    pub eval_on_start: bool,
     /// Save a checkpoint every N optimiser steps (0: only the final adapter).
     pub save_steps: usize,
     /// Keep only the last N checkpoints.
@@ -183,6 +185,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             logging_steps: 10,
             eval_steps: None,
+            eval_on_start: false,
             save_steps: 500,
             save_total_limit: None,
             seed: 42,

@@ -286,6 +286,12 @@ where
         DpoInput { batch, ref_logps }
     };
 
+    if config.eval_on_start && state.global_step == 0 && !run.eval.is_empty() {
+        let record = evaluate(&policy, &run, config, precomputed.as_ref(), 0, 0.0)?;
+        log.append(&record)?;
+        observer.on_log(&record);
+        history.push(record);
+    }
     observer.on_start(state.global_step, total_steps);
     let started = Instant::now();
     let mut epoch_order = order(state.epoch);

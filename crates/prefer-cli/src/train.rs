@@ -1,0 +1,506 @@
+//! `prefer train`: a TOML config under TRL's names, any key overridable as `--key value`, progress on
+//! the terminal, and an output directory with the adapter, checkpoints, metrics, plots and a summary.
+//! With no arguments it runs the built-in job (see `assets/default/train.toml`).
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use prefer::{
+    dpo::train::{LogRecord, Resume, TrainConfig, TrainObserver},
+    training::{TrainingOutcome, train_from_config},
+};
+
+pub const EXAMPLES: &str =
+    "Every config key is also a flag (`--learning-rate 5e-5` or `--learning_rate=5e-5`); flags
+override the file. Keys use TRL's DPOConfig, PEFT's LoraConfig and BitsAndBytesConfig names.
+
+Examples:
+  prefer train                                   # the built-in job: NF4 + LoRA DPO on the CPU
+  prefer train --config dpo.toml
+  prefer train --model HuggingFaceTB/SmolLM2-135M-Instruct --data pairs.jsonl --output runs/smol \\
+               --beta 0.1 --learning-rate 5e-5 --r 16 --lora-alpha 32 --target-modules all-linear
+  prefer train --config dpo.toml --resume        # continue from the latest checkpoint
+  prefer train --config dpo.toml --print-config  # show the effective config and exit";
+
+/// Flags with their own meaning; every other `--key` is a config key.
+pub const OWN_FLAGS: [&str; 9] = [
+    "config",
+    "model",
+    "data",
+    "eval-data",
+    "output",
+    "backend",
+    "resume",
+    "print-config",
+    "help",
+];
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    /// A TOML file of config keys (TRL/PEFT/bitsandbytes names).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The base model: a Hugging Face directory or a .gguf file (`model`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training pairs: TRL standard/conversational/implicit or ShareGPT, JSON Lines or JSON (`data`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out pairs (`eval_data`); without them `eval_ratio` of the data is held out.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Output directory (`output_dir`).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// ndarray, wgpu or cuda (`backend`).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Continue from the latest checkpoint in the output directory, or from DIR.
+    #[arg(long, num_args = 0..=1, value_name = "DIR")]
+    pub resume: Option<Option<PathBuf>>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// `--key value` pairs taken out of the command line before parsing.
+    #[arg(skip)]
+    pub overrides: Vec<(String, String)>,
+}
+
+/// Takes `--key value` / `--key=value` config overrides out of `prefer train`'s arguments, leaving
+/// the rest for clap. An unknown `--key` is an error that names the nearest valid key.
+/// Config keys set on the command line, with their text.
+pub type Overrides = Vec<(String, String)>;
+
+pub fn split_overrides(args: Vec<String>) -> Result<(Vec<String>, Overrides)> {
+    let keys = TrainConfig::keys();
+    let bools = bool_keys();
+    let mut rest = Vec::new();
+    let mut overrides = Vec::new();
+    let mut it = args.into_iter().peekable();
+    while let Some(arg) = it.next() {
+        let Some(flag) = arg.strip_prefix("--") else {
+            rest.push(arg);
+            continue;
+        };
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (flag.to_string(), None),
+        };
+        if OWN_FLAGS.contains(&name.as_str()) {
+            rest.push(arg);
+            continue;
+        }
+        let key = name.replace('-', "_");
+        if !keys.contains(&key) {
+            bail!("unknown option `--{name}`{}", suggestion(&key, &keys, "--"));
+        }
+        let value = match inline {
+            Some(v) => v,
+            None if bools.contains(&key) && it.peek().is_none_or(|n| n.starts_with("--")) => {
+                "true".into()
+            }
+            None => it
+                .next()
+                .with_context(|| format!("`--{name}` needs a value"))?,
+        };
+        overrides.push((key, value));
+    }
+    Ok((rest, overrides))
+}
+
+fn bool_keys() -> Vec<String> {
+    match serde_json::to_value(TrainConfig::default()) {
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter(|(_, v)| v.is_boolean())
+            .map(|(k, _)| k)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `; did you mean `x`?` for the valid key nearest to `key`, if one is near.
+fn suggestion(key: &str, keys: &[String], prefix: &str) -> String {
+    let best = keys
+        .iter()
+        .map(|k| (edit_distance(key, k), k))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, k)) if d <= key.len().max(3) / 2 => {
+            let shown = if prefix == "--" {
+                k.replace('_', "-")
+            } else {
+                k.clone()
+            };
+            format!("; did you mean `{prefix}{shown}`?")
+        }
+        _ => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A flag's text as a TOML value: numbers, booleans and arrays as TOML reads them, anything else as
+/// a string.
+fn toml_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+/// Reads a config file, rejecting unknown keys with the file, the line and the nearest valid key.
+fn read_config_file(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the config", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+    let keys = TrainConfig::keys();
+    for key in table.keys() {
+        if !keys.contains(key) {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with(key.as_str()))
+                .map_or(String::new(), |i| format!(":{}", i + 1));
+            bail!(
+                "{}{line}: unknown key `{key}`{}",
+                path.display(),
+                suggestion(key, &keys, "")
+            );
+        }
+    }
+    Ok(table)
+}
+
+/// The built-in job's files, compiled into the binary.
+mod builtin {
+    pub const CONFIG: &str = include_str!("../assets/default/train.toml");
+    pub const MODEL_CONFIG: &str = include_str!("../assets/default/config.json");
+    pub const TOKENIZER: &str = include_str!("../assets/default/tokenizer.json");
+    pub const TOKENIZER_CONFIG: &str = include_str!("../assets/default/tokenizer_config.json");
+    pub const TRAIN: &str = include_str!("../assets/default/train.jsonl");
+    pub const EVAL: &str = include_str!("../assets/default/eval.jsonl");
+}
+
+/// Whether the run is the built-in job: no config file and no model or data anywhere.
+fn is_builtin(args: &TrainArgs) -> bool {
+    args.config.is_none()
+        && args.model.is_none()
+        && args.data.is_none()
+        && !args
+            .overrides
+            .iter()
+            .any(|(k, _)| k == "model" || k == "data")
+}
+
+/// The effective config: defaults, then the file (or the built-in job's), then the flags.
+pub fn effective_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut table = match &args.config {
+        Some(path) => read_config_file(path)?,
+        None if is_builtin(args) => toml::from_str(builtin::CONFIG)?,
+        None => toml::Table::new(),
+    };
+    for (key, value) in &args.overrides {
+        table.insert(key.clone(), toml_value(value));
+    }
+    let paths = [
+        ("model", &args.model),
+        ("data", &args.data),
+        ("eval_data", &args.eval_data),
+        ("output_dir", &args.output),
+    ];
+    for (key, path) in paths {
+        if let Some(p) = path {
+            table.insert(key.into(), toml::Value::String(p.display().to_string()));
+        }
+    }
+    if let Some(b) = &args.backend {
+        table.insert("backend".into(), toml::Value::String(b.clone()));
+    }
+    let source = args
+        .config
+        .as_ref()
+        .map_or("command line".to_string(), |p| p.display().to_string());
+    let config: TrainConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", e.to_string().trim()))?;
+    Ok(config)
+}
+
+/// Writes the built-in model (random weights from a fixed seed) and data under `dir`.
+fn write_builtin_task(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    use prefer::llama::{LlamaConfig, MemoryWeights, RawTensor, WeightSource};
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).with_context(|| format!("{}", model.display()))?;
+    let json: serde_json::Value = serde_json::from_str(builtin::MODEL_CONFIG)?;
+    let config = LlamaConfig::from_hf_json(&json, &model.join("config.json"))?;
+    let mut weights = MemoryWeights::random(&config, 0.2, 2026);
+    let mut tensors = Vec::new();
+    for name in weights.names() {
+        if let Some(t) = weights.take(&name)? {
+            let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((
+                name,
+                RawTensor {
+                    dtype: "F32".into(),
+                    shape: t.shape.clone(),
+                    bytes,
+                },
+            ));
+        }
+    }
+    prefer::quant::write_safetensors(&model.join("model.safetensors"), &tensors)?;
+    for (name, text) in [
+        ("config.json", builtin::MODEL_CONFIG),
+        ("tokenizer.json", builtin::TOKENIZER),
+        ("tokenizer_config.json", builtin::TOKENIZER_CONFIG),
+        ("train.jsonl", builtin::TRAIN),
+        ("eval.jsonl", builtin::EVAL),
+    ] {
+        let path = if name.ends_with(".jsonl") {
+            dir.join(name)
+        } else {
+            model.join(name)
+        };
+        std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+    }
+    Ok((model, dir.join("train.jsonl"), dir.join("eval.jsonl")))
+}
+
+/// Progress: a bar with ETA on a terminal, plain lines otherwise (CI logs).
+struct Console {
+    bar: Option<ProgressBar>,
+}
+
+impl Console {
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+fn metric_line(r: &LogRecord) -> String {
+    let names: &[&str] = if r.is_eval() {
+        &[
+            "eval_loss",
+            "eval_rewards/accuracies",
+            "eval_rewards/margins",
+            "eval_rewards/chosen",
+            "eval_rewards/rejected",
+        ]
+    } else {
+        &[
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "grad_norm",
+            "learning_rate",
+            "tokens_per_second",
+        ]
+    };
+    let cells: Vec<String> = names
+        .iter()
+        .filter_map(|n| r.get(n).map(|v| format!("{n} {}", short(v))))
+        .collect();
+    format!(
+        "step {:>5}  epoch {:.2}  {}",
+        r.step,
+        r.epoch,
+        cells.join("  ")
+    )
+}
+
+fn short(v: f64) -> String {
+    if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+impl TrainObserver for Console {
+    fn on_start(&mut self, step: usize, total: usize) {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(total as u64).with_position(step as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:40.cyan/blue} {pos}/{len} steps  {elapsed} elapsed, ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            self.bar = Some(bar);
+        } else {
+            eprintln!("training: steps {step}..{total}");
+        }
+    }
+    fn on_step(&mut self, step: usize, _total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step as u64);
+        }
+    }
+    fn on_log(&mut self, record: &LogRecord) {
+        self.line(&metric_line(record));
+    }
+    fn on_message(&mut self, message: &str) {
+        self.line(message);
+    }
+}
+
+pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> {
+    args.overrides = overrides;
+    let builtin = is_builtin(&args);
+    let mut config = effective_config(&args)?;
+    if args.print_config {
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    if builtin {
+        let task = config.output_dir.join("default-task");
+        let (model, train, eval) = write_builtin_task(&task)?;
+        eprintln!(
+            "prefer train: the built-in job (a small random Llama, NF4 + LoRA, on the CPU); files in {}",
+            task.display()
+        );
+        config.model = Some(model);
+        config.data = Some(train);
+        config.eval_data = Some(eval);
+    }
+    config.validate()?;
+    std::fs::create_dir_all(&config.output_dir)
+        .with_context(|| format!("{}", config.output_dir.display()))?;
+    let config_path = config.output_dir.join("config.toml");
+    std::fs::write(&config_path, toml::to_string(&config)?)
+        .with_context(|| format!("{}", config_path.display()))?;
+    let resume = args.resume.map(|d| d.map_or(Resume::Latest, Resume::From));
+    let mut console = Console { bar: None };
+    let result = train_from_config(&config, resume, &mut console);
+    if let Some(bar) = console.bar.take() {
+        bar.finish_and_clear();
+    }
+    let outcome = result?;
+    let out = &config.output_dir;
+    let svg = out.join("training_curves.svg");
+    crate::plot::training_curves(&svg, &outcome.summary.history)?;
+    let summary = summary_markdown(&config, &outcome);
+    std::fs::write(out.join("summary.md"), &summary)
+        .with_context(|| format!("{}", out.join("summary.md").display()))?;
+    println!("{}", summary_table(&outcome));
+    println!("adapter:  {}", outcome.summary.adapter_dir.display());
+    println!("metrics:  {}", out.join("metrics.jsonl").display());
+    println!("plots:    {}", svg.display());
+    println!("summary:  {}", out.join("summary.md").display());
+    Ok(())
+}
+
+const SUMMARY_METRICS: [&str; 6] = [
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "kl",
+];
+
+fn summary_rows(o: &TrainingOutcome) -> Vec<(String, String, String, String)> {
+    let last_train = o.summary.history.iter().rev().find(|r| !r.is_eval());
+    let eval = o.summary.final_eval.as_ref();
+    let cell = |r: Option<&LogRecord>, k: &str| r.and_then(|r| r.get(k)).map_or("-".into(), short);
+    SUMMARY_METRICS
+        .iter()
+        .map(|m| {
+            let e = format!("eval_{m}");
+            (
+                m.to_string(),
+                cell(last_train, m),
+                cell(o.before.as_ref(), &e),
+                cell(eval, &e),
+            )
+        })
+        .collect()
+}
+
+fn summary_table(o: &TrainingOutcome) -> String {
+    let mut s = format!(
+        "\n{} steps in {:.1} s on {} ({} training pairs, {} held out{})\n\n{:<20} {:>12} {:>14} {:>14}\n",
+        o.summary.steps,
+        o.summary.seconds,
+        o.backend,
+        o.pairs.0,
+        o.pairs.1,
+        if o.summary.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        },
+        "metric",
+        "train (last)",
+        "eval (before)",
+        "eval (after)"
+    );
+    for (m, t, b, a) in summary_rows(o) {
+        s += &format!("{m:<20} {t:>12} {b:>14} {a:>14}\n");
+    }
+    s
+}
+
+fn summary_markdown(config: &TrainConfig, o: &TrainingOutcome) -> String {
+    let mut s = String::from("# prefer train: summary\n\n");
+    let show = |p: &Option<PathBuf>| p.as_ref().map_or("-".into(), |p| p.display().to_string());
+    s += &format!(
+        "- model: `{}`\n- data: `{}` ({} pairs), eval: `{}` ({} pairs), skipped rows: {}\n",
+        show(&config.model),
+        show(&config.data),
+        o.pairs.0,
+        show(&config.eval_data),
+        o.pairs.1,
+        o.skipped
+    );
+    s += &format!(
+        "- loss: {} (beta {}), LoRA r {} alpha {} on {}, NF4 base: {}\n- {} optimiser steps in {:.1} s on {}{}\n\n",
+        config
+            .loss_type
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join("+"),
+        config.beta,
+        config.r,
+        config.lora_alpha,
+        config.target_modules.join(", "),
+        config.load_in_4bit,
+        o.summary.steps,
+        o.summary.seconds,
+        o.backend,
+        if o.summary.stopped_early {
+            " (early stopping)"
+        } else {
+            ""
+        }
+    );
+    s += "| metric | train (last log) | eval before | eval after |\n|---|---:|---:|---:|\n";
+    for (m, t, b, a) in summary_rows(o) {
+        s += &format!("| {m} | {t} | {b} | {a} |\n");
+    }
+    s += "\nFiles: `adapter/` (PEFT), `checkpoint-N/`, `metrics.jsonl`, `metrics.csv`, `training_curves.svg`, `config.toml`.\n";
+    s
+}

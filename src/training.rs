@@ -1,0 +1,284 @@
+//! A training run from a [`TrainConfig`]: open the checkpoint, load and tokenise the data, build the
+//! (NF4 or dense) base with a LoRA adapter, choose the reference, and train on the chosen backend.
+//! This is what `prefer train` does; programs that embed prefer call [`train_from_config`].
+
+use std::path::PathBuf;
+
+use burn::{backend::Autodiff, module::AutodiffModule, tensor::backend::Backend};
+use prefer_dpo::{
+    data::{
+        OnBadRow, TokenizeOptions, TokenizedPair, drop_truncated_away, load_file, split_train_eval,
+        tokenize_rows,
+    },
+    train::{
+        Fingerprint, LogRecord, ReferenceSource, Resume, TrainConfig, TrainError, TrainObserver,
+        TrainRun, TrainSummary, compute_ref_logps, train,
+    },
+};
+use prefer_kernels::PreferBackend;
+use prefer_llama::{ChatTokenizer, Checkpoint, DenseFactory, LinearFactory, LinearLayer};
+use prefer_lora::{LoraConfig, LoraFactory, LoraLinear, load_peft};
+use prefer_quant::Nf4Factory;
+
+use crate::backend::{BackendError, BackendJob, BackendKind, run_on};
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    /// The backend is missing.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Load(#[from] prefer_llama::LoadError),
+    /// Training failed (bad options, bad data, a diverging run, a file error).
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// The data could not be used.
+    #[error("{0}")]
+    Data(String),
+}
+
+impl From<prefer_lora::AdapterError> for TrainingError {
+    fn from(e: prefer_lora::AdapterError) -> Self {
+        Self::Train(e.into())
+    }
+}
+
+/// The data of a run, tokenised and checked.
+#[derive(Debug, Clone)]
+pub struct PreparedData {
+    /// Training pairs.
+    pub train: Vec<TokenizedPair>,
+    /// Held-out pairs.
+    pub eval: Vec<TokenizedPair>,
+    /// Rows skipped (with `on_bad_row = "skip"`).
+    pub skipped: usize,
+    /// Padding id.
+    pub pad_id: u32,
+}
+
+/// Loads `data` (and `eval_data`, or holds out `eval_ratio` of `data`) and tokenises it with the
+/// checkpoint's tokenizer; bad rows stop the run or are skipped as `on_bad_row` says.
+pub fn prepare_data(
+    config: &TrainConfig,
+    tokenizer: &ChatTokenizer,
+    pad_id: u32,
+) -> Result<PreparedData, TrainingError> {
+    let policy = match config.on_bad_row.as_str() {
+        "skip" => OnBadRow::Skip,
+        _ => OnBadRow::Error,
+    };
+    let data = config
+        .data
+        .as_ref()
+        .ok_or_else(|| TrainingError::Data("config: `data` is not set".into()))?;
+    let opts = TokenizeOptions {
+        max_prompt_length: config.max_prompt_length,
+        max_completion_length: config.max_completion_length,
+    };
+    let mode = config.truncation().map_err(TrainError::from)?;
+    let mut skipped = 0;
+    let mut load = |path: &PathBuf| -> Result<Vec<TokenizedPair>, TrainingError> {
+        let loaded = load_file(path, None)
+            .and_then(|l| l.check(policy))
+            .map_err(|e| TrainingError::Data(e.to_string()))?;
+        skipped += loaded.bad.len();
+        let (pairs, mut bad) = tokenize_rows(tokenizer, &loaded.rows, opts);
+        let (pairs, dropped) = drop_truncated_away(pairs, config.max_length, mode);
+        bad.extend(dropped);
+        if let (OnBadRow::Error, Some(b)) = (policy, bad.first()) {
+            return Err(TrainingError::Data(b.to_string()));
+        }
+        skipped += bad.len();
+        Ok(pairs)
+    };
+    let all = load(data)?;
+    let (train, eval) = match &config.eval_data {
+        Some(path) => (all, load(path)?),
+        None if config.eval_ratio > 0.0 => split_train_eval(&all, config.eval_ratio, config.seed),
+        None => (all, Vec::new()),
+    };
+    if train.is_empty() {
+        return Err(TrainingError::Data(format!(
+            "{}: no usable training pairs",
+            data.display()
+        )));
+    }
+    Ok(PreparedData {
+        train,
+        eval,
+        skipped,
+        pad_id,
+    })
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainingOutcome {
+    /// The trainer's summary.
+    pub summary: TrainSummary,
+    /// The evaluation before the first step (with `eval_on_start`).
+    pub before: Option<LogRecord>,
+    /// Pairs trained on and held out.
+    pub pairs: (usize, usize),
+    /// Rows skipped as bad.
+    pub skipped: usize,
+    /// The backend it ran on.
+    pub backend: BackendKind,
+}
+
+/// Runs `config` on its backend, reporting progress to `observer`.
+pub fn train_from_config(
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainingOutcome, TrainingError> {
+    config.validate().map_err(TrainError::from)?;
+    let kind: BackendKind = config
+        .backend
+        .parse()
+        .map_err(|e: String| TrainingError::Data(format!("config: `backend`: {e}")))?;
+    let job = TrainJob {
+        config,
+        resume,
+        observer,
+    };
+    let mut outcome = run_on(kind, job)??;
+    outcome.backend = kind;
+    Ok(outcome)
+}
+
+struct TrainJob<'a> {
+    config: &'a TrainConfig,
+    resume: Option<Resume>,
+    observer: &'a mut dyn TrainObserver,
+}
+
+impl BackendJob for TrainJob<'_> {
+    type Output = Result<TrainingOutcome, TrainingError>;
+
+    fn run<B: PreferBackend>(self, device: B::Device) -> Self::Output {
+        let c = self.config;
+        let model = c
+            .model
+            .as_ref()
+            .ok_or_else(|| TrainingError::Data("config: `model` is not set".into()))?;
+        let mut ckpt = Checkpoint::open(model)?;
+        let tokenizer = ckpt.tokenizer.clone().ok_or_else(|| {
+            TrainingError::Data(format!("{}: the model has no tokenizer", model.display()))
+        })?;
+        let pad = ckpt
+            .config
+            .pad_token_id
+            .or_else(|| {
+                tokenizer
+                    .pad_token
+                    .as_deref()
+                    .and_then(|t| tokenizer.token_id(t))
+            })
+            .or_else(|| ckpt.config.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        // Data first: bad rows stop the run before any model work.
+        let data = prepare_data(c, &tokenizer, pad)?;
+        if ckpt.is_bnb_4bit() || c.load_in_4bit {
+            let inner = Nf4Factory {
+                blocksize: 64,
+                double_quant: c.bnb_4bit_use_double_quant,
+            };
+            run_with::<B, _>(self, &mut ckpt, inner, data, device)
+        } else {
+            run_with::<B, _>(self, &mut ckpt, DenseFactory, data, device)
+        }
+    }
+}
+
+fn run_with<B, F>(
+    job: TrainJob<'_>,
+    ckpt: &mut Checkpoint,
+    inner: F,
+    data: PreparedData,
+    device: B::Device,
+) -> Result<TrainingOutcome, TrainingError>
+where
+    B: PreferBackend,
+    F: LinearFactory<Autodiff<B>> + LinearFactory<B> + Clone,
+    <F as LinearFactory<Autodiff<B>>>::Layer: LinearLayer<Autodiff<B>>
+        + AutodiffModule<Autodiff<B>, InnerModule = <F as LinearFactory<B>>::Layer>
+        + 'static,
+    <F as LinearFactory<B>>::Layer: LinearLayer<B> + burn::module::ModuleDisplay,
+    LoraLinear<Autodiff<B>, <F as LinearFactory<Autodiff<B>>>::Layer>: LinearLayer<Autodiff<B>>,
+    LoraLinear<B, <F as LinearFactory<B>>::Layer>: LinearLayer<B>,
+{
+    let c = job.config;
+    let lora = c.lora().map_err(TrainError::from)?;
+    // The adapter's initialisation draws from the backend's generator.
+    <Autodiff<B> as Backend>::seed(&device, c.seed);
+    let factory = LoraFactory {
+        inner: inner.clone(),
+        config: if c.adapter.is_some() {
+            LoraConfig {
+                target_modules: vec![],
+                ..lora.clone()
+            }
+        } else {
+            lora.clone()
+        },
+        adapter_name: "default".into(),
+    };
+    let mut model = ckpt.build::<Autodiff<B>, _>(&factory, &device)?;
+    if let Some(dir) = &c.adapter {
+        load_peft(&mut model, dir, "default")?;
+    }
+    let mut fingerprint = Fingerprint::default().path(&ckpt.path);
+    let reference = match &c.ref_model {
+        Some(path) => {
+            let mut rckpt = Checkpoint::open(path)?;
+            fingerprint = fingerprint.path(path);
+            let mode = c.truncation().map_err(TrainError::from)?;
+            let bare = LoraFactory {
+                inner,
+                config: LoraConfig {
+                    target_modules: vec![],
+                    ..lora.clone()
+                },
+                adapter_name: String::new(),
+            };
+            let reference = rckpt.build::<B, _>(&bare, &device)?;
+            let bs = c.per_device_eval_batch_size;
+            job.observer.on_message(&format!(
+                "computing reference log-probs with {}",
+                path.display()
+            ));
+            let train =
+                compute_ref_logps(&reference, &data.train, data.pad_id, c.max_length, mode, bs);
+            let eval =
+                compute_ref_logps(&reference, &data.eval, data.pad_id, c.max_length, mode, bs);
+            ReferenceSource::Precomputed { train, eval }
+        }
+        None => ReferenceSource::Snapshot,
+    };
+    let pairs = (data.train.len(), data.eval.len());
+    let run = TrainRun {
+        train: data.train,
+        eval: data.eval,
+        pad_id: data.pad_id,
+        reference,
+        base_model: Some(ckpt.path.display().to_string()),
+        model_fingerprint: fingerprint,
+        resume: job.resume,
+    };
+    let summary = train(model, run, c, job.observer)?;
+    let before = summary
+        .history
+        .iter()
+        .find(|r| r.step == 0 && r.is_eval())
+        .cloned();
+    Ok(TrainingOutcome {
+        summary,
+        before,
+        pairs,
+        skipped: data.skipped,
+        backend: BackendKind::Ndarray,
+    })
+}
