@@ -171,8 +171,12 @@ fn toml_value(text: &str) -> toml::Value {
 fn read_config_file(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the config", path.display()))?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(String::new(), |s| {
+            format!(":{}", text[..s.start].lines().count().max(1))
+        });
+        anyhow::anyhow!("{}{line}: {}", path.display(), one_line(e.message()))
+    })?;
     let keys = TrainConfig::keys();
     for key in table.keys() {
         if !keys.contains(key) {
@@ -188,6 +192,15 @@ fn read_config_file(path: &Path) -> Result<toml::Table> {
         }
     }
     Ok(table)
+}
+
+/// A multi-line parser message as one line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The built-in job's files, compiled into the binary.
@@ -241,7 +254,7 @@ pub fn effective_config(args: &TrainArgs) -> Result<TrainConfig> {
         .map_or("command line".to_string(), |p| p.display().to_string());
     let config: TrainConfig = toml::Value::Table(table)
         .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", e.to_string().trim()))?;
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", one_line(&e.to_string())))?;
     Ok(config)
 }
 
@@ -374,6 +387,7 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
         print!("{}", toml::to_string(&config)?);
         return Ok(());
     }
+    config.validate()?;
     if builtin {
         let task = config.output_dir.join("default-task");
         let (model, train, eval) = write_builtin_task(&task)?;

@@ -265,6 +265,14 @@ where
             state.global_step
         ));
     }
+    // A process killed while writing a checkpoint leaves its temporary directory behind.
+    if let Ok(entries) = std::fs::read_dir(&out) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".checkpoint-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let log = MetricsLog::open(&out, state.global_step)?;
     let mut history = log.read()?;
     let mut last_checkpoint = latest_checkpoint(&out);

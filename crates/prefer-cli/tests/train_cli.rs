@@ -1,0 +1,236 @@
+//! `prefer train` from the command line: the built-in job, config files and flags, errors, and a
+//! process killed while it writes checkpoints.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command as Process, Stdio},
+    time::Duration,
+};
+
+use assert_cmd::Command;
+
+fn prefer() -> Command {
+    Command::cargo_bin("prefer").expect("binary built")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("prefer-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn rows(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_builtin_job_learns_and_writes_every_output() {
+    let out = scratch("builtin");
+    let run = prefer()
+        .args(["train", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("eval (before)") && stdout.contains("rewards/accuracies"),
+        "{stdout}"
+    );
+    let evals: Vec<_> = rows(&out)
+        .into_iter()
+        .filter(|r| r.get("eval_loss").is_some())
+        .collect();
+    let (first, last) = (&evals[0], evals.last().unwrap());
+    assert_eq!(first["step"], 0);
+    assert!((first["eval_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4);
+    let acc = last["eval_rewards/accuracies"].as_f64().unwrap();
+    assert!(acc >= 0.9, "held-out accuracy after training: {acc}");
+    assert!(last["eval_loss"].as_f64().unwrap() < std::f64::consts::LN_2);
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "metrics.csv",
+        "training_curves.svg",
+        "summary.md",
+        "config.toml",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(out.join("checkpoint-48/optimizer.bin").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn flags_override_the_file_and_print_config_shows_the_result() {
+    let dir = scratch("print");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dpo.toml");
+    std::fs::write(&file, "beta = 0.5\nlearning_rate = 1e-4\nr = 4\n").unwrap();
+    let out = prefer()
+        .args(["train", "--config"])
+        .arg(&file)
+        .args([
+            "--print-config",
+            "--learning-rate",
+            "5e-5",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--precompute-ref-log-probs",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cfg: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(cfg["beta"].as_float(), Some(0.5));
+    assert_eq!(cfg["learning_rate"].as_float(), Some(5e-5));
+    assert_eq!(cfg["r"].as_integer(), Some(4));
+    assert_eq!(cfg["precompute_ref_log_probs"].as_bool(), Some(true));
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unknown_keys_suggest_the_nearest() {
+    let out = prefer()
+        .args(["train", "--lerning-rate", "1e-4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr(&out),
+        "error: unknown option `--lerning-rate`; did you mean `--learning-rate`?\n"
+    );
+    let dir = scratch("unknown");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dpo.toml");
+    std::fs::write(&file, "beta = 0.1\nper_device_batch_size = 4\n").unwrap();
+    let out = prefer()
+        .args(["train", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("dpo.toml:2: unknown key `per_device_batch_size`; did you mean `per_device_eval_batch_size`?")
+            || err.contains("dpo.toml:2: unknown key `per_device_batch_size`; did you mean `per_device_train_batch_size`?"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    std::fs::write(&file, "beta = 0.1\nr = \n").unwrap();
+    let out = prefer()
+        .args(["train", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(
+        err.contains("dpo.toml:2: ") && err.lines().count() == 1,
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_values_and_missing_files_are_one_line_naming_the_option() {
+    for (args, needle) in [
+        (vec!["--beta", "-1"], "`beta`"),
+        (
+            vec!["--per-device-train-batch-size", "0"],
+            "`per_device_train_batch_size`",
+        ),
+        (
+            vec!["--lr-scheduler-type", "exponential"],
+            "lr_scheduler_type",
+        ),
+        (
+            vec!["--model", "/no/such/model", "--data", "/no/such.jsonl"],
+            "/no/such",
+        ),
+        (
+            vec!["--bnb-4bit-quant-type", "fp4"],
+            "`bnb_4bit_quant_type`",
+        ),
+    ] {
+        let out = prefer().arg("train").args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+/// Kills `prefer train` at several moments while it writes a checkpoint every step; each time the
+/// newest complete checkpoint must resume.
+#[test]
+fn a_killed_run_resumes_from_its_last_complete_checkpoint() {
+    let out = scratch("killed");
+    let bin = assert_cmd::cargo::cargo_bin("prefer");
+    let args = |resume: bool| {
+        let mut a: Vec<String> = [
+            "train",
+            "--output",
+            out.to_str().unwrap(),
+            "--save-steps",
+            "1",
+            "--eval-steps",
+            "0",
+            "--num-train-epochs",
+            "1",
+            "--save-total-limit",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let mut resumed = false;
+    for delay_ms in [2500u64, 3100, 3700] {
+        let mut child = Process::new(&bin)
+            .args(args(resumed))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        resumed = out.join("checkpoint-1").exists()
+            || std::fs::read_dir(&out).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+            });
+    }
+    assert!(resumed, "no checkpoint was written before the kills");
+    let run = prefer().args(args(true)).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("resumed from"));
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".checkpoint-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary checkpoint directories left behind"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
