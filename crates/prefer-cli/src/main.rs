@@ -2,6 +2,7 @@
 
 mod eval;
 mod generate;
+mod inspect;
 mod merge;
 mod plot;
 mod quantize;
@@ -34,6 +35,9 @@ enum Command {
     /// Quantise a Hugging Face model to NF4 in bitsandbytes' checkpoint format.
     #[command(after_help = quantize::EXAMPLES)]
     Quantize(quantize::QuantizeArgs),
+    /// Summarise a model, a PEFT adapter or a preference dataset.
+    #[command(after_help = inspect::EXAMPLES)]
+    Inspect(inspect::InspectArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face checkpoint.
     #[command(after_help = merge::EXAMPLES)]
     Merge(merge::MergeArgs),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -334,3 +334,58 @@ fn eval_stops_at_a_bad_row_before_loading_the_model() {
     );
     let _ = std::fs::remove_file(&data);
 }
+
+#[test]
+fn inspect_summarises_models_adapters_and_datasets() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let out = prefer().arg("inspect").arg(tiny_model()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("parameters   143.7 k") && text.contains("32.00 bits per parameter"),
+        "{text}"
+    );
+    let out = prefer()
+        .arg("inspect")
+        .arg(fixtures.join("dpo/adapter"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("r 4, lora_alpha 8") && text.contains("in 14 projections"),
+        "{text}"
+    );
+    let out = prefer()
+        .arg("inspect")
+        .arg(fixtures.join("dpo/standard.jsonl"))
+        .arg("--model")
+        .arg(tiny_model())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("5 usable, 0 bad; format standard") && text.contains("P50"),
+        "{text}"
+    );
+    let out = prefer()
+        .args(["inspect", "/no/such/thing"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: /no/such/thing: no such file or directory\n"
+    );
+}
+
+#[test]
+fn every_command_has_examples_in_its_help() {
+    for cmd in ["train", "eval", "generate", "quantize", "merge", "inspect"] {
+        let out = prefer().args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{cmd}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Examples:"),
+            "{cmd} --help has no examples"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 
-pub use ggml_quants::{dequantize as ggml_dequantize, ggml_type};
+pub use ggml_quants::{dequantize as ggml_dequantize, ggml_type, type_name as ggml_type_name};
 pub use gguf_file::{GgufFile, GgufValue};
 pub use safetensors_source::SafetensorsSource;
 
