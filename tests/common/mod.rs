@@ -120,3 +120,9 @@ pub fn on_each_backend(name: &str, check: impl Checker) {
 pub trait Checker {
     fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device);
 }
+
+impl<C: Checker> Checker for &C {
+    fn run<B: prefer::kernels::PreferBackend>(&self, device: &B::Device) {
+        (**self).run::<B>(device)
+    }
+}

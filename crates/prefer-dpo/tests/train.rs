@@ -457,3 +457,76 @@ fn bad_options_are_named_before_any_work() {
     }
     assert!(!out.exists());
 }
+
+/// The policy is a burn-train model: `Learner` drives its `TrainStep` and AdamW moves the adapter.
+#[test]
+fn the_policy_plugs_into_burn_trains_learner() {
+    use burn::train::{InferenceStep, Learner};
+    use prefer_dpo::train::{DpoInput, DpoPolicy};
+    let out = scratch("learner");
+    let config = base_config(&out);
+    let mut model = {
+        let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        nf4_model(&config)
+    };
+    prefer_lora::snapshot_adapter(&mut model, "default", "reference");
+    let policy = DpoPolicy {
+        model,
+        loss: config.loss(),
+        reference: Some("reference".into()),
+    };
+    let before = policy.model.projections()[0]
+        .1
+        .adapter("default")
+        .unwrap()
+        .b
+        .val();
+    let schedule = LrSchedule {
+        kind: LrSchedulerType::Constant,
+        peak: 1e-2,
+        warmup: 0,
+        total: 1,
+        step: 0,
+    };
+    let optim = AdamWConfig::new().init::<AD, DpoPolicy<AD, prefer_quant::Nf4Linear<AD>>>();
+    let mut learner = Learner::new(policy, optim, schedule);
+    let train = pairs(4, 9);
+    let picked: Vec<&TokenizedPair> = train.iter().collect();
+    let batch = prefer_dpo::data::collate(&picked, 0, None, Default::default())
+        .to_device::<AD>(&Default::default());
+    learner.lr_step();
+    let step = learner.train_step(DpoInput {
+        batch: batch.clone(),
+        ref_logps: None,
+    });
+    assert!(
+        (step.item.loss - std::f64::consts::LN_2).abs() < 1e-5,
+        "policy = reference at the start"
+    );
+    learner.optimizer_step(step.grads);
+    let after = learner.model().model.projections()[0]
+        .1
+        .adapter("default")
+        .unwrap()
+        .b
+        .val();
+    assert!(
+        (after - before).abs().max().into_scalar() > 0.0,
+        "the adapter moved"
+    );
+    let valid = burn::module::AutodiffModule::valid(&learner.model());
+    let batch = prefer_dpo::data::collate(&picked, 0, None, Default::default())
+        .to_device::<NdArray>(&Default::default());
+    let eval = InferenceStep::step(
+        &valid,
+        DpoInput {
+            batch,
+            ref_logps: None,
+        },
+    );
+    assert!(
+        eval.loss < std::f64::consts::LN_2,
+        "one step lowers the loss on its batch: {}",
+        eval.loss
+    );
+}

@@ -104,14 +104,28 @@ use burn::tensor::ElementConversion;
 impl<B, L> TrainStep for DpoPolicy<B, L>
 where
     B: AutodiffBackend + SelectiveLogSoftmaxBackend,
+    B::InnerBackend: SelectiveLogSoftmaxBackend,
     L: LinearLayer<B> + burn::module::AutodiffModule<B> + 'static,
-    L::InnerModule: burn::module::ModuleDisplay,
+    L::InnerModule: LinearLayer<B::InnerBackend> + burn::module::ModuleDisplay,
     LoraLinear<B, L>: LinearLayer<B>,
 {
     type Input = DpoInput<B>;
     type Output = DpoOutput;
 
-    fn step(&self, input: DpoInput<B>) -> TrainOutput<DpoOutput> {
+    fn step(&self, mut input: DpoInput<B>) -> TrainOutput<DpoOutput> {
+        if input.ref_logps.is_none() {
+            // The reference runs on the inner backend: no autodiff graph, nothing kept for the
+            // backward pass, so it costs one forward's transient memory and no more.
+            let mut reference = burn::module::AutodiffModule::valid(&self.model);
+            set_active_adapter(&mut reference, self.reference.as_deref());
+            let batch = DpoBatch {
+                input_ids: input.batch.input_ids.clone().inner(),
+                attention_mask: input.batch.attention_mask.clone().inner(),
+                completion_mask: input.batch.completion_mask.clone().inner(),
+            };
+            let sums = sequence_logps(&reference, &batch).sums;
+            input.ref_logps = Some(Tensor::from_inner(sums));
+        }
         let eval = self.evaluate(&input);
         let grads = eval.loss.backward();
         let out = self.output(&input, &eval);
