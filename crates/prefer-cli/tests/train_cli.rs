@@ -234,3 +234,53 @@ fn a_killed_run_resumes_from_its_last_complete_checkpoint() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// `ref_model = PATH`: a separate reference, run once before training. With a fresh adapter the
+/// policy is the base, so against the same base as reference the first evaluation is exactly ln 2.
+#[test]
+fn a_separate_reference_model_is_precomputed() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let model = fixtures.join("llama/gqa_f32");
+    let out = scratch("refmodel");
+    let run = prefer()
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(fixtures.join("dpo/standard.jsonl"))
+        .arg("--eval-data")
+        .arg(fixtures.join("dpo/standard.jsonl"))
+        .arg("--ref-model")
+        .arg(&model)
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--max-steps",
+            "2",
+            "--eval-on-start",
+            "--learning-rate",
+            "1e-3",
+            "--per-device-train-batch-size",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("computing reference log-probs with"),
+        "{}",
+        stderr(&run)
+    );
+    let evals: Vec<_> = rows(&out)
+        .into_iter()
+        .filter(|r| r.get("eval_loss").is_some())
+        .collect();
+    let first = evals[0]["eval_loss"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    assert!(
+        evals.last().unwrap()["eval_rewards/margins"]
+            .as_f64()
+            .unwrap()
+            != 0.0
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}

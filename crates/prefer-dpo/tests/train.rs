@@ -530,3 +530,22 @@ fn the_policy_plugs_into_burn_trains_learner() {
         eval.loss
     );
 }
+
+#[test]
+fn early_stopping_ends_a_run_that_stops_improving() {
+    let out = scratch("early");
+    let config = TrainConfig {
+        max_steps: 20,
+        learning_rate: 1e-12,
+        eval_steps: Some(1),
+        early_stopping_patience: Some(2),
+        early_stopping_threshold: 1e-3,
+        ..base_config(&out)
+    };
+    let s = run(&config, None, ReferenceSource::Snapshot).unwrap();
+    // The first evaluation sets the best eval_loss; two more without a 1e-3 improvement stop it.
+    assert!(s.stopped_early);
+    assert_eq!(s.steps, 3);
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}
