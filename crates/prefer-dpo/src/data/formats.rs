@@ -91,6 +91,8 @@ impl fmt::Display for BadRow {
     }
 }
 
+impl std::error::Error for BadRow {}
+
 /// The usable rows of a file and the ones that were not.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
