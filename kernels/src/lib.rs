@@ -6,13 +6,23 @@
 //! `Autodiff<B>`. This crate knows tensors, not models.
 #![warn(missing_docs)]
 
+pub mod dpo_loss;
+pub mod lm_head;
 pub mod nf4_dequant;
 pub mod selective_log_softmax;
 
+pub use dpo_loss::{DpoLossBackend, DpoLossOutput, dpo_sigmoid_loss};
+pub use lm_head::{DEFAULT_CHUNK, FusedLmHeadBackend, LmHeadOutput, fused_lm_head};
 pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
 pub use selective_log_softmax::{SelectiveLogSoftmaxBackend, selective_log_softmax};
 
 /// Every extension prefer needs: the bound model code puts on its backend.
-pub trait PreferBackend: Nf4DequantBackend + SelectiveLogSoftmaxBackend {}
+pub trait PreferBackend:
+    Nf4DequantBackend + SelectiveLogSoftmaxBackend + FusedLmHeadBackend + DpoLossBackend
+{
+}
 
-impl<B: Nf4DequantBackend + SelectiveLogSoftmaxBackend> PreferBackend for B {}
+impl<B> PreferBackend for B where
+    B: Nf4DequantBackend + SelectiveLogSoftmaxBackend + FusedLmHeadBackend + DpoLossBackend
+{
+}

@@ -21,7 +21,7 @@ pub struct BatchEval<B: Backend> {
 }
 
 /// Computes the loss of `batch` with `policy`, taking the reference log-probs from `reference`.
-pub fn evaluate_batch<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
+pub fn evaluate_batch<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     config: &LossConfig,
     policy: &LlamaModel<B, L>,
     reference: &LlamaModel<B, L>,
@@ -33,7 +33,7 @@ pub fn evaluate_batch<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLa
 
 /// Computes the loss of `batch` with `policy` against given reference sums `[2P]` (detached; rows
 /// in the batch's `[chosen.., rejected..]` order).
-pub fn evaluate_batch_with<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
+pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     config: &LossConfig,
     policy: &LlamaModel<B, L>,
     ref_sums: Tensor<B, 1>,
@@ -41,6 +41,7 @@ pub fn evaluate_batch_with<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: Lin
 ) -> BatchEval<B> {
     let pol = sequence_logps(policy, batch);
     let (chosen, rejected) = SequenceLogps::split(pol.sums.clone());
+    let ref_sums_all = ref_sums.clone();
     let (ref_chosen, ref_rejected) = SequenceLogps::split(ref_sums);
     let (chosen_tokens, rejected_tokens) = SequenceLogps::split(pol.tokens.clone());
     let pairs = PairLogps {
@@ -51,8 +52,25 @@ pub fn evaluate_batch_with<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: Lin
         chosen_tokens,
         rejected_tokens,
     };
+    // The plain sigmoid loss (TRL's default) runs as one fused kernel from the token log-probs.
+    let loss = match (config.loss_types.as_slice(), config.loss_weights.as_deref()) {
+        ([crate::loss::LossType::Sigmoid], w) => {
+            let weight = w.and_then(|w| w.first()).copied().unwrap_or(1.0);
+            prefer_kernels::dpo_sigmoid_loss(
+                pol.token_logps.clone(),
+                pol.mask.clone(),
+                ref_sums_all,
+                config.beta,
+                config.label_smoothing,
+            )
+            .loss
+            .mean()
+                * weight
+        }
+        _ => dpo_loss(config, &pairs),
+    };
     BatchEval {
-        loss: dpo_loss(config, &pairs),
+        loss,
         pairs,
         policy: pol,
     }
@@ -133,7 +151,7 @@ pub struct EvalReport {
 }
 
 /// Evaluates tokenised pairs: batches of `batch_size`, the policy against the reference.
-pub fn evaluate_pairs<B: prefer_kernels::SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
+pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     policy: &LlamaModel<B, L>,
     reference: &LlamaModel<B, L>,
     pairs: &[crate::data::TokenizedPair],

@@ -2,7 +2,7 @@
 //! and the target token's log-prob, summed over the completion tokens of each row.
 
 use burn::tensor::{Int, Tensor, backend::Backend};
-use prefer_kernels::{SelectiveLogSoftmaxBackend, selective_log_softmax};
+use prefer_kernels::{DEFAULT_CHUNK, PreferBackend, fused_lm_head};
 use prefer_llama::{LinearLayer, LlamaModel};
 
 /// A tokenised batch of pairs: rows `[chosen_0 .. chosen_{P-1}, rejected_0 .. rejected_{P-1}]`,
@@ -29,6 +29,10 @@ impl<B: Backend> DpoBatch<B> {
 pub struct SequenceLogps<B: Backend> {
     /// Sum of the completion tokens' log-probs (differentiable).
     pub sums: Tensor<B, 1>,
+    /// Every position's log-prob of the next token `[2P, T − 1]` (differentiable; use with `mask`).
+    pub token_logps: Tensor<B, 2>,
+    /// 1 where the next token is a completion token `[2P, T − 1]`.
+    pub mask: Tensor<B, 2>,
     /// Number of completion tokens.
     pub tokens: Tensor<B, 1>,
     /// Sum over completion tokens of the mean logit over the vocabulary (for `logits/*`; detached).
@@ -46,9 +50,10 @@ impl<B: Backend> SequenceLogps<B> {
 /// Log-probs of every row's completion under `model`.
 ///
 /// Position `t` predicts token `t + 1`, so the completion mask is shifted by one, as in TRL. The
-/// target log-probs come from the selective log-softmax extension (a kernel on wgpu and CUDA), so
-/// no `[batch, time, vocab]` log-softmax is built.
-pub fn sequence_logps<B: SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
+/// target log-probs come from the fused LM head (chunks of the vocabulary through the selective
+/// log-softmax, a kernel on wgpu and CUDA), so neither the `[batch, time, vocab]` logits nor their
+/// log-softmax are ever built.
+pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
 ) -> SequenceLogps<B> {
@@ -58,20 +63,22 @@ pub fn sequence_logps<B: SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
         Some(batch.attention_mask.clone()),
         None,
     );
-    let logits = model.logits(hidden.narrow(1, 0, t - 1)); // [n, t-1, V]
-    let vocab = logits.dims()[2];
+    let h = hidden.dims()[2];
+    let hidden = hidden.narrow(1, 0, t - 1).reshape([n * (t - 1), h]);
     let targets = batch
         .input_ids
         .clone()
         .narrow(1, 1, t - 1)
         .reshape([n * (t - 1)]);
     let mask = batch.completion_mask.clone().narrow(1, 1, t - 1);
-    let mean_logits = logits.clone().detach().mean_dim(2).reshape([n, t - 1]);
-    let token_logps =
-        selective_log_softmax(logits.reshape([n * (t - 1), vocab]), targets).reshape([n, t - 1]);
+    let out = fused_lm_head(hidden, model.lm_head_weight(), targets, DEFAULT_CHUNK);
+    let token_logps = out.logp.reshape([n, t - 1]);
+    let mean_logits = out.mean_logit.reshape([n, t - 1]);
     SequenceLogps {
-        sums: (token_logps * mask.clone()).sum_dim(1).reshape([n]),
+        sums: (token_logps.clone() * mask.clone()).sum_dim(1).reshape([n]),
+        token_logps,
         tokens: mask.clone().sum_dim(1).reshape([n]),
-        logit_sums: (mean_logits * mask).sum_dim(1).reshape([n]),
+        logit_sums: (mean_logits * mask.clone()).sum_dim(1).reshape([n]),
+        mask,
     }
 }

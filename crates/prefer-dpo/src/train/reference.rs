@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, backend::Backend};
-use prefer_kernels::SelectiveLogSoftmaxBackend;
+use prefer_kernels::PreferBackend;
 use prefer_llama::{LinearLayer, LlamaModel};
 use serde::{Deserialize, Serialize};
 
@@ -106,7 +106,7 @@ impl Fingerprint {
 }
 
 /// Runs `reference` over `pairs` in batches of `batch_size`; `(chosen, rejected)` sums per pair.
-pub fn compute_ref_logps<B: SelectiveLogSoftmaxBackend, L: LinearLayer<B>>(
+pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
     reference: &LlamaModel<B, L>,
     pairs: &[TokenizedPair],
     pad_id: u32,

@@ -7,7 +7,7 @@ use burn::{
     tensor::{Tensor, backend::AutodiffBackend, backend::Backend},
     train::{InferenceStep, ItemLazy, TrainOutput, TrainStep},
 };
-use prefer_kernels::SelectiveLogSoftmaxBackend;
+use prefer_kernels::PreferBackend;
 use prefer_llama::{LinearLayer, LlamaModel};
 use prefer_lora::{LoraLinear, set_active_adapter};
 
@@ -61,7 +61,7 @@ impl ItemLazy for DpoOutput {
     }
 }
 
-impl<B: SelectiveLogSoftmaxBackend, L: LinearLayer<B>> DpoPolicy<B, L>
+impl<B: PreferBackend, L: LinearLayer<B>> DpoPolicy<B, L>
 where
     LoraLinear<B, L>: LinearLayer<B>,
 {
@@ -103,8 +103,8 @@ use burn::tensor::ElementConversion;
 
 impl<B, L> TrainStep for DpoPolicy<B, L>
 where
-    B: AutodiffBackend + SelectiveLogSoftmaxBackend,
-    B::InnerBackend: SelectiveLogSoftmaxBackend,
+    B: AutodiffBackend + PreferBackend,
+    B::InnerBackend: PreferBackend,
     L: LinearLayer<B> + burn::module::AutodiffModule<B> + 'static,
     L::InnerModule: LinearLayer<B::InnerBackend> + burn::module::ModuleDisplay,
     LoraLinear<B, L>: LinearLayer<B>,
@@ -135,7 +135,7 @@ where
 
 impl<B, L> InferenceStep for DpoPolicy<B, L>
 where
-    B: SelectiveLogSoftmaxBackend,
+    B: PreferBackend,
     L: LinearLayer<B>,
     LoraLinear<B, L>: LinearLayer<B>,
 {

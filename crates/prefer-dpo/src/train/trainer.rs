@@ -16,7 +16,7 @@ use burn::{
     tensor::{Tensor, backend::AutodiffBackend},
     train::{InferenceStep, TrainStep},
 };
-use prefer_kernels::SelectiveLogSoftmaxBackend;
+use prefer_kernels::PreferBackend;
 use prefer_llama::{LinearLayer, LlamaModel};
 use prefer_lora::{LoraLinear, snapshot_adapter};
 use rand::{SeedableRng, seq::SliceRandom};
@@ -140,8 +140,8 @@ pub fn train<B, L>(
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + SelectiveLogSoftmaxBackend,
-    B::InnerBackend: SelectiveLogSoftmaxBackend,
+    B: AutodiffBackend + PreferBackend,
+    B::InnerBackend: PreferBackend,
     L: LinearLayer<B> + AutodiffModule<B> + 'static,
     L::InnerModule: LinearLayer<B::InnerBackend> + burn::module::ModuleDisplay,
     LoraLinear<B, L>: LinearLayer<B>,
@@ -484,8 +484,8 @@ fn evaluate<B, L>(
     epoch: f64,
 ) -> Result<LogRecord, TrainError>
 where
-    B: AutodiffBackend + SelectiveLogSoftmaxBackend,
-    B::InnerBackend: SelectiveLogSoftmaxBackend,
+    B: AutodiffBackend + PreferBackend,
+    B::InnerBackend: PreferBackend,
     L: LinearLayer<B> + AutodiffModule<B>,
     L::InnerModule: LinearLayer<B::InnerBackend>,
     LoraLinear<B, L>: LinearLayer<B>,
@@ -539,8 +539,8 @@ fn precompute<B, L>(
     observer: &mut dyn TrainObserver,
 ) -> Result<(RefLogps, RefLogps), TrainError>
 where
-    B: AutodiffBackend + SelectiveLogSoftmaxBackend,
-    B::InnerBackend: SelectiveLogSoftmaxBackend,
+    B: AutodiffBackend + PreferBackend,
+    B::InnerBackend: PreferBackend,
     L: LinearLayer<B> + AutodiffModule<B>,
     L::InnerModule: LinearLayer<B::InnerBackend>,
     LoraLinear<B, L>: LinearLayer<B>,
