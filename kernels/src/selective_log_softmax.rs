@@ -49,15 +49,15 @@ pub trait SelectiveLogSoftmaxBackend: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(logits));
-        let [n, v] = x.dims();
-        let t = Tensor::<Self, 1, Int>::from_primitive(targets);
+        let n = x.dims()[0];
+        let t = Tensor::<Self, 1, Int>::from_primitive(targets).reshape([n, 1]);
         let lse = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(lse)).reshape([n, 1]);
         let g = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(grad)).reshape([n, 1]);
-        let columns = Tensor::<Self, 1, Int>::arange(0..v as i64, &x.device())
-            .reshape([1, v])
-            .expand([n, v]);
-        let onehot = columns.equal(t.reshape([n, 1]).expand([n, v])).float();
-        ((onehot - (x - lse).exp()) * g).into_primitive().tensor()
+        // −g·softmax everywhere, then +g at each row's target: no one-hot `[N, V]` is built.
+        ((x - lse).exp() * g.clone().neg())
+            .scatter(1, t, g, burn::tensor::IndexingUpdateOp::Add)
+            .into_primitive()
+            .tensor()
     }
 }
 

@@ -127,6 +127,7 @@ fn check<B: DpoLossBackend>(name: &str, device: &B::Device) {
     }
 }
 
+#[cfg(feature = "ndarray")]
 #[test]
 fn cpu_matches_the_formulas() {
     check::<burn::backend::NdArray>("ndarray", &Default::default());
@@ -154,4 +155,15 @@ fn wgpu_kernels_match_the_formulas() {
     type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
     check::<burn::backend::Wgpu>("wgpu (fusion)", &Default::default());
     check::<Raw>("wgpu (raw cube backend)", &Default::default());
+}
+
+/// The same checks on an NVIDIA GPU: `cargo test -p prefer-kernels --features cuda` on a machine
+/// with one (CI has none).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches() {
+    type Raw = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    check::<burn::backend::Cuda>("cuda (fusion)", &device);
+    check::<Raw>("cuda (raw cube backend)", &device);
 }

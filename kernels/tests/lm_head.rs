@@ -138,6 +138,7 @@ fn check<B: FusedLmHeadBackend>(name: &str, device: &B::Device) {
     }
 }
 
+#[cfg(feature = "ndarray")]
 #[test]
 fn cpu_matches_naive_f64() {
     check::<burn::backend::NdArray>("ndarray", &Default::default());
@@ -165,4 +166,15 @@ fn wgpu_matches_naive_f64() {
     type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
     check::<burn::backend::Wgpu>("wgpu (fusion)", &Default::default());
     check::<Raw>("wgpu (raw cube backend)", &Default::default());
+}
+
+/// The same checks on an NVIDIA GPU: `cargo test -p prefer-kernels --features cuda` on a machine
+/// with one (CI has none).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches() {
+    type Raw = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    check::<burn::backend::Cuda>("cuda (fusion)", &device);
+    check::<Raw>("cuda (raw cube backend)", &device);
 }

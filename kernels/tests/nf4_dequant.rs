@@ -3,7 +3,7 @@
 //! under Autodiff. On wgpu the output buffer is first filled with NaN, so a kernel that silently
 //! fails to compile or run cannot pass. With `REQUIRE_WGPU=1` (CI), a missing adapter fails.
 
-use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use prefer_kernels::{Nf4DequantBackend, nf4_dequantize};
 
 const TABLE: [f32; 16] = [
@@ -117,6 +117,7 @@ fn check<B: Nf4DequantBackend>(name: &str, device: &B::Device) {
     }
 }
 
+#[cfg(feature = "ndarray")]
 #[test]
 fn cpu_fallback_is_exact() {
     check::<burn::backend::NdArray>("ndarray", &Default::default());
@@ -153,5 +154,16 @@ fn wgpu_kernel_is_exact() {
     check::<burn::backend::Wgpu>("wgpu (fusion)", &Default::default());
     check::<Raw>("wgpu (raw cube backend)", &Default::default());
     check::<burn::backend::Autodiff<burn::backend::Wgpu>>("autodiff<wgpu>", &Default::default());
-    let _ = <burn::backend::Wgpu as Backend>::name(&Default::default());
+    let _ = <burn::backend::Wgpu as burn::tensor::backend::Backend>::name(&Default::default());
+}
+
+/// The same checks on an NVIDIA GPU: `cargo test -p prefer-kernels --features cuda` on a machine
+/// with one (CI has none).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernel_is_exact() {
+    type Raw = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    check::<burn::backend::Cuda>("cuda (fusion)", &device);
+    check::<Raw>("cuda (raw cube backend)", &device);
 }

@@ -4,7 +4,7 @@
 
 use burn::{
     backend::Autodiff,
-    tensor::{Int, Tensor, TensorData, backend::Backend},
+    tensor::{Int, Tensor, TensorData},
 };
 use prefer_kernels::{SelectiveLogSoftmaxBackend, selective_log_softmax};
 
@@ -124,6 +124,7 @@ fn check<B: SelectiveLogSoftmaxBackend>(name: &str, device: &B::Device) {
     }
 }
 
+#[cfg(feature = "ndarray")]
 #[test]
 fn cpu_matches_naive_f64() {
     check::<burn::backend::NdArray>("ndarray", &Default::default());
@@ -151,5 +152,16 @@ fn wgpu_kernels_match_naive_f64() {
     type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
     check::<burn::backend::Wgpu>("wgpu (fusion)", &Default::default());
     check::<Raw>("wgpu (raw cube backend)", &Default::default());
-    let _ = <burn::backend::Wgpu as Backend>::name(&Default::default());
+    let _ = <burn::backend::Wgpu as burn::tensor::backend::Backend>::name(&Default::default());
+}
+
+/// The same checks on an NVIDIA GPU: `cargo test -p prefer-kernels --features cuda` on a machine
+/// with one (CI has none).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches() {
+    type Raw = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    check::<burn::backend::Cuda>("cuda (fusion)", &device);
+    check::<Raw>("cuda (raw cube backend)", &device);
 }
