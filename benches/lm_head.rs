@@ -5,11 +5,7 @@
 //!
 //! `cargo bench --profile dev --bench lm_head` (`-- --quick` for N = 1024 only)
 
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Instant,
-};
+use std::time::Instant;
 
 use burn::{
     backend::{Autodiff, NdArray},
@@ -17,27 +13,11 @@ use burn::{
 };
 use prefer::kernels::{DEFAULT_CHUNK, fused_lm_head};
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 type AD = Autodiff<NdArray>;
 const H: usize = 256;
@@ -49,8 +29,7 @@ fn run(n: usize, v: usize, fused: bool) -> (f64, usize) {
         Tensor::<AD, 2>::random([n, H], Distribution::Uniform(-1.0, 1.0), &dev).require_grad();
     let weight = Tensor::<AD, 2>::random([v, H], Distribution::Uniform(-0.1, 0.1), &dev);
     let targets = Tensor::<AD, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &dev);
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = counting_alloc::reset();
     let t = Instant::now();
     let logp = if fused {
         fused_lm_head(hidden.clone(), weight, targets, DEFAULT_CHUNK).logp
@@ -63,10 +42,7 @@ fn run(n: usize, v: usize, fused: bool) -> (f64, usize) {
     let grads = logp.sum().backward();
     let g = hidden.grad(&grads).unwrap().sum().into_scalar();
     assert!(g.is_finite());
-    (
-        t.elapsed().as_secs_f64(),
-        PEAK.load(Ordering::Relaxed) - base,
-    )
+    (t.elapsed().as_secs_f64(), counting_alloc::peak_above(base))
 }
 
 fn main() {

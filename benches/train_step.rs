@@ -9,11 +9,7 @@
 //!
 //! `cargo bench --profile dev --bench train_step`
 
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Instant,
-};
+use std::time::Instant;
 
 use burn::{
     backend::{Autodiff, NdArray},
@@ -31,27 +27,11 @@ use prefer::{
     quant::{Nf4Factory, Nf4Linear},
 };
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 type AD = Autodiff<NdArray>;
 
@@ -139,15 +119,14 @@ fn measure(snapshot: bool) -> Measured {
     let mut peak = 0;
     let mut total = 0.0;
     for i in 0..warmup + steps {
-        let base = CURRENT.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
+        let base = counting_alloc::reset();
         let t = Instant::now();
         let out = TrainStep::step(&policy, input.clone());
         policy = TrainStep::optimize(policy, &mut optim, 1e-4, out.grads);
         let secs = t.elapsed().as_secs_f64();
         if i >= warmup {
             total += secs;
-            peak = peak.max(PEAK.load(Ordering::Relaxed) - base);
+            peak = peak.max(counting_alloc::peak_above(base));
         }
     }
     Measured {

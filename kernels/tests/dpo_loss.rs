@@ -3,6 +3,8 @@
 //! inputs and masks, odd sizes (P = 1, T = 1, T not a multiple of the block); on the CPU and on
 //! wgpu (Fusion and raw CubeBackend), under Autodiff.
 
+mod common;
+
 use burn::{
     backend::Autodiff,
     tensor::{Tensor, TensorData},
@@ -127,43 +129,4 @@ fn check<B: DpoLossBackend>(name: &str, device: &B::Device) {
     }
 }
 
-#[cfg(feature = "ndarray")]
-#[test]
-fn cpu_matches_the_formulas() {
-    check::<burn::backend::NdArray>("ndarray", &Default::default());
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn wgpu_kernels_match_the_formulas() {
-    let ok = std::thread::spawn(|| {
-        std::panic::catch_unwind(|| {
-            Tensor::<burn::backend::Wgpu, 1>::ones([1], &Default::default()).into_data();
-        })
-        .is_ok()
-    })
-    .join()
-    .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("REQUIRE_WGPU").map_or(true, |v| v != "1"),
-            "REQUIRE_WGPU=1 but no wgpu adapter was found"
-        );
-        eprintln!("skipped: no wgpu adapter");
-        return;
-    }
-    type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-    check::<burn::backend::Wgpu>("wgpu (fusion)", &Default::default());
-    check::<Raw>("wgpu (raw cube backend)", &Default::default());
-}
-
-/// The same checks on an NVIDIA GPU: `cargo test -p prefer-kernels --features cuda` on a machine
-/// with one (CI has none).
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_matches() {
-    type Raw = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
-    let device = burn::backend::cuda::CudaDevice::new(0);
-    check::<burn::backend::Cuda>("cuda (fusion)", &device);
-    check::<Raw>("cuda (raw cube backend)", &device);
-}
+on_every_backend!(check);

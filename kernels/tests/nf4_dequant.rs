@@ -3,6 +3,8 @@
 //! under Autodiff. On wgpu the output buffer is first filled with NaN, so a kernel that silently
 //! fails to compile or run cannot pass. With `REQUIRE_WGPU=1` (CI), a missing adapter fails.
 
+mod common;
+
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use prefer_kernels::{Nf4DequantBackend, nf4_dequantize};
 
@@ -128,26 +130,9 @@ fn cpu_fallback_is_exact() {
 }
 
 #[cfg(feature = "wgpu")]
-fn wgpu_available() -> bool {
-    let ok = std::thread::spawn(|| {
-        std::panic::catch_unwind(|| {
-            Tensor::<burn::backend::Wgpu, 1>::ones([1], &Default::default()).into_data();
-        })
-        .is_ok()
-    })
-    .join()
-    .unwrap_or(false);
-    if !ok && std::env::var("REQUIRE_WGPU").is_ok_and(|v| v == "1") {
-        panic!("REQUIRE_WGPU=1 but no wgpu adapter was found (install mesa-vulkan-drivers)");
-    }
-    ok
-}
-
-#[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_kernel_is_exact() {
-    if !wgpu_available() {
-        eprintln!("skipped: no wgpu adapter");
+    if !common::wgpu_ready() {
         return;
     }
     type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;

@@ -2,6 +2,8 @@
 //! host: random logits (never zeros), odd sizes, V = 1, V = 128 256, extreme logits (±1e4); on the CPU
 //! (tensor ops), on wgpu through Fusion and on the raw CubeBackend, and under Autodiff.
 
+mod common;
+
 use burn::{
     backend::Autodiff,
     tensor::{Int, Tensor, TensorData},
@@ -124,44 +126,4 @@ fn check<B: SelectiveLogSoftmaxBackend>(name: &str, device: &B::Device) {
     }
 }
 
-#[cfg(feature = "ndarray")]
-#[test]
-fn cpu_matches_naive_f64() {
-    check::<burn::backend::NdArray>("ndarray", &Default::default());
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn wgpu_kernels_match_naive_f64() {
-    let ok = std::thread::spawn(|| {
-        std::panic::catch_unwind(|| {
-            Tensor::<burn::backend::Wgpu, 1>::ones([1], &Default::default()).into_data();
-        })
-        .is_ok()
-    })
-    .join()
-    .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("REQUIRE_WGPU").map_or(true, |v| v != "1"),
-            "REQUIRE_WGPU=1 but no wgpu adapter was found"
-        );
-        eprintln!("skipped: no wgpu adapter");
-        return;
-    }
-    type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-    check::<burn::backend::Wgpu>("wgpu (fusion)", &Default::default());
-    check::<Raw>("wgpu (raw cube backend)", &Default::default());
-    let _ = <burn::backend::Wgpu as burn::tensor::backend::Backend>::name(&Default::default());
-}
-
-/// The same checks on an NVIDIA GPU: `cargo test -p prefer-kernels --features cuda` on a machine
-/// with one (CI has none).
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_matches() {
-    type Raw = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
-    let device = burn::backend::cuda::CudaDevice::new(0);
-    check::<burn::backend::Cuda>("cuda (fusion)", &device);
-    check::<Raw>("cuda (raw cube backend)", &device);
-}
+on_every_backend!(check);
