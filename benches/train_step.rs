@@ -22,7 +22,7 @@ use prefer::{
         data::{TokenizedPair, collate},
         train::{DpoInput, DpoPolicy},
     },
-    llama::{LlamaConfig, LlamaModel, MemoryWeights, RopeScaling},
+    llama::{LlamaConfig, LlamaModel, MemoryWeights},
     lora::{LoraConfig, LoraFactory, snapshot_adapter},
     quant::{Nf4Factory, Nf4Linear},
 };
@@ -37,24 +37,9 @@ type AD = Autodiff<NdArray>;
 
 fn config() -> LlamaConfig {
     LlamaConfig {
-        vocab_size: 4096,
-        hidden_size: 256,
-        intermediate_size: 688,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 64,
         max_position_embeddings: 512,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
         pad_token_id: Some(0),
+        ..LlamaConfig::plain(4096, 256, 688, 4, 4, 2)
     }
 }
 

@@ -16,7 +16,7 @@ use prefer_dpo::{
         TrainRun, TrainSummary, clip::average_and_clip, list_checkpoints, train,
     },
 };
-use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights, RopeScaling};
+use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights};
 use prefer_lora::LoraFactory;
 use prefer_quant::Nf4Factory;
 use rand::{Rng, SeedableRng};
@@ -137,24 +137,9 @@ const VOCAB: usize = 64;
 
 fn model_config() -> LlamaConfig {
     LlamaConfig {
-        vocab_size: VOCAB,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
         max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
         pad_token_id: Some(0),
+        ..LlamaConfig::plain(VOCAB, 32, 64, 2, 4, 2)
     }
 }
 

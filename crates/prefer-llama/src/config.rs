@@ -74,6 +74,39 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// A plain Llama of the given shape: head dim `hidden / heads`, default RoPE (θ = 10 000), RMS
+    /// norm ε 1e-5, no biases, untied embeddings, 2048 positions, no special tokens — for models
+    /// built in-process (tests, benchmarks, the built-in training job).
+    pub fn plain(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+    ) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim: hidden_size / num_attention_heads.max(1),
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::Default,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            pad_token_id: None,
+        }
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
