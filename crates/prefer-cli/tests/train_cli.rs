@@ -201,22 +201,40 @@ fn a_killed_run_resumes_from_its_last_complete_checkpoint() {
         }
         a
     };
+    let newest = |dir: &Path| -> usize {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .strip_prefix("checkpoint-")
+                            .and_then(|n| n.parse().ok())
+                    })
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
     let mut resumed = false;
-    for delay_ms in [2500u64, 3100, 3700] {
+    // Each run is killed shortly after it writes a new checkpoint (one per step): the kill lands
+    // while the following ones are being written.
+    for delay_ms in [0u64, 40, 120] {
+        let before = newest(&out);
         let mut child = Process::new(&bin)
             .args(args(resumed))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let started = std::time::Instant::now();
+        while newest(&out) <= before && started.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
-        resumed = out.join("checkpoint-1").exists()
-            || std::fs::read_dir(&out).is_ok_and(|d| {
-                d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
-            });
+        resumed = newest(&out) > 0;
     }
     assert!(resumed, "no checkpoint was written before the kills");
     let run = prefer().args(args(true)).output().unwrap();
