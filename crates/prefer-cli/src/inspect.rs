@@ -80,9 +80,10 @@ fn safetensors_tensors(dir: &Path) -> Result<BTreeMap<String, (String, usize, us
                 s.iter().filter_map(|d| d.as_u64()).product::<u64>() as usize
             });
             let offs = t["data_offsets"].as_array();
+            // A malformed header (end before start) counts as 0 bytes rather than underflowing.
             let bytes = offs.map_or(0, |o| {
-                (o.get(1).and_then(|x| x.as_u64()).unwrap_or(0)
-                    - o.first().and_then(|x| x.as_u64()).unwrap_or(0)) as usize
+                let at = |i: usize| o.get(i).and_then(|x| x.as_u64()).unwrap_or(0);
+                at(1).saturating_sub(at(0)) as usize
             });
             out.insert(name.clone(), (dtype, count, bytes));
         }
