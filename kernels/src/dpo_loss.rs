@@ -17,7 +17,7 @@ use burn::{
         },
     },
     tensor::{
-        Tensor, TensorPrimitive,
+        DType, Tensor, TensorPrimitive,
         backend::{AutodiffBackend, Backend},
         ops::FloatTensor,
     },
@@ -50,9 +50,12 @@ pub trait DpoLossBackend: Backend {
         beta: f32,
         label_smoothing: f32,
     ) -> DpoForward<Self> {
+        // Sums over the completion in f32 whatever the input type; results in the policy's type.
         let pol: Tensor<Self, 2> = float(policy);
-        let mask: Tensor<Self, 2> = float(mask);
-        let reference: Tensor<Self, 1> = float(reference);
+        let dtype = pol.dtype();
+        let pol = pol.cast(DType::F32);
+        let mask = float::<Self, 2>(mask).cast(DType::F32);
+        let reference = float::<Self, 1>(reference).cast(DType::F32);
         let rows = pol.dims()[0];
         let p = rows / 2;
         let ratio = (pol * mask).sum_dim(1).reshape([rows]) - reference;
@@ -67,7 +70,8 @@ pub trait DpoLossBackend: Backend {
         let loss = sp_neg.clone() * (1.0 - eps) + sp_pos.clone() * eps;
         let (sig, sig_neg) = (sp_neg.neg().exp(), sp_pos.neg().exp());
         let coef = (sig_neg * (1.0 - eps) - sig * eps) * (-beta);
-        (prim(loss), prim(c * beta), prim(r * beta), prim(coef))
+        let out = |t: Tensor<Self, 1>| prim(t.cast(dtype));
+        (out(loss), out(c * beta), out(r * beta), out(coef))
     }
 
     /// `∂(Σ grad·loss)/∂policy` `[2P, T]`: `grad·coef·mask`, negated on rejected rows.
@@ -104,10 +108,12 @@ pub fn dpo_sigmoid_loss<B: DpoLossBackend>(
     beta: f64,
     label_smoothing: f64,
 ) -> DpoLossOutput<B> {
+    // One float type for the kernel: the policy's.
+    let dtype = policy.dtype();
     let (loss, chosen, rejected, _) = B::dpo_sigmoid_forward(
         prim(policy),
-        prim(mask),
-        prim(reference),
+        prim(mask.cast(dtype)),
+        prim(reference.cast(dtype)),
         beta as f32,
         label_smoothing as f32,
     );
@@ -120,6 +126,9 @@ pub fn dpo_sigmoid_loss<B: DpoLossBackend>(
 
 #[cfg(feature = "ndarray")]
 impl DpoLossBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+impl DpoLossBackend for burn_flex::Flex {}
 
 #[derive(Debug)]
 struct DpoBackward;
@@ -182,7 +191,8 @@ mod cube {
 
     use burn::tensor::{Shape, ops::FloatTensor};
     use burn_cubecl::{
-        BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, ops::numeric::empty_device,
+        BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
+        ops::numeric::empty_device_dtype,
     };
     use burn_fusion::{
         Fusion, FusionBackend, FusionRuntime,
@@ -208,6 +218,7 @@ mod cube {
         beta: f32,
         eps: f32,
         #[comptime] block: usize,
+        #[define(F)] _dtype: StorageType,
     ) {
         let pair = CUBE_POS;
         let pairs = loss.shape(0);
@@ -271,6 +282,7 @@ mod cube {
         grad: &Tensor<F>,
         out: &mut Tensor<F>,
         #[comptime] block: usize,
+        #[define(F)] _dtype: StorageType,
     ) {
         let len = mask.shape(1);
         let rows = mask.shape(0);
@@ -309,11 +321,17 @@ mod cube {
         ) -> DpoForward<Self> {
             let rows = policy.meta.shape()[0];
             let p = rows / 2;
-            let client = policy.client.clone();
-            let new =
-                || empty_device::<R, F>(client.clone(), policy.device.clone(), Shape::new([p]));
+            let (client, dtype) = (policy.client.clone(), policy.dtype);
+            let new = || {
+                empty_device_dtype(
+                    client.clone(),
+                    policy.device.clone(),
+                    Shape::new([p]),
+                    dtype,
+                )
+            };
             let (loss, c, r, coef) = (new(), new(), new(), new());
-            dpo_fwd_kernel::launch::<F, R>(
+            dpo_fwd_kernel::launch(
                 &client,
                 grid(p),
                 CubeDim::new_1d(BLOCK as u32),
@@ -327,6 +345,7 @@ mod cube {
                 beta,
                 label_smoothing,
                 BLOCK,
+                dtype.into(),
             );
             (loss, c, r, coef)
         }
@@ -338,9 +357,9 @@ mod cube {
         ) -> FloatTensor<Self> {
             let shape = mask.meta.shape().clone();
             let n = shape[0] * shape[1];
-            let client = mask.client.clone();
-            let out = empty_device::<R, F>(client.clone(), mask.device.clone(), shape);
-            dpo_bwd_kernel::launch::<F, R>(
+            let (client, dtype) = (mask.client.clone(), mask.dtype);
+            let out = empty_device_dtype(client.clone(), mask.device.clone(), shape, dtype);
+            dpo_bwd_kernel::launch(
                 &client,
                 grid(n.div_ceil(BLOCK)),
                 CubeDim::new_1d(BLOCK as u32),
@@ -349,6 +368,7 @@ mod cube {
                 grad.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 BLOCK,
+                dtype.into(),
             );
             out
         }

@@ -17,7 +17,7 @@ use burn::{
         },
     },
     tensor::{
-        IndexingUpdateOp, Int, Tensor, TensorPrimitive,
+        DType, Int, Tensor, TensorPrimitive,
         backend::{AutodiffBackend, Backend},
         ops::{FloatTensor, IntTensor},
     },
@@ -50,10 +50,12 @@ fn local_targets<B: Backend>(
     (local.clamp(0, len as i64 - 1), inside.float())
 }
 
-/// The fused LM head operations.
+/// The fused LM head operations. `logp` and `mean_logit` have the hidden states' float type; the
+/// running sums and the log-sum-exp are f32 whatever the input type.
 pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
-    /// `hidden` `[N, H]`, `weight` `[V, H]`, `targets` `[N]` → (`logp`, `lse`, `mean_logit`), `[N]`
-    /// each. The default implementation runs chunked matmuls around the selective log-softmax.
+    /// `hidden` `[N, H]`, `weight` `[V, H]`, `targets` `[N]` → (`logp`, `lse` in f32,
+    /// `mean_logit`), `[N]` each. The default implementation runs chunked matmuls around the
+    /// selective log-softmax.
     fn lm_head_forward(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -65,19 +67,23 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
         let t = Tensor::<Self, 1, Int>::from_primitive(targets);
         let [n, _] = h.dims();
         let v = w.dims()[0];
+        let (device, dtype) = (h.device(), h.dtype());
+        let f32_zeros = || Tensor::<Self, 1>::zeros([n], (&device, DType::F32));
         let mut lse: Option<Tensor<Self, 1>> = None;
-        let mut target_logit = Tensor::<Self, 1>::zeros([n], &h.device());
-        let mut logit_sum = Tensor::<Self, 1>::zeros([n], &h.device());
+        let (mut target_logit, mut logit_sum) = (f32_zeros(), f32_zeros());
         for start in (0..v).step_by(chunk.max(1)) {
             let len = chunk.max(1).min(v - start);
             let logits = h
                 .clone()
                 .matmul(w.clone().narrow(0, start, len).transpose());
-            logit_sum = logit_sum + logits.clone().sum_dim(1).reshape([n]);
+            let logits32 = logits.clone().cast(DType::F32);
+            logit_sum = logit_sum + logits32.clone().sum_dim(1).reshape([n]);
             let (idx, inside) = local_targets(&t, start, len);
-            let (logp_c, lse_c) = Self::slsm_forward(prim(logits), idx.into_primitive());
-            let (logp_c, lse_c): (Tensor<Self, 1>, Tensor<Self, 1>) = (float(logp_c), float(lse_c));
-            target_logit = target_logit + (logp_c + lse_c.clone()) * inside;
+            target_logit = target_logit
+                + logits32.gather(1, idx.clone().reshape([n, 1])).reshape([n])
+                    * inside.cast(DType::F32);
+            let (_, lse_c) = Self::slsm_forward(prim(logits), idx.into_primitive());
+            let lse_c: Tensor<Self, 1> = float(lse_c);
             lse = Some(match lse {
                 None => lse_c,
                 Some(acc) => {
@@ -87,11 +93,11 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
                 }
             });
         }
-        let lse = lse.unwrap_or_else(|| Tensor::zeros([n], &h.device()));
+        let lse = lse.unwrap_or_else(f32_zeros);
         (
-            prim(target_logit - lse.clone()),
+            prim((target_logit - lse.clone()).cast(dtype)),
             prim(lse),
-            prim(logit_sum / v as f64),
+            prim((logit_sum / v as f64).cast(dtype)),
         )
     }
 
@@ -110,38 +116,33 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
         let w: Tensor<Self, 2> = float(weight);
         let t = Tensor::<Self, 1, Int>::from_primitive(targets);
         let lse: Tensor<Self, 1> = float(lse);
-        let g: Tensor<Self, 1> = float(grad);
-        let [n, _] = h.dims();
+        let dtype = h.dtype();
+        let g: Tensor<Self, 1> = float::<Self, 1>(grad).cast(dtype);
         let v = w.dims()[0];
-        let mut dh = Tensor::<Self, 2>::zeros(h.dims(), &h.device());
+        // Chunk contributions are summed in f32.
+        let mut dh = Tensor::<Self, 2>::zeros(h.dims(), (&h.device(), DType::F32));
         let mut dw = Vec::new();
         for start in (0..v).step_by(chunk.max(1)) {
             let len = chunk.max(1).min(v - start);
             let wc = w.clone().narrow(0, start, len);
             let logits = h.clone().matmul(wc.clone().transpose());
-            let (idx, inside) = local_targets(&t, start, len);
-            // The kernel adds g at the (clamped) column of every row; rows whose target lies in
-            // another chunk take it back.
+            // Targets relative to the chunk; those in another chunk fall outside `[0, len)` and get
+            // no one-hot term. (Adding g at a clamped column and taking it back would cancel
+            // catastrophically in f16/bf16.)
+            let local = t.clone().sub_scalar(start as i64);
             let d: Tensor<Self, 2> = float(Self::slsm_backward(
                 prim(logits),
-                idx.clone().into_primitive(),
+                local.into_primitive(),
                 prim(lse.clone()),
                 prim(g.clone()),
             ));
-            let outside = (inside.neg() + 1.0) * g.clone().neg();
-            let d = d.scatter(
-                1,
-                idx.reshape([n, 1]),
-                outside.reshape([n, 1]),
-                IndexingUpdateOp::Add,
-            );
             if weight_grad {
                 dw.push(d.clone().transpose().matmul(h.clone()));
             }
-            dh = dh + d.matmul(wc);
+            dh = dh + d.matmul(wc).cast(DType::F32);
         }
         let dw = weight_grad.then(|| prim(Tensor::cat(dw, 0)));
-        (prim(dh), dw)
+        (prim(dh.cast(dtype)), dw)
     }
 }
 
@@ -150,7 +151,7 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
 pub struct LmHeadOutput<B: Backend> {
     /// Log-prob of the row's target (differentiable with respect to hidden states and weight).
     pub logp: Tensor<B, 1>,
-    /// Log-sum-exp of the row's logits (not differentiable).
+    /// Log-sum-exp of the row's logits, in f32 (not differentiable).
     pub lse: Tensor<B, 1>,
     /// Mean logit over the vocabulary (not differentiable; TRL's `logits/*` metrics).
     pub mean_logit: Tensor<B, 1>,
@@ -175,6 +176,9 @@ pub fn fused_lm_head<B: FusedLmHeadBackend>(
 
 #[cfg(feature = "ndarray")]
 impl FusedLmHeadBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+impl FusedLmHeadBackend for burn_flex::Flex {}
 
 #[derive(Debug)]
 struct LmHeadBackward;

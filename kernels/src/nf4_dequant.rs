@@ -77,6 +77,9 @@ pub fn nf4_dequantize<B: Nf4DequantBackend>(
 #[cfg(feature = "ndarray")]
 impl Nf4DequantBackend for burn::backend::NdArray {}
 
+#[cfg(feature = "flex")]
+impl Nf4DequantBackend for burn_flex::Flex {}
+
 /// The weights are frozen: no gradient flows into codes or scales, so the inner result is wrapped
 /// as a constant.
 impl<B: Nf4DequantBackend, C: CheckpointStrategy> Nf4DequantBackend for Autodiff<B, C> {

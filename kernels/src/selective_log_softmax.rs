@@ -14,34 +14,40 @@ use burn::{
         },
     },
     tensor::{
-        Int, Tensor, TensorPrimitive,
+        DType, Int, Tensor, TensorPrimitive,
         backend::{AutodiffBackend, Backend},
         ops::{FloatTensor, IntTensor},
     },
 };
 
-/// The selective log-softmax operations.
+/// The selective log-softmax operations. `logp` and the gradient have the logits' float type;
+/// the arithmetic, and the saved log-sum-exp, are f32 whatever the input type (f16/bf16 logits
+/// would otherwise lose the log-sum-exp to rounding).
 pub trait SelectiveLogSoftmaxBackend: Backend {
-    /// `logits` `[N, V]`, `targets` `[N]` → (`logp` `[N]`, `lse` `[N]`). The default implementation
-    /// uses tensor operations (it materialises one `[N, V]` temporary).
+    /// `logits` `[N, V]`, `targets` `[N]` → (`logp` `[N]`, `lse` `[N]` in f32). The default
+    /// implementation uses tensor operations (it materialises one `[N, V]` temporary).
     fn slsm_forward(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(logits));
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let t = Tensor::<Self, 1, Int>::from_primitive(targets);
         let max = x.clone().max_dim(1);
         let lse = (x.clone() - max.clone()).exp().sum_dim(1).log() + max;
         let n = t.dims()[0];
         let picked = x.gather(1, t.reshape([n, 1]));
-        let logp = (picked - lse.clone()).reshape([n]);
+        let logp = (picked - lse.clone()).reshape([n]).cast(dtype);
         (
             logp.into_primitive().tensor(),
             lse.reshape([n]).into_primitive().tensor(),
         )
     }
 
-    /// `dlogits[r, c] = grad[r] · (1{c = t[r]} − exp(x[r, c] − lse[r]))`, `[N, V]`.
+    /// `dlogits[r, c] = grad[r] · (1{c = t[r]} − exp(x[r, c] − lse[r]))`, `[N, V]`, from the f32
+    /// `lse` of the forward pass. A target outside `[0, V)` has no one-hot term: the chunked LM head
+    /// passes the rows whose target lies in another chunk that way.
     fn slsm_backward(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -49,13 +55,24 @@ pub trait SelectiveLogSoftmaxBackend: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(logits));
-        let n = x.dims()[0];
-        let t = Tensor::<Self, 1, Int>::from_primitive(targets).reshape([n, 1]);
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let [n, v] = x.dims();
+        let t = Tensor::<Self, 1, Int>::from_primitive(targets);
+        let inside = t
+            .clone()
+            .greater_equal_elem(0)
+            .bool_and(t.clone().lower_elem(v as i64))
+            .float()
+            .cast(DType::F32);
+        let t = t.clamp(0, v as i64 - 1).reshape([n, 1]);
         let lse = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(lse)).reshape([n, 1]);
-        let g = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(grad)).reshape([n, 1]);
+        let g = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(grad)).cast(DType::F32);
+        let hit = (g.clone() * inside).reshape([n, 1]);
         // −g·softmax everywhere, then +g at each row's target: no one-hot `[N, V]` is built.
-        ((x - lse).exp() * g.clone().neg())
-            .scatter(1, t, g, burn::tensor::IndexingUpdateOp::Add)
+        ((x - lse).exp() * g.reshape([n, 1]).neg())
+            .scatter(1, t, hit, burn::tensor::IndexingUpdateOp::Add)
+            .cast(dtype)
             .into_primitive()
             .tensor()
     }
@@ -73,6 +90,9 @@ pub fn selective_log_softmax<B: SelectiveLogSoftmaxBackend>(
 
 #[cfg(feature = "ndarray")]
 impl SelectiveLogSoftmaxBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+impl SelectiveLogSoftmaxBackend for burn_flex::Flex {}
 
 #[derive(Debug)]
 struct SlsmBackward;
@@ -140,101 +160,156 @@ mod cube {
     use std::marker::PhantomData;
 
     use burn::tensor::{
-        Shape,
+        DType, Shape,
         ops::{FloatTensor, IntTensor},
     };
     use burn_cubecl::{
         BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
-        ops::numeric::empty_device,
+        ops::numeric::empty_device_dtype, tensor::CubeTensor,
     };
     use burn_fusion::{
         Fusion, FusionBackend, FusionRuntime,
         stream::{Operation, OperationStreams},
     };
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-    use cubecl::prelude::*;
+    use cubecl::{features::Plane, prelude::*, tensor_vector_size_parallel};
 
     use super::SelectiveLogSoftmaxBackend;
 
-    /// One cube per row. Each unit keeps an online (max, sum of exponentials) pair over its strided
-    /// columns in f32; pairs are merged in shared memory by a tree reduction.
+    /// One cube per row, reading the row in vectors of `N` elements. Each unit keeps an online
+    /// (max, sum of exponentials) pair over its strided vectors in f32, whatever the input type;
+    /// the pairs are merged by plane reductions and one shared-memory slot per plane, or by a
+    /// shared-memory tree where the device has no plane operations.
     #[cube(launch)]
-    fn slsm_fwd_kernel<F: Float, I: Int>(
-        logits: &Tensor<F>,
+    fn slsm_fwd_kernel<F: Float, I: Int, N: Size>(
+        logits: &Tensor<Vector<F, N>>,
         targets: &Tensor<I>,
         out: &mut Tensor<F>,
-        lse: &mut Tensor<F>,
+        lse: &mut Tensor<f32>,
         #[comptime] block: usize,
+        #[comptime] planes: bool,
+        #[define(F, I)] _dtypes: [StorageType; 2],
     ) {
         let row = CUBE_POS;
         if row >= logits.shape(0) {
             terminate!();
         }
         let tid = UNIT_POS as usize;
-        let v = logits.shape(1);
-        let base = row * logits.stride(0);
-        let cs = logits.stride(1);
+        let width = logits.vector_size();
+        let vectors = logits.shape(1) / width;
+        let base = row * logits.stride(0) / width;
         let mut m = f32::new(-3.0e38);
         let mut s = f32::new(0.0);
-        let mut c = tid;
-        while c < v {
-            let x = f32::cast_from(logits[base + c * cs]);
-            let nm = m.max(x);
-            s = s * (m - nm).exp() + (x - nm).exp();
+        let mut i = tid;
+        while i < vectors {
+            let x = logits[base + i];
+            let mut vm = f32::cast_from(x[0]);
+            #[unroll]
+            for k in 1..width {
+                vm = vm.max(f32::cast_from(x[k]));
+            }
+            let nm = m.max(vm);
+            let mut acc = f32::new(0.0);
+            #[unroll]
+            for k in 0..width {
+                acc += (f32::cast_from(x[k]) - nm).exp();
+            }
+            s = s * (m - nm).exp() + acc;
             m = nm;
-            c += block;
+            i += block;
         }
         let mut sm = SharedMemory::<f32>::new(block);
         let mut ss = SharedMemory::<f32>::new(block);
-        sm[tid] = m;
-        ss[tid] = s;
-        sync_cube();
-        let mut half = (block / 2).runtime();
-        while half > 0 {
-            if tid < half {
-                let (m1, m2) = (sm[tid], sm[tid + half]);
-                let nm = m1.max(m2);
-                ss[tid] = ss[tid] * (m1 - nm).exp() + ss[tid + half] * (m2 - nm).exp();
-                sm[tid] = nm;
+        if planes {
+            let pm = plane_max(m);
+            let ps = plane_sum(s * (m - pm).exp());
+            if UNIT_POS_PLANE == 0 {
+                let p = tid / PLANE_DIM as usize;
+                sm[p] = pm;
+                ss[p] = ps;
             }
             sync_cube();
-            half /= 2;
+            if tid == 0 {
+                let count = block / PLANE_DIM as usize;
+                for p in 1..count {
+                    let (m1, m2) = (sm[0], sm[p]);
+                    let nm = m1.max(m2);
+                    ss[0] = ss[0] * (m1 - nm).exp() + ss[p] * (m2 - nm).exp();
+                    sm[0] = nm;
+                }
+            }
+        } else {
+            sm[tid] = m;
+            ss[tid] = s;
+            sync_cube();
+            let mut half = (block / 2).runtime();
+            while half > 0 {
+                if tid < half {
+                    let (m1, m2) = (sm[tid], sm[tid + half]);
+                    let nm = m1.max(m2);
+                    ss[tid] = ss[tid] * (m1 - nm).exp() + ss[tid + half] * (m2 - nm).exp();
+                    sm[tid] = nm;
+                }
+                sync_cube();
+                half /= 2;
+            }
         }
         if tid == 0 {
             let l = sm[0] + ss[0].ln();
-            lse[row * lse.stride(0)] = F::cast_from(l);
+            lse[row * lse.stride(0)] = l;
             let t = usize::cast_from(targets[row * targets.stride(0)]);
-            out[row * out.stride(0)] = F::cast_from(f32::cast_from(logits[base + t * cs]) - l);
+            let x = logits[base + t / width];
+            let lane = t % width;
+            let mut xt = f32::new(0.0);
+            #[unroll]
+            for k in 0..width {
+                if k == lane {
+                    xt = f32::cast_from(x[k]);
+                }
+            }
+            out[row * out.stride(0)] = F::cast_from(xt - l);
         }
     }
 
-    /// One cube per row; each unit writes its strided columns of the gradient.
+    /// One cube per row; each unit writes its strided vectors of the gradient, in f32 arithmetic. A
+    /// target outside the row (negative ones wrap to huge) matches no column.
     #[cube(launch)]
-    fn slsm_bwd_kernel<F: Float, I: Int>(
-        logits: &Tensor<F>,
+    fn slsm_bwd_kernel<F: Float, I: Int, N: Size>(
+        logits: &Tensor<Vector<F, N>>,
         targets: &Tensor<I>,
-        lse: &Tensor<F>,
+        lse: &Tensor<f32>,
         grad: &Tensor<F>,
-        out: &mut Tensor<F>,
+        out: &mut Tensor<Vector<F, N>>,
         #[comptime] block: usize,
+        #[define(F, I)] _dtypes: [StorageType; 2],
     ) {
         let row = CUBE_POS;
         if row >= logits.shape(0) {
             terminate!();
         }
-        let v = logits.shape(1);
-        let base = row * logits.stride(0);
-        let cs = logits.stride(1);
-        let l = f32::cast_from(lse[row * lse.stride(0)]);
+        let width = logits.vector_size();
+        let vectors = logits.shape(1) / width;
+        let base = row * logits.stride(0) / width;
+        let obase = row * out.stride(0) / width;
+        let l = lse[row * lse.stride(0)];
         let g = f32::cast_from(grad[row * grad.stride(0)]);
         let t = usize::cast_from(targets[row * targets.stride(0)]);
-        let obase = row * out.stride(0);
-        let mut c = UNIT_POS as usize;
-        while c < v {
-            let p = (f32::cast_from(logits[base + c * cs]) - l).exp();
-            let hit = if c == t { f32::new(1.0) } else { f32::new(0.0) };
-            out[obase + c * out.stride(1)] = F::cast_from(g * (hit - p));
-            c += block;
+        let mut i = UNIT_POS as usize;
+        while i < vectors {
+            let x = logits[base + i];
+            let mut o = Vector::<F, N>::empty();
+            #[unroll]
+            for k in 0..width {
+                let p = (f32::cast_from(x[k]) - l).exp();
+                let hit = if i * width + k == t {
+                    f32::new(1.0)
+                } else {
+                    f32::new(0.0)
+                };
+                o[k] = F::cast_from(g * (hit - p));
+            }
+            out[obase + i] = o;
+            i += block;
         }
     }
 
@@ -244,8 +319,79 @@ mod cube {
         CubeCount::Static(x, (n as u32).div_ceil(x), 1)
     }
 
-    fn block_for(v: usize) -> usize {
-        v.next_power_of_two().clamp(32, 256)
+    /// How a row is read and reduced on this device: the vector width, the units per cube and
+    /// whether plane operations merge the units' partial results.
+    struct Layout {
+        width: usize,
+        block: usize,
+        planes: bool,
+    }
+
+    fn layout<R: CubeRuntime>(logits: &CubeTensor<R>, allow_planes: bool) -> Layout {
+        let client = &logits.client;
+        let width = tensor_vector_size_parallel(
+            client.io_optimized_vector_sizes(logits.dtype.size()),
+            logits.meta.shape(),
+            logits.meta.strides(),
+            1,
+        );
+        let props = client.properties();
+        let planes = allow_planes && props.features.plane.contains(Plane::Ops);
+        let vectors = logits.meta.shape()[1] / width;
+        let mut block = vectors.next_power_of_two().clamp(32, 256);
+        if planes {
+            // Every plane must be full: at least one plane per cube.
+            block = block.max(props.hardware.plane_size_max as usize);
+        }
+        Layout {
+            width,
+            block: block.min(props.hardware.max_units_per_cube as usize),
+            planes,
+        }
+    }
+
+    /// The forward launch; `allow_planes: false` forces the shared-memory tree (tested against the
+    /// plane path on devices that have both).
+    fn forward<R: CubeRuntime>(
+        logits: CubeTensor<R>,
+        targets: CubeTensor<R>,
+        allow_planes: bool,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let logits = rows_contiguous(logits);
+        let n = logits.meta.shape()[0];
+        let Layout {
+            width,
+            block,
+            planes,
+        } = layout(&logits, allow_planes);
+        let (client, device, dtype) = (logits.client.clone(), logits.device.clone(), logits.dtype);
+        let targets = into_contiguous(targets);
+        let out = empty_device_dtype(client.clone(), device.clone(), Shape::new([n]), dtype);
+        let lse = empty_device_dtype(client.clone(), device, Shape::new([n]), DType::F32);
+        let dtypes = [dtype.into(), targets.dtype.into()];
+        slsm_fwd_kernel::launch(
+            &client,
+            grid(n),
+            CubeDim::new_1d(block as u32),
+            width,
+            logits.into_tensor_arg(),
+            targets.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            block,
+            planes,
+            dtypes,
+        );
+        (out, lse)
+    }
+
+    /// Rows must be contiguous for vector loads.
+    fn rows_contiguous<R: CubeRuntime>(logits: CubeTensor<R>) -> CubeTensor<R> {
+        if logits.meta.strides()[1] == 1 {
+            logits
+        } else {
+            into_contiguous(logits)
+        }
     }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SelectiveLogSoftmaxBackend
@@ -255,22 +401,7 @@ mod cube {
             logits: FloatTensor<Self>,
             targets: IntTensor<Self>,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let shape = logits.meta.shape().clone();
-            let (n, block) = (shape[0], block_for(shape[1]));
-            let client = logits.client.clone();
-            let out = empty_device::<R, F>(client.clone(), logits.device.clone(), Shape::new([n]));
-            let lse = empty_device::<R, F>(client.clone(), logits.device.clone(), Shape::new([n]));
-            slsm_fwd_kernel::launch::<F, I, R>(
-                &client,
-                grid(n),
-                CubeDim::new_1d(block as u32),
-                logits.into_tensor_arg(),
-                into_contiguous(targets).into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                lse.clone().into_tensor_arg(),
-                block,
-            );
-            (out, lse)
+            forward(logits, targets, true)
         }
 
         fn slsm_backward(
@@ -279,20 +410,26 @@ mod cube {
             lse: FloatTensor<Self>,
             grad: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
+            let logits = rows_contiguous(logits);
             let shape = logits.meta.shape().clone();
-            let (n, block) = (shape[0], block_for(shape[1]));
-            let client = logits.client.clone();
-            let out = empty_device::<R, F>(client.clone(), logits.device.clone(), shape);
-            slsm_bwd_kernel::launch::<F, I, R>(
+            let Layout { width, block, .. } = layout(&logits, false);
+            let (client, dtype) = (logits.client.clone(), logits.dtype);
+            let out =
+                empty_device_dtype(client.clone(), logits.device.clone(), shape.clone(), dtype);
+            let targets = into_contiguous(targets);
+            let dtypes = [dtype.into(), targets.dtype.into()];
+            slsm_bwd_kernel::launch(
                 &client,
-                grid(n),
+                grid(shape[0]),
                 CubeDim::new_1d(block as u32),
+                width,
                 logits.into_tensor_arg(),
-                into_contiguous(targets).into_tensor_arg(),
+                targets.into_tensor_arg(),
                 lse.into_tensor_arg(),
                 grad.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 block,
+                dtypes,
             );
             out
         }
@@ -346,7 +483,7 @@ mod cube {
             let (client, n, dtype) = (x.client.clone(), x.shape[0], x.dtype);
             let streams = OperationStreams::with_inputs([&x, &t]);
             let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), dtype);
-            let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), dtype);
+            let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), DType::F32);
             let desc = CustomOpIr::new(
                 "slsm_forward",
                 &[x.clone().into_ir(), t.clone().into_ir()],
@@ -397,6 +534,93 @@ mod cube {
                 .try_into()
                 .expect("one output");
             o
+        }
+    }
+
+    /// The plane reduction and the shared-memory tree give the same row statistics, at vector
+    /// widths 4 (V = 1000), 2 (V = 514) and 1 (V = 33). Where the device has no plane operations
+    /// (lavapipe: cubecl turns them off on CPU adapters) both runs take the tree; CUDA and GPU
+    /// adapters run both.
+    #[cfg(test)]
+    mod tests {
+        use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+        use burn_cubecl::{CubeBackend, CubeRuntime};
+
+        fn agree<R: CubeRuntime>(device: &R::Device) {
+            type Raw<R> = CubeBackend<R, f32, i32, u32>;
+            let probe = Tensor::<Raw<R>, 1>::ones([1], device)
+                .into_primitive()
+                .tensor();
+            let props = probe.client.properties();
+            eprintln!(
+                "plane operations: {:?}, plane size {}..{}",
+                props.features.plane, props.hardware.plane_size_min, props.hardware.plane_size_max
+            );
+            for (n, v) in [(6, 1000), (5, 514), (3, 33)] {
+                let xs: Vec<f32> = (0..n * v)
+                    .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 8.0)
+                    .collect();
+                let ts: Vec<i64> = (0..n).map(|r| ((r * 131) % v) as i64).collect();
+                let run = |planes: bool| {
+                    let x =
+                        Tensor::<Raw<R>, 2>::from_data(TensorData::new(xs.clone(), [n, v]), device);
+                    let t = Tensor::<Raw<R>, 1, Int>::from_data(
+                        TensorData::new(ts.clone(), [n]),
+                        device,
+                    );
+                    let (o, l) =
+                        super::forward(x.into_primitive().tensor(), t.into_primitive(), planes);
+                    let host = |p| {
+                        Tensor::<Raw<R>, 1>::from_primitive(TensorPrimitive::Float(p))
+                            .into_data()
+                            .to_vec::<f32>()
+                            .unwrap()
+                    };
+                    (host(o), host(l))
+                };
+                let (plane, tree) = (run(true), run(false));
+                for r in 0..n {
+                    let row = &xs[r * v..(r + 1) * v];
+                    let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    let logp = row[ts[r] as usize] as f64 - lse;
+                    for (what, (o, l)) in [("plane", &plane), ("tree", &tree)] {
+                        let (o, l) = (o[r] as f64, l[r] as f64);
+                        assert!((l - lse).abs() <= 1e-5 * lse.abs(), "{what} lse row {r}");
+                        assert!(
+                            (o - logp).abs() <= 1e-5 * logp.abs().max(1.0),
+                            "{what} logp row {r}"
+                        );
+                    }
+                }
+            }
+        }
+
+        #[cfg(feature = "wgpu")]
+        #[test]
+        fn plane_and_tree_reductions_agree_on_wgpu() {
+            let adapter = std::thread::spawn(|| {
+                std::panic::catch_unwind(|| {
+                    Tensor::<burn::backend::Wgpu, 1>::ones([1], &Default::default()).into_data();
+                })
+                .is_ok()
+            })
+            .join()
+            .unwrap_or(false);
+            if adapter {
+                agree::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+            } else {
+                assert!(
+                    std::env::var("REQUIRE_WGPU").map_or(true, |v| v != "1"),
+                    "REQUIRE_WGPU=1 but no wgpu adapter was found"
+                );
+            }
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn plane_and_tree_reductions_agree_on_cuda() {
+            agree::<cubecl::cuda::CudaRuntime>(&Default::default());
         }
     }
 }

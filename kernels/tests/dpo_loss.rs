@@ -7,8 +7,9 @@ mod common;
 
 use burn::{
     backend::Autodiff,
-    tensor::{Tensor, TensorData},
+    tensor::{DType, Tensor},
 };
+use common::{host, rounded, tensor};
 use prefer_kernels::{DpoLossBackend, dpo_sigmoid_loss};
 
 struct Case {
@@ -77,54 +78,61 @@ fn naive(c: &Case) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     (loss, ch, rj, grad)
 }
 
-fn close(what: &str, got: &[f32], want: &[f64]) {
+fn close(what: &str, got: &[f32], want: &[f64], rel: f64) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
-            g.is_finite() && (*g as f64 - w).abs() <= 1e-5 * w.abs().max(1e-2),
+            g.is_finite() && (*g as f64 - w).abs() <= rel * w.abs().max(1e-2),
             "{what}: element {i}: {g} vs {w}"
         );
     }
 }
 
-fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
-}
-
-fn check<B: DpoLossBackend>(name: &str, device: &B::Device) {
-    for c in [
+fn check<B: DpoLossBackend>(name: &str, device: &B::Device, dtype: DType) {
+    // f16/bf16: sums in f32 from the rounded inputs, outputs rounded to the input type.
+    let rel = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    for mut c in [
         case(1, 1, 0.1, 0.0, 1),
         case(3, 17, 0.1, 0.1, 2),
         case(8, 300, 0.5, 0.25, 3),
         case(5, 129, 2.0, 0.0, 4),
     ] {
+        c.policy = rounded(&c.policy, dtype);
+        c.reference = rounded(&c.reference, dtype);
+        c.g = rounded(&c.g, dtype);
         let (loss, ch, rj, grad) = naive(&c);
         drop(Tensor::<B, 2>::full([2 * c.p, c.t], f32::NAN, device).into_data());
         let shape = [2 * c.p, c.t];
-        let policy =
-            Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(c.policy.clone(), shape), device)
-                .require_grad();
-        let mask =
-            Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(c.mask.clone(), shape), device);
-        let reference = Tensor::<Autodiff<B>, 1>::from_data(
-            TensorData::new(c.reference.clone(), [2 * c.p]),
-            device,
-        );
-        let g = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(c.g.clone(), [c.p]), device);
+        let policy = tensor::<Autodiff<B>, 2>(&c.policy, shape, dtype, device).require_grad();
+        // The mask and the reference sums stay f32: the loss casts them to the policy's type.
+        let mask = tensor::<Autodiff<B>, 2>(&c.mask, shape, DType::F32, device);
+        let reference = tensor::<Autodiff<B>, 1>(&c.reference, [2 * c.p], DType::F32, device);
+        let g = tensor::<Autodiff<B>, 1>(&c.g, [c.p], dtype, device);
         let out = dpo_sigmoid_loss(policy.clone(), mask, reference, c.beta, c.eps);
-        let what = format!("{name} P={} T={} β={} ε={}", c.p, c.t, c.beta, c.eps);
-        close(&format!("{what} loss"), &host(out.loss.clone()), &loss);
-        close(&format!("{what} chosen"), &host(out.chosen_rewards), &ch);
+        let what = format!(
+            "{name} {dtype:?} P={} T={} β={} ε={}",
+            c.p, c.t, c.beta, c.eps
+        );
+        assert_eq!(out.loss.dtype(), dtype, "{what}");
+        close(&format!("{what} loss"), &host(out.loss.clone()), &loss, rel);
+        close(
+            &format!("{what} chosen"),
+            &host(out.chosen_rewards),
+            &ch,
+            rel,
+        );
         close(
             &format!("{what} rejected"),
             &host(out.rejected_rewards),
             &rj,
+            rel,
         );
         let grads = (out.loss * g).sum().backward();
         close(
             &format!("{what} grad"),
             &host(policy.grad(&grads).unwrap()),
             &grad,
+            rel,
         );
     }
 }

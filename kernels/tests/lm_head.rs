@@ -6,8 +6,9 @@ mod common;
 
 use burn::{
     backend::Autodiff,
-    tensor::{Int, Tensor, TensorData},
+    tensor::{DType, Int, Tensor, TensorData},
 };
+use common::{host, rounded, tensor};
 use prefer_kernels::{FusedLmHeadBackend, fused_lm_head};
 
 struct Case {
@@ -44,11 +45,29 @@ fn case(n: usize, v: usize, h: usize, chunk: usize, seed: u64) -> Case {
     }
 }
 
-/// (logp, lse, mean logit, d hidden, d weight) of Σ g·logp, in f64.
-#[allow(clippy::type_complexity)]
-fn naive(c: &Case) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+/// The f64 reference of Σ g·logp.
+struct Naive {
+    logp: Vec<f64>,
+    lse: Vec<f64>,
+    mean: Vec<f64>,
+    dh: Vec<f64>,
+    dw: Vec<f64>,
+    /// Σ |terms| of each gradient element: the scale of its rounding error in f16/bf16, where
+    /// `dlogits` (of magnitude ~g at the target) is rounded before the sums cancel.
+    dh_mag: Vec<f64>,
+    dw_mag: Vec<f64>,
+    /// Σ |coefficient of dlogits| of each gradient element: in f16, `dlogits` below 6e-5 (every
+    /// non-target column at V = 128 256) is subnormal and rounds to a multiple of 2^-24.
+    dh_sub: Vec<f64>,
+    dw_sub: Vec<f64>,
+}
+
+/// The reference from logits rounded to `dtype`, as the backend's matmul rounds them.
+fn naive(c: &Case, dtype: DType) -> Naive {
     let (mut logp, mut lse, mut mean) = (vec![0.0; c.n], vec![0.0; c.n], vec![0.0; c.n]);
     let (mut dh, mut dw) = (vec![0.0; c.n * c.h], vec![0.0; c.v * c.h]);
+    let (mut dh_mag, mut dw_mag) = (vec![0.0; c.n * c.h], vec![0.0; c.v * c.h]);
+    let (mut dh_sub, mut dw_sub) = (vec![0.0; c.n * c.h], vec![0.0; c.v * c.h]);
     for r in 0..c.n {
         let x = &c.hidden[r * c.h..(r + 1) * c.h];
         let logits: Vec<f64> = (0..c.v)
@@ -57,6 +76,12 @@ fn naive(c: &Case) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
                 x.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum()
             })
             .collect();
+        let logits: Vec<f64> =
+            rounded(&logits.iter().map(|&x| x as f32).collect::<Vec<_>>(), dtype)
+                .iter()
+                .zip(&logits)
+                .map(|(&r, &x)| if dtype == DType::F32 { x } else { r as f64 })
+                .collect();
         let m = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
         lse[r] = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
         let t = c.targets[r] as usize;
@@ -67,75 +92,124 @@ fn naive(c: &Case) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
             for k in 0..c.h {
                 dh[r * c.h + k] += d * c.weight[j * c.h + k] as f64;
                 dw[j * c.h + k] += d * x[k] as f64;
+                dh_mag[r * c.h + k] += (d * c.weight[j * c.h + k] as f64).abs();
+                dw_mag[j * c.h + k] += (d * x[k] as f64).abs();
+                dh_sub[r * c.h + k] += (c.weight[j * c.h + k] as f64).abs();
+                dw_sub[j * c.h + k] += (x[k] as f64).abs();
             }
         }
     }
-    (logp, lse, mean, dh, dw)
+    Naive {
+        logp,
+        lse,
+        mean,
+        dh,
+        dw,
+        dh_mag,
+        dw_mag,
+        dh_sub,
+        dw_sub,
+    }
 }
 
-fn close(what: &str, got: &[f32], want: &[f64], rel: f64) {
+/// `|got − want| ≤ rel · max(|want|, floor) + abs`, with `floor` per element (`mag`) or 1 % of the
+/// largest `|want|`, and `abs` per element (f16 subnormals) or 0.
+fn close(
+    what: &str,
+    got: &[f32],
+    want: &[f64],
+    rel: f64,
+    mag: Option<&[f64]>,
+    abs: Option<Vec<f64>>,
+) {
     assert_eq!(got.len(), want.len(), "{what}");
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let floor = mag.map_or(1e-2 * scale, |m| m[i]);
+        let abs = abs.as_ref().map_or(0.0, |a| a[i]);
         let err = (*g as f64 - w).abs();
         assert!(
-            g.is_finite() && err <= rel * w.abs().max(1e-2 * scale),
+            g.is_finite() && err <= rel * w.abs().max(floor) + abs,
             "{what}: element {i}: {g} vs {w}"
         );
     }
 }
 
-fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
-}
-
-fn check<B: FusedLmHeadBackend>(name: &str, device: &B::Device) {
-    for c in [
+fn check<B: FusedLmHeadBackend>(name: &str, device: &B::Device, dtype: DType) {
+    // f16/bf16: the reference sees the rounded inputs and logits; values within 1e-2, gradients
+    // within 1e-2 of the magnitude of their summands.
+    let half = dtype != DType::F32;
+    let tol = |f32_rel: f64| if half { 1e-2 } else { f32_rel };
+    for mut c in [
         case(1, 1, 8, 4, 1),
         case(5, 33, 16, 8, 2),
         case(7, 4099, 32, 1024, 3),
         case(3, 128_256, 16, 4096, 4),
         case(64, 1000, 64, 96, 5),
     ] {
-        let (logp, lse, mean, dh, dw) = naive(&c);
+        c.hidden = rounded(&c.hidden, dtype);
+        c.weight = rounded(&c.weight, dtype);
+        c.g = rounded(&c.g, dtype);
+        let want = naive(&c, dtype);
         drop(Tensor::<B, 2>::full([c.n, c.chunk.min(c.v)], f32::NAN, device).into_data());
-        let hidden = Tensor::<Autodiff<B>, 2>::from_data(
-            TensorData::new(c.hidden.clone(), [c.n, c.h]),
-            device,
-        )
-        .require_grad();
-        let weight = Tensor::<Autodiff<B>, 2>::from_data(
-            TensorData::new(c.weight.clone(), [c.v, c.h]),
-            device,
-        )
-        .require_grad();
+        let hidden = tensor::<Autodiff<B>, 2>(&c.hidden, [c.n, c.h], dtype, device).require_grad();
+        let weight = tensor::<Autodiff<B>, 2>(&c.weight, [c.v, c.h], dtype, device).require_grad();
         let t = Tensor::<Autodiff<B>, 1, Int>::from_data(
             TensorData::new(c.targets.clone(), [c.n]),
             device,
         );
-        let g = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(c.g.clone(), [c.n]), device);
+        let g = tensor::<Autodiff<B>, 1>(&c.g, [c.n], dtype, device);
         let out = fused_lm_head(hidden.clone(), weight.clone(), t, c.chunk);
-        let what = format!("{name} N={} V={} H={} chunk={}", c.n, c.v, c.h, c.chunk);
+        let what = format!(
+            "{name} {dtype:?} N={} V={} H={} chunk={}",
+            c.n, c.v, c.h, c.chunk
+        );
+        assert_eq!(out.logp.dtype(), dtype, "{what}");
+        assert_eq!(out.lse.dtype(), DType::F32, "{what}");
         close(
             &format!("{what} logp"),
             &host(out.logp.clone()),
-            &logp,
-            1e-5,
+            &want.logp,
+            tol(1e-5),
+            None,
+            None,
         );
-        close(&format!("{what} lse"), &host(out.lse), &lse, 1e-5);
-        close(&format!("{what} mean"), &host(out.mean_logit), &mean, 1e-4);
+        close(
+            &format!("{what} lse"),
+            &host(out.lse),
+            &want.lse,
+            tol(1e-5),
+            None,
+            None,
+        );
+        close(
+            &format!("{what} mean"),
+            &host(out.mean_logit),
+            &want.mean,
+            tol(1e-4),
+            None,
+            None,
+        );
+        // Half an f16 subnormal step per rounded dlogit, times its coefficient, plus the output's own.
+        let subnormal = |sub: &[f64]| {
+            (dtype == DType::F16).then(|| sub.iter().map(|s| (s + 1.0) * 2f64.powi(-25)).collect())
+        };
         let grads = (out.logp * g).sum().backward();
         close(
             &format!("{what} d hidden"),
             &host(hidden.grad(&grads).unwrap()),
-            &dh,
-            1e-4,
+            &want.dh,
+            tol(1e-4),
+            half.then_some(&want.dh_mag[..]),
+            subnormal(&want.dh_sub),
         );
         close(
             &format!("{what} d weight"),
             &host(weight.grad(&grads).unwrap()),
-            &dw,
-            1e-4,
+            &want.dw,
+            tol(1e-4),
+            half.then_some(&want.dw_mag[..]),
+            subnormal(&want.dw_sub),
         );
     }
 }

@@ -6,8 +6,9 @@ mod common;
 
 use burn::{
     backend::Autodiff,
-    tensor::{Int, Tensor, TensorData},
+    tensor::{DType, Int, Tensor, TensorData},
 };
+use common::{host, rounded, tensor};
 use prefer_kernels::{SelectiveLogSoftmaxBackend, selective_log_softmax};
 
 struct Case {
@@ -85,24 +86,28 @@ fn close(what: &str, got: &[f32], want: &[f64], rel: f64) {
     }
 }
 
-fn check<B: SelectiveLogSoftmaxBackend>(name: &str, device: &B::Device) {
-    for c in cases() {
+fn check<B: SelectiveLogSoftmaxBackend>(name: &str, device: &B::Device, dtype: DType) {
+    for mut c in cases() {
+        // f16/bf16 inputs: the reference sees the rounded values; the kernel accumulates in f32 and
+        // rounds its outputs to the input type.
+        c.logits = rounded(&c.logits, dtype);
+        c.weights = rounded(&c.weights, dtype);
+        if dtype != DType::F32 {
+            c.rel = 1e-2;
+        }
+        let name = format!("{name} {dtype:?}");
         let (want_logp, want_grad) = naive(&c);
         // Poison: fill and drop a NaN tensor of the output's size first.
         drop(Tensor::<B, 2>::full([c.n, c.v], f32::NAN, device).into_data());
-        let x = Tensor::<Autodiff<B>, 2>::from_data(
-            TensorData::new(c.logits.clone(), [c.n, c.v]),
-            device,
-        )
-        .require_grad();
+        let x = tensor::<Autodiff<B>, 2>(&c.logits, [c.n, c.v], dtype, device).require_grad();
         let t = Tensor::<Autodiff<B>, 1, Int>::from_data(
             TensorData::new(c.targets.clone(), [c.n]),
             device,
         );
-        let w =
-            Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(c.weights.clone(), [c.n]), device);
+        let w = tensor::<Autodiff<B>, 1>(&c.weights, [c.n], dtype, device);
         let logp = selective_log_softmax(x.clone(), t);
-        let got: Vec<f32> = logp.clone().into_data().convert::<f32>().to_vec().unwrap();
+        assert_eq!(logp.dtype(), dtype, "{name}: logp keeps the logits' type");
+        let got = host(logp.clone());
         close(
             &format!("{name} logp N={} V={}", c.n, c.v),
             &got,
@@ -110,13 +115,13 @@ fn check<B: SelectiveLogSoftmaxBackend>(name: &str, device: &B::Device) {
             c.rel,
         );
         let grads = (logp * w).sum().backward();
-        let g: Vec<f32> = x
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap();
+        let dx = x.grad(&grads).unwrap();
+        assert_eq!(
+            dx.dtype(),
+            dtype,
+            "{name}: the gradient keeps the logits' type"
+        );
+        let g = host(dx);
         close(
             &format!("{name} grad N={} V={}", c.n, c.v),
             &g,
