@@ -1,7 +1,7 @@
 //! The DPO sigmoid-loss kernel (with label smoothing): per-pair losses, rewards and the gradient
 //! with respect to the policy token log-probs, against the formulas in f64 on the host; random
 //! inputs and masks, odd sizes (P = 1, T = 1, T not a multiple of the block); on the CPU and on
-//! wgpu (Fusion and raw CubeBackend), under Autodiff.
+//! wgpu (Fusion and raw CubeBackend), under Autodiff; f32, f16 and bf16 policy log-probs.
 
 mod common;
 

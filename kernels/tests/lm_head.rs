@@ -1,6 +1,7 @@
 //! Fused LM head, values and gradients (hidden states and weight), against logits = h·Wᵀ, a naive
 //! log-softmax + gather and their gradients in f64 on the host: random inputs, odd sizes, V = 1,
-//! chunks that do not divide V, V = 128 256; on the CPU and on wgpu (Fusion and raw CubeBackend).
+//! chunks that do not divide V, V = 128 256; on the CPU and on wgpu (Fusion and raw CubeBackend);
+//! f32, f16 and bf16.
 
 mod common;
 

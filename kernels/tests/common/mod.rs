@@ -1,8 +1,10 @@
 //! What every kernel test file shares: whether wgpu has an adapter (with `REQUIRE_WGPU=1`, as in CI,
+//! a missing one fails the test instead of skipping it), and a macro that runs a file's
+//! `check::<B>(name, &device, dtype)` on every backend and float type compiled in, with helpers to
+//! build tensors of a float type from host values.
+
 // Each test file uses a subset of these helpers.
 #![allow(dead_code)]
-//! a missing one fails the test instead of skipping it), and a macro that runs a file's
-//! `check::<B>(name, &device)` on every backend compiled in.
 
 /// Whether wgpu found an adapter; panics under `REQUIRE_WGPU=1` when it did not.
 #[cfg(feature = "wgpu")]
