@@ -1,0 +1,136 @@
+//! Selective log-softmax vs the naive path (log-softmax over the vocabulary, then gather): time of a
+//! forward + backward (gradient of the logits) and, on the CPU, peak heap memory above what was
+//! held with the logits already in memory, at V ∈ {32 000, 128 256} and N ∈ {1024, 8192}.
+//! With `--features wgpu` the same runs on wgpu too (time only: device memory is not on the heap).
+//!
+//! `cargo bench --profile dev --bench selective_log_softmax [--features wgpu] [-- --quick]
+//! [--wgpu-max-mb M]` (`--quick`: N = 1024 only; wgpu skips logits larger than M MB, default 512:
+//! lavapipe cannot allocate bigger buffers)
+
+use std::time::Instant;
+
+use burn::{
+    backend::{Autodiff, NdArray},
+    tensor::{Distribution, ElementConversion, Int, Tensor, activation::log_softmax},
+};
+use prefer::kernels::{SelectiveLogSoftmaxBackend, selective_log_softmax};
+
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
+#[global_allocator]
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
+
+/// (seconds, peak heap bytes) of forward + backward, after one warm-up run.
+fn run<B: SelectiveLogSoftmaxBackend>(
+    n: usize,
+    v: usize,
+    fused: bool,
+    device: &B::Device,
+) -> (f64, usize) {
+    let once = || {
+        let logits =
+            Tensor::<Autodiff<B>, 2>::random([n, v], Distribution::Uniform(-8.0, 8.0), device)
+                .require_grad();
+        let targets = Tensor::<Autodiff<B>, 1, Int>::random(
+            [n],
+            Distribution::Uniform(0.0, v as f64),
+            device,
+        );
+        B::sync(device).unwrap();
+        let base = counting_alloc::reset();
+        let t = Instant::now();
+        let logp = if fused {
+            selective_log_softmax(logits.clone(), targets)
+        } else {
+            log_softmax(logits.clone(), 1)
+                .gather(1, targets.reshape([n, 1]))
+                .reshape([n])
+        };
+        let grads = logp.sum().backward();
+        let g = logits.grad(&grads).unwrap();
+        B::sync(device).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let peak = counting_alloc::peak_above(base);
+        assert!(g.sum().into_scalar().elem::<f64>().is_finite());
+        (secs, peak)
+    };
+    once();
+    once()
+}
+
+/// `max_bytes`: the largest logits tensor the device can hold in one buffer.
+fn table<B: SelectiveLogSoftmaxBackend>(
+    name: &str,
+    device: &B::Device,
+    quick: bool,
+    heap: bool,
+    max_bytes: usize,
+) {
+    println!("{name}: forward + backward (d logits)");
+    println!(
+        "{:>6} {:>7} | {:>9} {:>11} | {:>9} {:>11}",
+        "N", "V", "naive s", "naive peak", "fused s", "fused peak"
+    );
+    let mb = |b: usize| {
+        if heap {
+            format!("{:.1}MB", b as f64 / 1e6)
+        } else {
+            "-".into()
+        }
+    };
+    for n in [1024, 8192] {
+        if quick && n > 1024 {
+            continue;
+        }
+        for v in [32_000, 128_256] {
+            // The naive path holds ~4 [N, V] f32 tensors besides the logits; skip what would not
+            // fit comfortably in this machine's memory.
+            if 5 * n * v * 4 > 16_000_000_000 {
+                println!(
+                    "{n:>6} {v:>7} | not run (≈{:.1} GB)",
+                    5.0 * (n * v * 4) as f64 / 1e9
+                );
+                continue;
+            }
+            if n * v * 4 > max_bytes {
+                println!("{n:>6} {v:>7} | not run (logits larger than one device buffer)");
+                continue;
+            }
+            let (fs, fp) = run::<B>(n, v, true, device);
+            let (ns, np) = run::<B>(n, v, false, device);
+            println!(
+                "{n:>6} {v:>7} | {ns:>9.3} {:>11} | {fs:>9.3} {:>11}",
+                mb(np),
+                mb(fp)
+            );
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    table::<NdArray>(
+        "ndarray (tensor-op fallback)",
+        &Default::default(),
+        quick,
+        true,
+        usize::MAX,
+    );
+    #[cfg(feature = "wgpu")]
+    {
+        let max_mb: usize = args
+            .iter()
+            .position(|a| a == "--wgpu-max-mb")
+            .and_then(|i| args.get(i + 1)?.parse().ok())
+            .unwrap_or(512);
+        table::<burn::backend::Wgpu>(
+            "wgpu (CubeCL kernel)",
+            &Default::default(),
+            quick,
+            false,
+            max_mb * 1_000_000,
+        );
+    }
+}
