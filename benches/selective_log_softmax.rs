@@ -1,7 +1,9 @@
 //! Selective log-softmax vs the naive path (log-softmax over the vocabulary, then gather): time of a
 //! forward + backward (gradient of the logits) and, on the CPU, peak heap memory above what was
 //! held with the logits already in memory, at V ∈ {32 000, 128 256} and N ∈ {1024, 8192}.
-//! With `--features wgpu` the same runs on wgpu too (time only: device memory is not on the heap).
+//! With `--features wgpu` (or `cuda`) the same runs on that device too (time only: device memory is not
+//! on the heap), followed by the forward pass's achieved bandwidth as a fraction of the device's
+//! copy bandwidth (the target on a GPU: ≥ 80 %).
 //!
 //! `cargo bench --profile dev --bench selective_log_softmax [--features wgpu] [-- --quick]
 //! [--wgpu-max-mb M]` (`--quick`: N = 1024 only; wgpu skips logits larger than M MB, default 512:
@@ -57,6 +59,53 @@ fn run<B: SelectiveLogSoftmaxBackend>(
     };
     once();
     once()
+}
+
+/// Forward-only bandwidth on a device: the selective log-softmax reads the `[N, V]` logits once;
+/// a copy (`x · 1`) reads and writes them. Returns (copy GB/s, forward GB/s), best of 5.
+fn bandwidth<B: SelectiveLogSoftmaxBackend>(n: usize, v: usize, device: &B::Device) -> (f64, f64) {
+    let logits = Tensor::<B, 2>::random([n, v], Distribution::Uniform(-8.0, 8.0), device);
+    let targets = Tensor::<B, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), device);
+    let bytes = (n * v * logits.dtype().size()) as f64;
+    let best = |f: &dyn Fn()| {
+        f();
+        B::sync(device).unwrap();
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                B::sync(device).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let copy = best(&|| drop(logits.clone().mul_scalar(1.0)));
+    let fwd = best(&|| drop(selective_log_softmax(logits.clone(), targets.clone())));
+    (2.0 * bytes / copy / 1e9, bytes / fwd / 1e9)
+}
+
+fn bandwidth_table<B: SelectiveLogSoftmaxBackend>(
+    name: &str,
+    device: &B::Device,
+    max_bytes: usize,
+) {
+    println!("{name}: selective log-softmax forward bandwidth vs copy bandwidth");
+    println!(
+        "{:>6} {:>7} | {:>10} {:>10} | fraction",
+        "N", "V", "copy GB/s", "fwd GB/s"
+    );
+    for n in [1024, 8192] {
+        for v in [32_000, 128_256] {
+            if n * v * 4 > max_bytes {
+                continue;
+            }
+            let (copy, fwd) = bandwidth::<B>(n, v, device);
+            println!(
+                "{n:>6} {v:>7} | {copy:>10.1} {fwd:>10.1} | {:.0} %",
+                100.0 * fwd / copy
+            );
+        }
+    }
 }
 
 /// `max_bytes`: the largest logits tensor the device can hold in one buffer.
@@ -125,12 +174,22 @@ fn main() {
             .position(|a| a == "--wgpu-max-mb")
             .and_then(|i| args.get(i + 1)?.parse().ok())
             .unwrap_or(512);
-        table::<burn::backend::Wgpu>(
+        let device = Default::default();
+        type Wgpu = burn::backend::Wgpu;
+        table::<Wgpu>(
             "wgpu (CubeCL kernel)",
-            &Default::default(),
+            &device,
             quick,
             false,
             max_mb * 1_000_000,
         );
+        bandwidth_table::<Wgpu>("wgpu", &device, max_mb * 1_000_000);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let device = burn::backend::cuda::CudaDevice::new(0);
+        type Cuda = burn::backend::Cuda;
+        table::<Cuda>("cuda (CubeCL kernel)", &device, quick, false, usize::MAX);
+        bandwidth_table::<Cuda>("cuda", &device, usize::MAX);
     }
 }
