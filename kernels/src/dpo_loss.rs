@@ -187,21 +187,16 @@ impl<B: DpoLossBackend, C: CheckpointStrategy> DpoLossBackend for Autodiff<B, C>
 
 #[cfg(feature = "cube")]
 mod cube {
-    use std::marker::PhantomData;
-
     use burn::tensor::{Shape, ops::FloatTensor};
     use burn_cubecl::{
         BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
         ops::numeric::empty_device_dtype,
     };
-    use burn_fusion::{
-        Fusion, FusionBackend, FusionRuntime,
-        stream::{Operation, OperationStreams},
-    };
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+    use burn_fusion::{Fusion, FusionBackend};
     use cubecl::prelude::*;
 
     use super::{DpoForward, DpoLossBackend};
+    use crate::fusion_op::custom_op;
 
     /// One cube per pair: each unit sums `(policy · mask)` over strided tokens of the chosen and the
     /// rejected row in f32, a shared-memory tree merges them, and unit 0 writes the pair's numbers.
@@ -374,55 +369,6 @@ mod cube {
         }
     }
 
-    #[derive(Clone, Debug)]
-    struct FwdOp<B> {
-        desc: CustomOpIr,
-        beta: f32,
-        eps: f32,
-        _b: PhantomData<B>,
-    }
-
-    impl<B: FusionBackend + DpoLossBackend> Operation<B::FusionRuntime> for FwdOp<B> {
-        fn execute(
-            &self,
-            h: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let ([p, m, r], [loss, c, rj, coef]) = self.desc.as_fixed();
-            let out = B::dpo_sigmoid_forward(
-                h.get_float_tensor::<B>(p),
-                h.get_float_tensor::<B>(m),
-                h.get_float_tensor::<B>(r),
-                self.beta,
-                self.eps,
-            );
-            h.register_float_tensor::<B>(&loss.id, out.0);
-            h.register_float_tensor::<B>(&c.id, out.1);
-            h.register_float_tensor::<B>(&rj.id, out.2);
-            h.register_float_tensor::<B>(&coef.id, out.3);
-        }
-    }
-
-    #[derive(Clone, Debug)]
-    struct BwdOp<B> {
-        desc: CustomOpIr,
-        _b: PhantomData<B>,
-    }
-
-    impl<B: FusionBackend + DpoLossBackend> Operation<B::FusionRuntime> for BwdOp<B> {
-        fn execute(
-            &self,
-            h: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let ([m, coef, g], [out]) = self.desc.as_fixed();
-            let o = B::dpo_sigmoid_backward(
-                h.get_float_tensor::<B>(m),
-                h.get_float_tensor::<B>(coef),
-                h.get_float_tensor::<B>(g),
-            );
-            h.register_float_tensor::<B>(&out.id, o);
-        }
-    }
-
     impl<B: FusionBackend + DpoLossBackend> DpoLossBackend for Fusion<B> {
         fn dpo_sigmoid_forward(
             policy: FloatTensor<Self>,
@@ -431,32 +377,24 @@ mod cube {
             beta: f32,
             label_smoothing: f32,
         ) -> DpoForward<Self> {
-            let (client, dtype) = (policy.client.clone(), policy.dtype);
-            let p = policy.shape[0] / 2;
-            let streams = OperationStreams::with_inputs([&policy, &mask, &reference]);
-            let out = || TensorIr::uninit(client.create_empty_handle(), Shape::new([p]), dtype);
-            let desc = CustomOpIr::new(
-                "dpo_sigmoid_forward",
-                &[
-                    policy.clone().into_ir(),
-                    mask.clone().into_ir(),
-                    reference.clone().into_ir(),
-                ],
-                &[out(), out(), out(), out()],
-            );
-            let [loss, c, r, coef]: [_; 4] = client
-                .register(
-                    streams,
-                    OperationIr::Custom(desc.clone()),
-                    FwdOp::<B> {
-                        desc,
+            let pair = (Shape::new([policy.shape[0] / 2]), policy.dtype);
+            let outputs = [pair.clone(), pair.clone(), pair.clone(), pair];
+            let inputs = [&policy, &mask, &reference];
+            let [loss, c, r, coef] =
+                custom_op::<B, 4>("dpo_sigmoid_forward", &inputs, outputs, move |desc, h| {
+                    let ([p, m, r], [loss, c, rj, coef]) = desc.as_fixed();
+                    let out = B::dpo_sigmoid_forward(
+                        h.get_float_tensor::<B>(p),
+                        h.get_float_tensor::<B>(m),
+                        h.get_float_tensor::<B>(r),
                         beta,
-                        eps: label_smoothing,
-                        _b: PhantomData,
-                    },
-                )
-                .try_into()
-                .expect("four outputs");
+                        label_smoothing,
+                    );
+                    h.register_float_tensor::<B>(&loss.id, out.0);
+                    h.register_float_tensor::<B>(&c.id, out.1);
+                    h.register_float_tensor::<B>(&rj.id, out.2);
+                    h.register_float_tensor::<B>(&coef.id, out.3);
+                });
             (loss, c, r, coef)
         }
 
@@ -465,30 +403,18 @@ mod cube {
             coef: FloatTensor<Self>,
             grad: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            let (client, shape, dtype) = (mask.client.clone(), mask.shape.clone(), mask.dtype);
-            let streams = OperationStreams::with_inputs([&mask, &coef, &grad]);
-            let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
-            let desc = CustomOpIr::new(
-                "dpo_sigmoid_backward",
-                &[
-                    mask.clone().into_ir(),
-                    coef.clone().into_ir(),
-                    grad.clone().into_ir(),
-                ],
-                &[out],
-            );
-            let [o]: [_; 1] = client
-                .register(
-                    streams,
-                    OperationIr::Custom(desc.clone()),
-                    BwdOp::<B> {
-                        desc,
-                        _b: PhantomData,
-                    },
-                )
-                .try_into()
-                .expect("one output");
-            o
+            let outputs = [(mask.shape.clone(), mask.dtype)];
+            let inputs = [&mask, &coef, &grad];
+            let [out] = custom_op::<B, 1>("dpo_sigmoid_backward", &inputs, outputs, |desc, h| {
+                let ([m, coef, g], [out]) = desc.as_fixed();
+                let o = B::dpo_sigmoid_backward(
+                    h.get_float_tensor::<B>(m),
+                    h.get_float_tensor::<B>(coef),
+                    h.get_float_tensor::<B>(g),
+                );
+                h.register_float_tensor::<B>(&out.id, o);
+            });
+            out
         }
     }
 }

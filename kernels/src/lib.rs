@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod dpo_loss;
+#[cfg(feature = "cube")]
+mod fusion_op;
 pub mod lm_head;
 pub mod nf4_dequant;
 pub mod selective_log_softmax;

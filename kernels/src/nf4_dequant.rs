@@ -97,8 +97,6 @@ impl<B: Nf4DequantBackend, C: CheckpointStrategy> Nf4DequantBackend for Autodiff
 
 #[cfg(feature = "cube")]
 mod cube {
-    use std::marker::PhantomData;
-
     use burn::tensor::{
         Shape,
         ops::{FloatTensor, IntTensor},
@@ -107,14 +105,11 @@ mod cube {
         BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
         ops::numeric::empty_device,
     };
-    use burn_fusion::{
-        Fusion, FusionBackend, FusionRuntime,
-        stream::{Operation, OperationStreams},
-    };
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+    use burn_fusion::{Fusion, FusionBackend};
     use cubecl::prelude::*;
 
     use super::Nf4DequantBackend;
+    use crate::fusion_op::custom_op;
 
     /// One unit per output value.
     #[cube(launch)]
@@ -172,31 +167,6 @@ mod cube {
         }
     }
 
-    #[derive(Clone, Debug)]
-    struct DequantOp<B> {
-        desc: CustomOpIr,
-        blocksize: usize,
-        n: usize,
-        _b: PhantomData<B>,
-    }
-
-    impl<B: FusionBackend + Nf4DequantBackend> Operation<B::FusionRuntime> for DequantOp<B> {
-        fn execute(
-            &self,
-            h: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let ([codes, table, absmax], [out]) = self.desc.as_fixed();
-            let result = B::nf4_dequantize(
-                h.get_int_tensor::<B>(codes),
-                h.get_float_tensor::<B>(table),
-                h.get_float_tensor::<B>(absmax),
-                self.blocksize,
-                self.n,
-            );
-            h.register_float_tensor::<B>(&out.id, result);
-        }
-    }
-
     /// Custom operations are not fused: the kernel runs as its own step in the stream.
     impl<B: FusionBackend + Nf4DequantBackend> Nf4DequantBackend for Fusion<B> {
         fn nf4_dequantize(
@@ -206,31 +176,19 @@ mod cube {
             blocksize: usize,
             n: usize,
         ) -> FloatTensor<Self> {
-            let client = table.client.clone();
-            let streams = OperationStreams::with_inputs([&codes, &table, &absmax]);
-            let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), table.dtype);
-            let desc = CustomOpIr::new(
-                "nf4_dequantize",
-                &[
-                    codes.clone().into_ir(),
-                    table.clone().into_ir(),
-                    absmax.clone().into_ir(),
-                ],
-                &[out],
-            );
-            let [result]: [_; 1] = client
-                .register(
-                    streams,
-                    OperationIr::Custom(desc.clone()),
-                    DequantOp::<B> {
-                        desc,
-                        blocksize,
-                        n,
-                        _b: PhantomData,
-                    },
-                )
-                .try_into()
-                .expect("one output");
+            let outputs = [(Shape::new([n]), table.dtype)];
+            let inputs = [&codes, &table, &absmax];
+            let [result] = custom_op::<B, 1>("nf4_dequantize", &inputs, outputs, move |desc, h| {
+                let ([codes, table, absmax], [out]) = desc.as_fixed();
+                let result = B::nf4_dequantize(
+                    h.get_int_tensor::<B>(codes),
+                    h.get_float_tensor::<B>(table),
+                    h.get_float_tensor::<B>(absmax),
+                    blocksize,
+                    n,
+                );
+                h.register_float_tensor::<B>(&out.id, result);
+            });
             result
         }
     }

@@ -157,8 +157,6 @@ impl<B: SelectiveLogSoftmaxBackend, C: CheckpointStrategy> SelectiveLogSoftmaxBa
 
 #[cfg(feature = "cube")]
 mod cube {
-    use std::marker::PhantomData;
-
     use burn::tensor::{
         DType, Shape,
         ops::{FloatTensor, IntTensor},
@@ -167,14 +165,11 @@ mod cube {
         BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
         ops::numeric::empty_device_dtype, tensor::CubeTensor,
     };
-    use burn_fusion::{
-        Fusion, FusionBackend, FusionRuntime,
-        stream::{Operation, OperationStreams},
-    };
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+    use burn_fusion::{Fusion, FusionBackend};
     use cubecl::{features::Plane, prelude::*, tensor_vector_size_parallel};
 
     use super::SelectiveLogSoftmaxBackend;
+    use crate::fusion_op::custom_op;
 
     /// One cube per row, reading the row in vectors of `N` elements. Each unit keeps an online
     /// (max, sum of exponentials) pair over its strided vectors in f32, whatever the input type;
@@ -435,72 +430,20 @@ mod cube {
         }
     }
 
-    #[derive(Clone, Debug)]
-    struct FwdOp<B> {
-        desc: CustomOpIr,
-        _b: PhantomData<B>,
-    }
-
-    impl<B: FusionBackend + SelectiveLogSoftmaxBackend> Operation<B::FusionRuntime> for FwdOp<B> {
-        fn execute(
-            &self,
-            h: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let ([x, t], [out, lse]) = self.desc.as_fixed();
-            let (o, l) = B::slsm_forward(h.get_float_tensor::<B>(x), h.get_int_tensor::<B>(t));
-            h.register_float_tensor::<B>(&out.id, o);
-            h.register_float_tensor::<B>(&lse.id, l);
-        }
-    }
-
-    #[derive(Clone, Debug)]
-    struct BwdOp<B> {
-        desc: CustomOpIr,
-        _b: PhantomData<B>,
-    }
-
-    impl<B: FusionBackend + SelectiveLogSoftmaxBackend> Operation<B::FusionRuntime> for BwdOp<B> {
-        fn execute(
-            &self,
-            h: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let ([x, t, lse, g], [out]) = self.desc.as_fixed();
-            let o = B::slsm_backward(
-                h.get_float_tensor::<B>(x),
-                h.get_int_tensor::<B>(t),
-                h.get_float_tensor::<B>(lse),
-                h.get_float_tensor::<B>(g),
-            );
-            h.register_float_tensor::<B>(&out.id, o);
-        }
-    }
-
     impl<B: FusionBackend + SelectiveLogSoftmaxBackend> SelectiveLogSoftmaxBackend for Fusion<B> {
         fn slsm_forward(
             x: FloatTensor<Self>,
             t: IntTensor<Self>,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            let (client, n, dtype) = (x.client.clone(), x.shape[0], x.dtype);
-            let streams = OperationStreams::with_inputs([&x, &t]);
-            let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), dtype);
-            let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), DType::F32);
-            let desc = CustomOpIr::new(
-                "slsm_forward",
-                &[x.clone().into_ir(), t.clone().into_ir()],
-                &[out, lse],
-            );
-            let [o, l]: [_; 2] = client
-                .register(
-                    streams,
-                    OperationIr::Custom(desc.clone()),
-                    FwdOp::<B> {
-                        desc,
-                        _b: PhantomData,
-                    },
-                )
-                .try_into()
-                .expect("two outputs");
-            (o, l)
+            let n = Shape::new([x.shape[0]]);
+            let outputs = [(n.clone(), x.dtype), (n, DType::F32)];
+            let [logp, lse] = custom_op::<B, 2>("slsm_forward", &[&x, &t], outputs, |desc, h| {
+                let ([x, t], [logp, lse]) = desc.as_fixed();
+                let (o, l) = B::slsm_forward(h.get_float_tensor::<B>(x), h.get_int_tensor::<B>(t));
+                h.register_float_tensor::<B>(&logp.id, o);
+                h.register_float_tensor::<B>(&lse.id, l);
+            });
+            (logp, lse)
         }
 
         fn slsm_backward(
@@ -509,31 +452,19 @@ mod cube {
             lse: FloatTensor<Self>,
             g: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            let (client, shape, dtype) = (x.client.clone(), x.shape.clone(), x.dtype);
-            let streams = OperationStreams::with_inputs([&x, &t, &lse, &g]);
-            let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
-            let desc = CustomOpIr::new(
-                "slsm_backward",
-                &[
-                    x.clone().into_ir(),
-                    t.clone().into_ir(),
-                    lse.clone().into_ir(),
-                    g.clone().into_ir(),
-                ],
-                &[out],
-            );
-            let [o]: [_; 1] = client
-                .register(
-                    streams,
-                    OperationIr::Custom(desc.clone()),
-                    BwdOp::<B> {
-                        desc,
-                        _b: PhantomData,
-                    },
-                )
-                .try_into()
-                .expect("one output");
-            o
+            let outputs = [(x.shape.clone(), x.dtype)];
+            let [dx] =
+                custom_op::<B, 1>("slsm_backward", &[&x, &t, &lse, &g], outputs, |desc, h| {
+                    let ([x, t, lse, g], [dx]) = desc.as_fixed();
+                    let o = B::slsm_backward(
+                        h.get_float_tensor::<B>(x),
+                        h.get_int_tensor::<B>(t),
+                        h.get_float_tensor::<B>(lse),
+                        h.get_float_tensor::<B>(g),
+                    );
+                    h.register_float_tensor::<B>(&dx.id, o);
+                });
+            dx
         }
     }
 
