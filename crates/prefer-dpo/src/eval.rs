@@ -1,6 +1,6 @@
 //! Evaluating a policy against a reference on preference pairs: losses and TRL's metrics.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Tensor, Transaction, backend::Backend};
 use prefer_llama::{LinearLayer, LlamaModel};
 
 use crate::{
@@ -81,19 +81,34 @@ fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 }
 
 impl<B: Backend> BatchEval<B> {
-    /// The per-pair values on the host, for metrics.
+    /// The per-pair values on the host, for metrics: one read from the device for all eight.
     pub fn records(&self) -> PairRecords {
         let (cl, rl) = SequenceLogps::split(self.policy.logit_sums.clone());
         let p = &self.pairs;
+        let data = Transaction::default()
+            .register(p.chosen.clone())
+            .register(p.rejected.clone())
+            .register(p.ref_chosen.clone())
+            .register(p.ref_rejected.clone())
+            .register(p.chosen_tokens.clone())
+            .register(p.rejected_tokens.clone())
+            .register(cl)
+            .register(rl)
+            .execute();
+        let mut host = data
+            .into_iter()
+            .map(|d| d.convert::<f64>().to_vec().unwrap_or_default());
+        // Fields are evaluated in the order written, the order registered above.
+        let mut next = || host.next().unwrap_or_default();
         PairRecords {
-            chosen: host(p.chosen.clone()),
-            rejected: host(p.rejected.clone()),
-            ref_chosen: host(p.ref_chosen.clone()),
-            ref_rejected: host(p.ref_rejected.clone()),
-            chosen_tokens: host(p.chosen_tokens.clone()),
-            rejected_tokens: host(p.rejected_tokens.clone()),
-            chosen_logit_sums: host(cl),
-            rejected_logit_sums: host(rl),
+            chosen: next(),
+            rejected: next(),
+            ref_chosen: next(),
+            ref_rejected: next(),
+            chosen_tokens: next(),
+            rejected_tokens: next(),
+            chosen_logit_sums: next(),
+            rejected_logit_sums: next(),
         }
     }
 }
