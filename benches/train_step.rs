@@ -1,4 +1,5 @@
-//! One DPO optimiser step on the CPU: time, tokens/s and peak heap memory, for a fixed config —
+//! One DPO optimiser step on the CPU backends (ndarray, burn-flex): time, tokens/s and peak heap
+//! memory, for a fixed config —
 //! hidden 256, 4 layers, vocab 4096, 4 heads / 2 KV heads, 4 pairs of 256-token sequences with
 //! 128-token prompts, LoRA r = 8 on all seven projections over an NF4 base, f32 compute — with the
 //! reference as a frozen adapter snapshot over the same base, and with no reference forward at all
@@ -12,7 +13,7 @@
 use std::time::Instant;
 
 use burn::{
-    backend::{Autodiff, NdArray},
+    backend::{Autodiff, Flex, NdArray},
     optim::AdamWConfig,
     tensor::{Tensor, backend::Backend},
     train::TrainStep,
@@ -22,6 +23,7 @@ use prefer::{
         data::{TokenizedPair, collate},
         train::{DpoInput, DpoPolicy},
     },
+    kernels::PreferBackend,
     llama::{LlamaConfig, LlamaModel, MemoryWeights},
     lora::{LoraConfig, LoraFactory, snapshot_adapter},
     quant::{Nf4Factory, Nf4Linear},
@@ -32,8 +34,6 @@ mod counting_alloc;
 
 #[global_allocator]
 static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
-
-type AD = Autodiff<NdArray>;
 
 fn config() -> LlamaConfig {
     LlamaConfig {
@@ -67,9 +67,10 @@ struct Measured {
     peak_bytes: usize,
 }
 
-fn measure(snapshot: bool) -> Measured {
+fn measure<B: PreferBackend>(snapshot: bool) -> Measured {
+    type AD<B> = Autodiff<B>;
     let dev = Default::default();
-    AD::seed(&dev, 1);
+    AD::<B>::seed(&dev, 1);
     let lora = LoraConfig {
         r: 8,
         lora_alpha: 16.0,
@@ -85,7 +86,7 @@ fn measure(snapshot: bool) -> Measured {
     if snapshot {
         snapshot_adapter(&mut model, "default", "reference");
     }
-    let mut policy = DpoPolicy::<AD, Nf4Linear<AD>> {
+    let mut policy = DpoPolicy::<AD<B>, Nf4Linear<AD<B>>> {
         model,
         loss: Default::default(),
         reference: snapshot.then(|| "reference".to_string()),
@@ -96,9 +97,9 @@ fn measure(snapshot: bool) -> Measured {
         .init();
     let data = pairs();
     let picked: Vec<&TokenizedPair> = data.iter().collect();
-    let batch = collate(&picked, 0, None, Default::default()).to_device::<AD>(&dev);
+    let batch = collate(&picked, 0, None, Default::default()).to_device::<AD<B>>(&dev);
     let tokens = batch.input_ids.dims().iter().product::<usize>();
-    let ref_logps = (!snapshot).then(|| Tensor::<AD, 1>::from_floats([-700.0; 8], &dev));
+    let ref_logps = (!snapshot).then(|| Tensor::<AD<B>, 1>::from_floats([-700.0; 8], &dev));
     let input = DpoInput { batch, ref_logps };
     let (warmup, steps) = (2, 5);
     let mut peak = 0;
@@ -121,12 +122,12 @@ fn measure(snapshot: bool) -> Measured {
     }
 }
 
-fn main() {
+fn table<B: PreferBackend>(name: &str) {
     println!(
-        "DPO step, ndarray, hidden 256 / 4 layers / vocab 4096, 4 pairs × 256 tokens, LoRA r 8 on 7 projections, NF4 base"
+        "DPO step, {name}, hidden 256 / 4 layers / vocab 4096, 4 pairs × 256 tokens, LoRA r 8 on 7 projections, NF4 base"
     );
-    let none = measure(false);
-    let snap = measure(true);
+    let none = measure::<B>(false);
+    let snap = measure::<B>(true);
     for (name, m) in [
         ("no reference forward", &none),
         ("snapshot reference", &snap),
@@ -142,4 +143,9 @@ fn main() {
         "snapshot reference costs {:+.1} % peak memory over no reference",
         100.0 * (snap.peak_bytes as f64 / none.peak_bytes as f64 - 1.0)
     );
+}
+
+fn main() {
+    table::<NdArray>("ndarray");
+    table::<Flex>("burn-flex");
 }

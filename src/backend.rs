@@ -1,4 +1,5 @@
-//! Backends chosen at run time among those compiled in (`ndarray`, `wgpu`, `cuda` cargo features).
+//! Backends chosen at run time among those compiled in (`ndarray`, `flex`, `wgpu`, `cuda` cargo
+//! features).
 //!
 //! Model code is generic over `B: Backend`; a [`BackendJob`] is run once, monomorphised for the
 //! backend the user picked.
@@ -12,6 +13,8 @@ use prefer_kernels::PreferBackend;
 pub enum BackendKind {
     /// CPU through ndarray (the default).
     Ndarray,
+    /// CPU through burn-flex (SIMD kernels; f16/bf16 tensors).
+    Flex,
     /// GPU through wgpu: Vulkan, Metal or DirectX (WGSL kernels).
     Wgpu,
     /// NVIDIA GPU through CUDA.
@@ -20,12 +23,13 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// All kinds, in preference order for `--backend` help.
-    pub const ALL: [BackendKind; 3] = [Self::Ndarray, Self::Wgpu, Self::Cuda];
+    pub const ALL: [BackendKind; 4] = [Self::Ndarray, Self::Flex, Self::Wgpu, Self::Cuda];
 
     /// The cargo feature and `--backend` value.
     pub fn name(self) -> &'static str {
         match self {
             Self::Ndarray => "ndarray",
+            Self::Flex => "flex",
             Self::Wgpu => "wgpu",
             Self::Cuda => "cuda",
         }
@@ -35,6 +39,7 @@ impl BackendKind {
     pub fn compiled_in(self) -> bool {
         match self {
             Self::Ndarray => cfg!(feature = "ndarray"),
+            Self::Flex => cfg!(feature = "flex"),
             Self::Wgpu => cfg!(feature = "wgpu"),
             Self::Cuda => cfg!(feature = "cuda"),
         }
@@ -53,7 +58,7 @@ impl std::str::FromStr for BackendKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| format!("unknown backend `{s}` (expected ndarray, wgpu or cuda)"))
+            .ok_or_else(|| format!("unknown backend `{s}` (expected ndarray, flex, wgpu or cuda)"))
     }
 }
 
@@ -84,6 +89,8 @@ pub fn run_on<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output, Bac
     match kind {
         #[cfg(feature = "ndarray")]
         BackendKind::Ndarray => Ok(job.run::<burn::backend::NdArray>(Default::default())),
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => Ok(job.run::<burn::backend::Flex>(Default::default())),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             probe::<burn::backend::Wgpu>(kind, &Default::default())?;

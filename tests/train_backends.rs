@@ -1,5 +1,5 @@
 //! The trainer runs the same on every backend compiled in: a few DPO steps over an NF4 base from a
-//! fixed starting adapter give the same metrics on ndarray and on wgpu (lavapipe in CI).
+//! fixed starting adapter give the same metrics on ndarray, burn-flex and wgpu (lavapipe in CI).
 
 mod common;
 

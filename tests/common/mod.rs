@@ -99,6 +99,8 @@ pub fn token_logprobs<B: Backend, L: LinearLayer<B>>(
 pub fn on_each_backend(name: &str, check: impl Checker) {
     #[cfg(feature = "ndarray")]
     check.run::<burn::backend::NdArray>(&Default::default());
+    #[cfg(feature = "flex")]
+    check.run::<burn::backend::Flex>(&Default::default());
     #[cfg(feature = "wgpu")]
     {
         if prefer::backend::wgpu_available() {

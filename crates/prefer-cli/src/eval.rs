@@ -70,7 +70,7 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Backend: ndarray, wgpu or cuda (among those compiled in).
+    /// Backend: ndarray, flex, wgpu or cuda (among those compiled in).
     #[arg(long, default_value = "ndarray", value_parser = crate::parse_backend)]
     pub backend: BackendKind,
 }

@@ -45,7 +45,7 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Backend: ndarray, wgpu or cuda (among those compiled in).
+    /// Backend: ndarray, flex, wgpu or cuda (among those compiled in).
     #[arg(long, default_value = "ndarray", value_parser = crate::parse_backend)]
     pub backend: BackendKind,
 }

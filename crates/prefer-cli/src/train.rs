@@ -57,7 +57,7 @@ pub struct TrainArgs {
     /// Output directory (`output_dir`).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// ndarray, wgpu or cuda (`backend`).
+    /// ndarray, flex, wgpu or cuda (`backend`).
     #[arg(long)]
     pub backend: Option<String>,
     /// Continue from the latest checkpoint in the output directory, or from DIR.

@@ -62,7 +62,7 @@ fn bad_arguments_are_rejected() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("unknown backend `tpu` (expected ndarray, wgpu or cuda)"));
+    assert!(stderr(&out).contains("unknown backend `tpu` (expected ndarray, flex, wgpu or cuda)"));
 
     let out = prefer()
         .args(["generate", "--model"])
@@ -237,52 +237,60 @@ fn eval_reports_trls_numbers_as_json() {
         .map(str::to_owned)
         .collect();
     std::fs::write(&data, rows.join("\n")).unwrap();
-    let run = prefer()
-        .args(["eval", "--model"])
-        .arg(tiny_model())
-        .arg("--adapter")
-        .arg(fixtures().join("dpo/adapter"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", stderr(&run));
-    let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let trl: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("dpo/losses.json")).unwrap())
+    // Both CPU backends of the default build.
+    for backend in ["ndarray", "flex"] {
+        let run = prefer()
+            .args(["eval", "--model"])
+            .arg(tiny_model())
+            .arg("--adapter")
+            .arg(fixtures().join("dpo/adapter"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--json")
+            .args(["--backend", backend])
+            .output()
             .unwrap();
-    let want = &trl["losses"]["label_smoothing_0.1"]["sigmoid"];
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 + 1e-4 * b.abs();
-    assert!(
-        close(
-            out["metrics"]["loss"].as_f64().unwrap(),
-            want["loss"].as_f64().unwrap()
-        ),
-        "{out}"
-    );
-    for m in [
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-    ] {
+        assert!(run.status.success(), "{}", stderr(&run));
+        let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let trl: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join("dpo/losses.json")).unwrap(),
+        )
+        .unwrap();
+        let want = &trl["losses"]["label_smoothing_0.1"]["sigmoid"];
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 + 1e-4 * b.abs();
         assert!(
             close(
-                out["metrics"][m].as_f64().unwrap(),
-                want["metrics"][m].as_f64().unwrap()
+                out["metrics"]["loss"].as_f64().unwrap(),
+                want["loss"].as_f64().unwrap()
             ),
-            "{m}: {out}"
+            "{backend}: {out}"
+        );
+        for m in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            assert!(
+                close(
+                    out["metrics"][m].as_f64().unwrap(),
+                    want["metrics"][m].as_f64().unwrap()
+                ),
+                "{backend} {m}: {out}"
+            );
+        }
+        let pairs = out["pairs"].as_array().unwrap();
+        assert_eq!(pairs.len(), 4);
+        let first = trl["per_pair"]["reference_chosen_logps"][0]
+            .as_f64()
+            .unwrap();
+        assert!(
+            close(pairs[0]["ref_logps/chosen"].as_f64().unwrap(), first),
+            "{backend}"
         );
     }
-    let pairs = out["pairs"].as_array().unwrap();
-    assert_eq!(pairs.len(), 4);
-    let first = trl["per_pair"]["reference_chosen_logps"][0]
-        .as_f64()
-        .unwrap();
-    assert!(close(pairs[0]["ref_logps/chosen"].as_f64().unwrap(), first));
     let _ = std::fs::remove_file(&data);
 }
 
