@@ -196,7 +196,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::{DpoForward, DpoLossBackend};
-    use crate::fusion_op::custom_op;
+    use crate::{cube_grid::grid, fusion_op::custom_op};
 
     /// One cube per pair: each unit sums `(policy · mask)` over strided tokens of the chosen and the
     /// rejected row in f32, a shared-memory tree merges them, and unit 0 writes the pair's numbers.
@@ -297,12 +297,6 @@ mod cube {
     }
 
     const BLOCK: usize = 128;
-
-    fn grid(n: usize) -> CubeCount {
-        // wgpu allows at most 65 535 cubes per grid dimension.
-        let x = (n as u32).clamp(1, 65_535);
-        CubeCount::Static(x, (n as u32).div_ceil(x), 1)
-    }
 
     impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DpoLossBackend
         for CubeBackend<R, F, I, BT>

@@ -6,6 +6,8 @@
 //! `Autodiff<B>`. This crate knows tensors, not models.
 #![warn(missing_docs)]
 
+#[cfg(feature = "cube")]
+mod cube_grid;
 pub mod dpo_loss;
 #[cfg(feature = "cube")]
 mod fusion_op;

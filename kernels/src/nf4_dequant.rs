@@ -109,7 +109,7 @@ mod cube {
     use cubecl::prelude::*;
 
     use super::Nf4DequantBackend;
-    use crate::fusion_op::custom_op;
+    use crate::{cube_grid::grid, fusion_op::custom_op};
 
     /// One unit per output value.
     #[cube(launch)]
@@ -149,13 +149,9 @@ mod cube {
             );
             let client = table.client.clone();
             let out = empty_device::<R, F>(client.clone(), table.device.clone(), Shape::new([n]));
-            let cubes = (n as u32).div_ceil(CUBE);
-            // wgpu allows at most 65 535 cubes per grid dimension.
-            let x = cubes.clamp(1, 65_535);
-            let y = cubes.div_ceil(x);
             nf4_dequant_kernel::launch::<F, I, R>(
                 &client,
-                CubeCount::Static(x, y, 1),
+                grid(n.div_ceil(CUBE as usize)),
                 CubeDim::new_1d(CUBE),
                 codes.into_tensor_arg(),
                 table.into_tensor_arg(),

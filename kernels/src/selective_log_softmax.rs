@@ -169,7 +169,7 @@ mod cube {
     use cubecl::{features::Plane, prelude::*, tensor_vector_size_parallel};
 
     use super::SelectiveLogSoftmaxBackend;
-    use crate::fusion_op::custom_op;
+    use crate::{cube_grid::grid, fusion_op::custom_op};
 
     /// One cube per row, reading the row in vectors of `N` elements. Each unit keeps an online
     /// (max, sum of exponentials) pair over its strided vectors in f32, whatever the input type;
@@ -306,12 +306,6 @@ mod cube {
             out[obase + i] = o;
             i += block;
         }
-    }
-
-    fn grid(n: usize) -> CubeCount {
-        // wgpu allows at most 65 535 cubes per grid dimension.
-        let x = (n as u32).clamp(1, 65_535);
-        CubeCount::Static(x, (n as u32).div_ceil(x), 1)
     }
 
     /// How a row is read and reduced on this device: the vector width, the units per cube and
