@@ -219,7 +219,7 @@ mod cube {
             let pm = plane_max(m);
             let ps = plane_sum(s * (m - pm).exp());
             if UNIT_POS_PLANE == 0 {
-                let p = tid / PLANE_DIM as usize;
+                let p = PLANE_POS as usize;
                 sm[p] = pm;
                 ss[p] = ps;
             }
