@@ -8,30 +8,14 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use prefer::llama::{
-    DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, RopeScaling, SamplingConfig, generate,
+    DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, SamplingConfig, generate,
 };
 
 fn config() -> LlamaConfig {
     // A 12-layer, 768-wide model with a 32k vocabulary (≈ 150M parameters, GPT-2-small-like).
     LlamaConfig {
-        vocab_size: 32_000,
-        hidden_size: 768,
-        intermediate_size: 2048,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        num_key_value_heads: 4,
-        head_dim: 64,
-        max_position_embeddings: 2048,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
         tie_word_embeddings: true,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-        pad_token_id: None,
+        ..LlamaConfig::plain(32_000, 768, 2048, 12, 12, 4)
     }
 }
 

@@ -8,30 +8,17 @@ use std::time::Instant;
 
 use burn::{backend::NdArray, tensor::backend::Backend};
 use prefer::{
-    llama::{LlamaConfig, Projection, RopeScaling},
+    llama::{LlamaConfig, Projection},
     quant::{Absmax, Nf4Linear, Nf4Weight, spec_of},
 };
 
 fn config() -> LlamaConfig {
+    // Llama-3.2-1B's shape.
     LlamaConfig {
-        vocab_size: 128_256,
-        hidden_size: 2048,
-        intermediate_size: 8192,
-        num_hidden_layers: 16,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 64,
         max_position_embeddings: 131_072,
-        rms_norm_eps: 1e-5,
         rope_theta: 500_000.0,
-        rope_scaling: RopeScaling::Default,
         tie_word_embeddings: true,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-        pad_token_id: None,
+        ..LlamaConfig::plain(128_256, 2048, 8192, 16, 32, 8)
     }
 }
 

@@ -7,7 +7,7 @@ use burn::{
     optim::{AdamWConfig, GradientsParams, Optimizer},
     tensor::{Int, Tensor, TensorData, backend::Backend},
 };
-use prefer_llama::{DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, Projection, RopeScaling};
+use prefer_llama::{DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, Projection};
 use prefer_lora::{
     LoraConfig, LoraFactory, LoraModel, load_peft, save_peft, set_active_adapter, snapshot_adapter,
 };
@@ -17,24 +17,8 @@ type AD = Autodiff<NdArray>;
 
 fn config() -> LlamaConfig {
     LlamaConfig {
-        vocab_size: 50,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
         max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-        pad_token_id: None,
+        ..LlamaConfig::plain(50, 32, 48, 2, 4, 2)
     }
 }
 
