@@ -6,6 +6,9 @@
 //! `Autodiff<B>`. This crate knows tensors, not models.
 #![warn(missing_docs)]
 
+pub mod attention;
+#[cfg(feature = "flex")]
+mod cpu;
 #[cfg(feature = "cube")]
 mod cube_grid;
 pub mod dpo_loss;
@@ -13,20 +16,43 @@ pub mod dpo_loss;
 mod fusion_op;
 pub mod lm_head;
 pub mod nf4_dequant;
+pub mod rms_norm;
+pub mod rope;
 pub mod selective_log_softmax;
+pub mod seq_layout;
+pub mod swiglu;
 
+pub use attention::{AttentionBackend, HeadShape, varlen_attention};
 pub use dpo_loss::{DpoLossBackend, DpoLossOutput, dpo_sigmoid_loss};
 pub use lm_head::{DEFAULT_CHUNK, FusedLmHeadBackend, LmHeadOutput, fused_lm_head};
 pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
+pub use rms_norm::{RmsNormBackend, rms_norm};
+pub use rope::{RopeBackend, rope};
 pub use selective_log_softmax::{SelectiveLogSoftmaxBackend, selective_log_softmax};
+pub use seq_layout::SeqLayout;
+pub use swiglu::{SwiGluBackend, swiglu};
 
 /// Every extension prefer needs: the bound model code puts on its backend.
 pub trait PreferBackend:
-    Nf4DequantBackend + SelectiveLogSoftmaxBackend + FusedLmHeadBackend + DpoLossBackend
+    Nf4DequantBackend
+    + SelectiveLogSoftmaxBackend
+    + FusedLmHeadBackend
+    + DpoLossBackend
+    + AttentionBackend
+    + RmsNormBackend
+    + RopeBackend
+    + SwiGluBackend
 {
 }
 
 impl<B> PreferBackend for B where
-    B: Nf4DequantBackend + SelectiveLogSoftmaxBackend + FusedLmHeadBackend + DpoLossBackend
+    B: Nf4DequantBackend
+        + SelectiveLogSoftmaxBackend
+        + FusedLmHeadBackend
+        + DpoLossBackend
+        + AttentionBackend
+        + RmsNormBackend
+        + RopeBackend
+        + SwiGluBackend
 {
 }
