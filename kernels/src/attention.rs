@@ -423,7 +423,7 @@ mod flex {
     use super::{AttentionBackend, HeadShape, tensor_ops};
     use crate::{
         SeqLayout,
-        cpu::{SharedOut, f32_slice, f32_tensor, is_f32, matmul},
+        cpu::{SharedOut, f32_slice, f32_tensor, is_f32, matmul, store},
     };
 
     /// Query rows per block: the block's scores `[BLOCK, keys]` stay in cache, and keys after the
@@ -672,12 +672,12 @@ mod flex {
             if !is_f32(&[&q, &k, &v]) {
                 return tensor_ops::forward::<Self>(q, k, v, layout, shape, scale);
             }
-            let qshape = q.layout().shape().clone();
+            let (qshape, dtype) = (q.layout().shape().clone(), q.dtype());
             let (qs, ks, vs) = (f32_slice(&q), f32_slice(&k), f32_slice(&v));
             let (out, lse) = forward(&qs, &ks, &vs, layout, shape, scale as f32);
             let t = layout.tokens();
             (
-                f32_tensor(out, qshape),
+                store(out, qshape, dtype),
                 f32_tensor(lse, [t, shape.heads].into()),
             )
         }
@@ -697,6 +697,7 @@ mod flex {
                 return tensor_ops::backward::<Self>(q, k, v, out, lse, dout, layout, shape, scale);
             }
             let (qshape, kshape) = (q.layout().shape().clone(), k.layout().shape().clone());
+            let (qtype, ktype) = (q.dtype(), k.dtype());
             let (dq, dk, dv) = backward(
                 &f32_slice(&q),
                 &f32_slice(&k),
@@ -709,9 +710,9 @@ mod flex {
                 scale as f32,
             );
             (
-                f32_tensor(dq, qshape),
-                f32_tensor(dk, kshape.clone()),
-                f32_tensor(dv, kshape),
+                store(dq, qshape, qtype),
+                store(dk, kshape.clone(), ktype),
+                store(dv, kshape, ktype),
             )
         }
     }

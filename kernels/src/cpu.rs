@@ -7,21 +7,44 @@ use burn::tensor::{DType, Shape, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-/// Whether every tensor holds f32 (the fast paths' type; others take the tensor-op path).
+/// Whether every tensor holds a type the fast paths take: f32, or f16/bf16, which they widen to f32
+/// on the way in and round back on the way out (f64 takes the tensor-op path).
 pub(crate) fn is_f32(tensors: &[&FlexTensor]) -> bool {
-    tensors.iter().all(|t| t.dtype() == DType::F32)
+    tensors
+        .iter()
+        .all(|t| matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16))
 }
 
-/// The tensor's elements in row-major order: borrowed when contiguous, copied otherwise.
+/// The tensor's elements in row-major order as f32: borrowed when it is a contiguous f32 tensor,
+/// copied (and widened from f16/bf16) otherwise.
 pub(crate) fn f32_slice(t: &FlexTensor) -> Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(
-            t.to_contiguous()
-                .as_slice::<f32>()
-                .map(<[f32]>::to_vec)
-                .unwrap_or_default(),
-        ),
+    if t.dtype() == DType::F32
+        && let Some(s) = t.as_slice::<f32>()
+    {
+        return Cow::Borrowed(s);
+    }
+    let data = t.to_contiguous().into_data().convert::<f32>();
+    Cow::Owned(data.into_vec::<f32>().unwrap_or_default())
+}
+
+/// A contiguous tensor of `shape` and `dtype` from f32 `values` (no copy for f32; rounded for
+/// f16/bf16).
+pub(crate) fn store(values: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {
+    let data = TensorData::new(values, shape);
+    FlexTensor::from_data(if dtype == DType::F32 {
+        data
+    } else {
+        data.convert_dtype(dtype)
+    })
+}
+
+/// Rounds an f32 to `dtype` and back (the identity for f32).
+pub(crate) fn rounding(dtype: DType) -> fn(f32) -> f32 {
+    use burn::tensor::{bf16, f16};
+    match dtype {
+        DType::F16 => |v| f16::from_f32(v).to_f32(),
+        DType::BF16 => |v| bf16::from_f32(v).to_f32(),
+        _ => |v| v,
     }
 }
 

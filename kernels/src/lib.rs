@@ -15,6 +15,7 @@ pub mod dpo_loss;
 #[cfg(feature = "cube")]
 mod fusion_op;
 pub mod lm_head;
+pub mod lora;
 pub mod nf4_dequant;
 pub mod rms_norm;
 pub mod rope;
@@ -25,6 +26,7 @@ pub mod swiglu;
 pub use attention::{AttentionBackend, HeadShape, varlen_attention};
 pub use dpo_loss::{DpoLossBackend, DpoLossOutput, dpo_sigmoid_loss};
 pub use lm_head::{DEFAULT_CHUNK, FusedLmHeadBackend, LmHeadOutput, fused_lm_head};
+pub use lora::{LoraBackend, LoraGrads, lora_update};
 pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rope::{RopeBackend, rope};
@@ -32,27 +34,28 @@ pub use selective_log_softmax::{SelectiveLogSoftmaxBackend, selective_log_softma
 pub use seq_layout::SeqLayout;
 pub use swiglu::{SwiGluBackend, swiglu};
 
-/// Every extension prefer needs: the bound model code puts on its backend.
+/// The operations of a decoder layer: what the model puts on its backend.
+pub trait LayerBackend: AttentionBackend + RmsNormBackend + RopeBackend + SwiGluBackend {}
+
+impl<B> LayerBackend for B where B: AttentionBackend + RmsNormBackend + RopeBackend + SwiGluBackend {}
+
+/// Every extension prefer needs: the bound training code puts on its backend.
 pub trait PreferBackend:
-    Nf4DequantBackend
+    LayerBackend
+    + LoraBackend
+    + Nf4DequantBackend
     + SelectiveLogSoftmaxBackend
     + FusedLmHeadBackend
     + DpoLossBackend
-    + AttentionBackend
-    + RmsNormBackend
-    + RopeBackend
-    + SwiGluBackend
 {
 }
 
 impl<B> PreferBackend for B where
-    B: Nf4DequantBackend
+    B: LayerBackend
+        + LoraBackend
+        + Nf4DequantBackend
         + SelectiveLogSoftmaxBackend
         + FusedLmHeadBackend
         + DpoLossBackend
-        + AttentionBackend
-        + RmsNormBackend
-        + RopeBackend
-        + SwiGluBackend
 {
 }

@@ -62,43 +62,7 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
         targets: IntTensor<Self>,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let h: Tensor<Self, 2> = float(hidden);
-        let w: Tensor<Self, 2> = float(weight);
-        let t = Tensor::<Self, 1, Int>::from_primitive(targets);
-        let [n, _] = h.dims();
-        let v = w.dims()[0];
-        let (device, dtype) = (h.device(), h.dtype());
-        let f32_zeros = || Tensor::<Self, 1>::zeros([n], (&device, DType::F32));
-        let mut lse: Option<Tensor<Self, 1>> = None;
-        let (mut target_logit, mut logit_sum) = (f32_zeros(), f32_zeros());
-        for start in (0..v).step_by(chunk.max(1)) {
-            let len = chunk.max(1).min(v - start);
-            let logits = h
-                .clone()
-                .matmul(w.clone().narrow(0, start, len).transpose());
-            let logits32 = logits.clone().cast(DType::F32);
-            logit_sum = logit_sum + logits32.clone().sum_dim(1).reshape([n]);
-            let (idx, inside) = local_targets(&t, start, len);
-            target_logit = target_logit
-                + logits32.gather(1, idx.clone().reshape([n, 1])).reshape([n])
-                    * inside.cast(DType::F32);
-            let (_, lse_c) = Self::slsm_forward(prim(logits), idx.into_primitive());
-            let lse_c: Tensor<Self, 1> = float(lse_c);
-            lse = Some(match lse {
-                None => lse_c,
-                Some(acc) => {
-                    // log(e^a + e^b) = max + log(e^(a−max) + e^(b−max))
-                    let m = acc.clone().max_pair(lse_c.clone());
-                    m.clone() + ((acc - m.clone()).exp() + (lse_c - m).exp()).log()
-                }
-            });
-        }
-        let lse = lse.unwrap_or_else(f32_zeros);
-        (
-            prim((target_logit - lse.clone()).cast(dtype)),
-            prim(lse),
-            prim((logit_sum / v as f64).cast(dtype)),
-        )
+        default_forward::<Self>(hidden, weight, targets, chunk)
     }
 
     /// Gradients of `Σ grad · logp` with respect to `hidden` and (when asked) `weight`, recomputing
@@ -112,38 +76,97 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
         chunk: usize,
         weight_grad: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let h: Tensor<Self, 2> = float(hidden);
-        let w: Tensor<Self, 2> = float(weight);
-        let t = Tensor::<Self, 1, Int>::from_primitive(targets);
-        let lse: Tensor<Self, 1> = float(lse);
-        let dtype = h.dtype();
-        let g: Tensor<Self, 1> = float::<Self, 1>(grad).cast(dtype);
-        let v = w.dims()[0];
-        // Chunk contributions are summed in f32.
-        let mut dh = Tensor::<Self, 2>::zeros(h.dims(), (&h.device(), DType::F32));
-        let mut dw = Vec::new();
-        for start in (0..v).step_by(chunk.max(1)) {
-            let len = chunk.max(1).min(v - start);
-            let wc = w.clone().narrow(0, start, len);
-            let logits = h.clone().matmul(wc.clone().transpose());
-            // Targets relative to the chunk; those in another chunk fall outside `[0, len)` and get
-            // no one-hot term. (Adding g at a clamped column and taking it back would cancel
-            // catastrophically in f16/bf16.)
-            let local = t.clone().sub_scalar(start as i64);
-            let d: Tensor<Self, 2> = float(Self::slsm_backward(
-                prim(logits),
-                local.into_primitive(),
-                prim(lse.clone()),
-                prim(g.clone()),
-            ));
-            if weight_grad {
-                dw.push(d.clone().transpose().matmul(h.clone()));
-            }
-            dh = dh + d.matmul(wc).cast(DType::F32);
-        }
-        let dw = weight_grad.then(|| prim(Tensor::cat(dw, 0)));
-        (prim(dh.cast(dtype)), dw)
+        default_backward::<Self>(hidden, weight, targets, lse, grad, chunk, weight_grad)
     }
+}
+
+/// The forward pass with tensor operations: chunked matmuls around the selective log-softmax.
+fn default_forward<B: SelectiveLogSoftmaxBackend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    chunk: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let h: Tensor<B, 2> = float(hidden);
+    let w: Tensor<B, 2> = float(weight);
+    let t = Tensor::<B, 1, Int>::from_primitive(targets);
+    let [n, _] = h.dims();
+    let v = w.dims()[0];
+    let (device, dtype) = (h.device(), h.dtype());
+    let f32_zeros = || Tensor::<B, 1>::zeros([n], (&device, DType::F32));
+    let mut lse: Option<Tensor<B, 1>> = None;
+    let (mut target_logit, mut logit_sum) = (f32_zeros(), f32_zeros());
+    for start in (0..v).step_by(chunk.max(1)) {
+        let len = chunk.max(1).min(v - start);
+        let logits = h
+            .clone()
+            .matmul(w.clone().narrow(0, start, len).transpose());
+        let logits32 = logits.clone().cast(DType::F32);
+        logit_sum = logit_sum + logits32.clone().sum_dim(1).reshape([n]);
+        let (idx, inside) = local_targets(&t, start, len);
+        target_logit = target_logit
+            + logits32.gather(1, idx.clone().reshape([n, 1])).reshape([n])
+                * inside.cast(DType::F32);
+        let (_, lse_c) = B::slsm_forward(prim(logits), idx.into_primitive());
+        let lse_c: Tensor<B, 1> = float(lse_c);
+        lse = Some(match lse {
+            None => lse_c,
+            Some(acc) => {
+                // log(e^a + e^b) = max + log(e^(a−max) + e^(b−max))
+                let m = acc.clone().max_pair(lse_c.clone());
+                m.clone() + ((acc - m.clone()).exp() + (lse_c - m).exp()).log()
+            }
+        });
+    }
+    let lse = lse.unwrap_or_else(f32_zeros);
+    (
+        prim((target_logit - lse.clone()).cast(dtype)),
+        prim(lse),
+        prim((logit_sum / v as f64).cast(dtype)),
+    )
+}
+
+/// The backward pass with tensor operations, recomputing each chunk's logits.
+fn default_backward<B: SelectiveLogSoftmaxBackend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    chunk: usize,
+    weight_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let h: Tensor<B, 2> = float(hidden);
+    let w: Tensor<B, 2> = float(weight);
+    let t = Tensor::<B, 1, Int>::from_primitive(targets);
+    let lse: Tensor<B, 1> = float(lse);
+    let dtype = h.dtype();
+    let g: Tensor<B, 1> = float::<B, 1>(grad).cast(dtype);
+    let v = w.dims()[0];
+    // Chunk contributions are summed in f32.
+    let mut dh = Tensor::<B, 2>::zeros(h.dims(), (&h.device(), DType::F32));
+    let mut dw = Vec::new();
+    for start in (0..v).step_by(chunk.max(1)) {
+        let len = chunk.max(1).min(v - start);
+        let wc = w.clone().narrow(0, start, len);
+        let logits = h.clone().matmul(wc.clone().transpose());
+        // Targets relative to the chunk; those in another chunk fall outside `[0, len)` and get
+        // no one-hot term. (Adding g at a clamped column and taking it back would cancel
+        // catastrophically in f16/bf16.)
+        let local = t.clone().sub_scalar(start as i64);
+        let d: Tensor<B, 2> = float(B::slsm_backward(
+            prim(logits),
+            local.into_primitive(),
+            prim(lse.clone()),
+            prim(g.clone()),
+        ));
+        if weight_grad {
+            dw.push(d.clone().transpose().matmul(h.clone()));
+        }
+        dh = dh + d.matmul(wc).cast(DType::F32);
+    }
+    let dw = weight_grad.then(|| prim(Tensor::cat(dw, 0)));
+    (prim(dh.cast(dtype)), dw)
 }
 
 /// What the fused LM head returns per row.
@@ -176,9 +199,6 @@ pub fn fused_lm_head<B: FusedLmHeadBackend>(
 
 #[cfg(feature = "ndarray")]
 impl FusedLmHeadBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "flex")]
-impl FusedLmHeadBackend for burn_flex::Flex {}
 
 #[derive(Debug)]
 struct LmHeadBackward;
@@ -283,4 +303,204 @@ mod cube {
     }
 
     impl<B: FusionBackend + SelectiveLogSoftmaxBackend> FusedLmHeadBackend for Fusion<B> {}
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn_flex::Flex;
+    use rayon::prelude::*;
+
+    use super::FusedLmHeadBackend;
+    use burn::tensor::DType;
+
+    use crate::cpu::{SharedOut, f32_slice, f32_tensor, is_f32, matmul, rounding, store};
+
+    /// Rows per parallel task: a task's logits `[ROWS, chunk]` stay in cache.
+    const ROWS: usize = 32;
+
+    fn int_targets(t: &IntTensor<Flex>) -> Vec<i64> {
+        t.to_contiguous()
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .unwrap_or_default()
+    }
+
+    /// Each task runs blocks of `ROWS` rows through every vocabulary chunk: the chunk's logits by
+    /// gemm, then an online log-sum-exp, the target's logit and the running logit sum, so neither
+    /// `[N, V]` nor `[N, chunk]` is ever allocated. f32 arithmetic whatever the input type.
+    impl FusedLmHeadBackend for Flex {
+        fn lm_head_forward(
+            hidden: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            targets: IntTensor<Self>,
+            chunk: usize,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            if !is_f32(&[&hidden, &weight]) {
+                return super::default_forward::<Self>(hidden, weight, targets, chunk);
+            }
+            let (hshape, dtype) = (hidden.layout().shape().clone(), hidden.dtype());
+            let (n, h) = (hshape[0], hshape[1]);
+            let v = weight.layout().shape()[0];
+            let chunk = chunk.clamp(1, v.max(1));
+            let (hs, ws, ts) = (
+                f32_slice(&hidden),
+                f32_slice(&weight),
+                int_targets(&targets),
+            );
+            let round = rounding(dtype);
+            let (mut logp, mut lse, mut mean) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            let outs = (
+                SharedOut::new(&mut logp),
+                SharedOut::new(&mut lse),
+                SharedOut::new(&mut mean),
+            );
+            (0..n.div_ceil(ROWS)).into_par_iter().for_each(|b| {
+                let (r0, rows) = (b * ROWS, ROWS.min(n - b * ROWS));
+                let mut logits = vec![0f32; rows * chunk];
+                let (mut m, mut s) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+                let (mut target, mut sum) = (vec![0f32; rows], vec![0f64; rows]);
+                for c0 in (0..v).step_by(chunk) {
+                    let len = chunk.min(v - c0);
+                    let lg = &mut logits[..rows * len];
+                    // logits = h_blk · W_cᵀ
+                    matmul(
+                        rows,
+                        len,
+                        h,
+                        &mut *lg,
+                        len,
+                        false,
+                        &hs[r0 * h..],
+                        h,
+                        1,
+                        &ws[c0 * h..],
+                        1,
+                        h,
+                        1.0,
+                    );
+                    // Logits in the input type, as the matmul of the tensor-op path gives them.
+                    if dtype != DType::F32 {
+                        lg.iter_mut().for_each(|x| *x = round(*x));
+                    }
+                    for (i, row) in lg.chunks(len).enumerate() {
+                        let rm = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let nm = m[i].max(rm);
+                        let acc: f32 = row.iter().map(|x| (x - nm).exp()).sum();
+                        s[i] = s[i] * (m[i] - nm).exp() + acc;
+                        m[i] = nm;
+                        sum[i] += row.iter().map(|&x| x as f64).sum::<f64>();
+                        let t = ts[r0 + i];
+                        if t >= c0 as i64 && t < (c0 + len) as i64 {
+                            target[i] = row[t as usize - c0];
+                        }
+                    }
+                }
+                for i in 0..rows {
+                    let l = m[i] + s[i].ln();
+                    // SAFETY: rows r0.. belong to this task alone.
+                    unsafe {
+                        outs.0.write(r0 + i, target[i] - l);
+                        outs.1.write(r0 + i, l);
+                        outs.2.write(r0 + i, (sum[i] / v as f64) as f32);
+                    }
+                }
+            });
+            (
+                store(logp, [n].into(), dtype),
+                f32_tensor(lse, [n].into()),
+                store(mean, [n].into(), dtype),
+            )
+        }
+
+        fn lm_head_backward(
+            hidden: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            targets: IntTensor<Self>,
+            lse: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            chunk: usize,
+            weight_grad: bool,
+        ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+            // The weight's gradient sums over every row; the frozen head of LoRA training never
+            // asks for it, so that case keeps the tensor-op path.
+            if weight_grad || !is_f32(&[&hidden, &weight, &grad]) {
+                return super::default_backward::<Self>(
+                    hidden,
+                    weight,
+                    targets,
+                    lse,
+                    grad,
+                    chunk,
+                    weight_grad,
+                );
+            }
+            let (hshape, dtype) = (hidden.layout().shape().clone(), hidden.dtype());
+            let (n, h) = (hshape[0], hshape[1]);
+            let v = weight.layout().shape()[0];
+            let chunk = chunk.clamp(1, v.max(1));
+            let (hs, ws, ts) = (
+                f32_slice(&hidden),
+                f32_slice(&weight),
+                int_targets(&targets),
+            );
+            let (ls, gs) = (f32_slice(&lse), f32_slice(&grad));
+            let round = rounding(dtype);
+            let mut dh = vec![0f32; n * h];
+            let out = SharedOut::new(&mut dh);
+            (0..n.div_ceil(ROWS)).into_par_iter().for_each(|b| {
+                let (r0, rows) = (b * ROWS, ROWS.min(n - b * ROWS));
+                let mut d = vec![0f32; rows * chunk];
+                let mut acc = vec![0f32; rows * h];
+                for c0 in (0..v).step_by(chunk) {
+                    let len = chunk.min(v - c0);
+                    let dl = &mut d[..rows * len];
+                    matmul(
+                        rows,
+                        len,
+                        h,
+                        &mut *dl,
+                        len,
+                        false,
+                        &hs[r0 * h..],
+                        h,
+                        1,
+                        &ws[c0 * h..],
+                        1,
+                        h,
+                        1.0,
+                    );
+                    // dlogits = g · (onehot(target) − softmax), from logits in the input type.
+                    for (i, row) in dl.chunks_mut(len).enumerate() {
+                        let (l, g) = (ls[r0 + i], gs[r0 + i]);
+                        row.iter_mut().for_each(|x| *x = -g * (round(*x) - l).exp());
+                        let t = ts[r0 + i];
+                        if t >= c0 as i64 && t < (c0 + len) as i64 {
+                            row[t as usize - c0] += g;
+                        }
+                    }
+                    // dh_blk += dlogits · W_c
+                    matmul(
+                        rows,
+                        h,
+                        len,
+                        acc.as_mut_slice(),
+                        h,
+                        true,
+                        dl,
+                        len,
+                        1,
+                        &ws[c0 * h..],
+                        h,
+                        1,
+                        1.0,
+                    );
+                }
+                // SAFETY: rows r0.. belong to this task alone.
+                unsafe { out.write_slice(r0 * h, &acc) };
+            });
+            (store(dh, hshape, dtype), None)
+        }
+    }
 }

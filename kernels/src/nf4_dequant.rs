@@ -25,35 +25,46 @@ pub trait Nf4DequantBackend: Backend {
         blocksize: usize,
         n: usize,
     ) -> FloatTensor<Self> {
-        let words = Tensor::<Self, 1, Int>::from_primitive(codes);
-        let table = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(table));
-        let absmax = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(absmax));
-        let nb = absmax.dims()[0];
-        let nibbles: Vec<_> = (0..8)
-            .map(|k| {
-                words
-                    .clone()
-                    .bitwise_right_shift_scalar((4 * k).elem())
-                    .bitwise_and_scalar(15.elem())
-            })
-            .collect();
-        let idx = Tensor::stack::<2>(nibbles, 1).reshape([-1]);
-        // Codes cover at least `n` values; pad them to whole blocks for the per-block product.
-        let m = idx.dims()[0].min(nb * blocksize);
-        let mut levels = table.select(0, idx.narrow(0, 0, m));
-        if m < nb * blocksize {
-            let device = levels.device();
-            levels = Tensor::cat(
-                vec![levels, Tensor::zeros([nb * blocksize - m], &device)],
-                0,
-            );
-        }
-        let levels = levels.reshape([nb, blocksize]);
-        let out = (levels * absmax.unsqueeze_dim(1))
-            .reshape([-1])
-            .narrow(0, 0, n);
-        out.into_primitive().tensor()
+        tensor_ops::<Self>(codes, table, absmax, blocksize, n)
     }
+}
+
+/// The dequantisation with tensor operations, for any backend.
+fn tensor_ops<B: Backend>(
+    codes: IntTensor<B>,
+    table: FloatTensor<B>,
+    absmax: FloatTensor<B>,
+    blocksize: usize,
+    n: usize,
+) -> FloatTensor<B> {
+    let words = Tensor::<B, 1, Int>::from_primitive(codes);
+    let table = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(table));
+    let absmax = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(absmax));
+    let nb = absmax.dims()[0];
+    let nibbles: Vec<_> = (0..8)
+        .map(|k| {
+            words
+                .clone()
+                .bitwise_right_shift_scalar((4 * k).elem())
+                .bitwise_and_scalar(15.elem())
+        })
+        .collect();
+    let idx = Tensor::stack::<2>(nibbles, 1).reshape([-1]);
+    // Codes cover at least `n` values; pad them to whole blocks for the per-block product.
+    let m = idx.dims()[0].min(nb * blocksize);
+    let mut levels = table.select(0, idx.narrow(0, 0, m));
+    if m < nb * blocksize {
+        let device = levels.device();
+        levels = Tensor::cat(
+            vec![levels, Tensor::zeros([nb * blocksize - m], &device)],
+            0,
+        );
+    }
+    let levels = levels.reshape([nb, blocksize]);
+    let out = (levels * absmax.unsqueeze_dim(1))
+        .reshape([-1])
+        .narrow(0, 0, n);
+    out.into_primitive().tensor()
 }
 
 /// Dequantises NF4 codes on whichever backend `B` is (see [`Nf4DequantBackend::nf4_dequantize`]).
@@ -78,7 +89,51 @@ pub fn nf4_dequantize<B: Nf4DequantBackend>(
 impl Nf4DequantBackend for burn::backend::NdArray {}
 
 #[cfg(feature = "flex")]
-impl Nf4DequantBackend for burn_flex::Flex {}
+mod flex {
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn_flex::Flex;
+
+    use super::Nf4DequantBackend;
+    use crate::cpu::{f32_slice, is_f32, par_chunks, store};
+
+    /// Parallel over blocks of the output: the 16 levels in a register-sized table, one product
+    /// per element, the same bits as the tensor-op path.
+    impl Nf4DequantBackend for Flex {
+        fn nf4_dequantize(
+            codes: IntTensor<Self>,
+            table: FloatTensor<Self>,
+            absmax: FloatTensor<Self>,
+            blocksize: usize,
+            n: usize,
+        ) -> FloatTensor<Self> {
+            let blocksize = blocksize.max(1);
+            let covered = codes.layout().shape().num_elements() * 8 >= n
+                && absmax.layout().shape().num_elements() * blocksize >= n;
+            if !is_f32(&[&table, &absmax]) || !covered {
+                return super::tensor_ops::<Self>(codes, table, absmax, blocksize, n);
+            }
+            let words: Vec<i32> = codes
+                .to_contiguous()
+                .into_data()
+                .convert::<i32>()
+                .into_vec::<i32>()
+                .unwrap_or_default();
+            let dtype = table.dtype();
+            let lut: Vec<f32> = f32_slice(&table).to_vec();
+            let scales = f32_slice(&absmax);
+            let mut out = vec![0f32; n];
+            par_chunks(&mut out, blocksize, |b, block| {
+                let s = scales[b];
+                for (k, o) in block.iter_mut().enumerate() {
+                    let i = b * blocksize + k;
+                    let code = (words[i / 8] as u32 >> (4 * (i % 8))) & 15;
+                    *o = lut[code as usize] * s;
+                }
+            });
+            store(out, [n].into(), dtype)
+        }
+    }
+}
 
 /// The weights are frozen: no gradient flows into codes or scales, so the inner result is wrapped
 /// as a constant.

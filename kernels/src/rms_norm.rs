@@ -188,7 +188,7 @@ mod flex {
     use rayon::prelude::*;
 
     use super::{RmsNormBackend, tensor_ops};
-    use crate::cpu::{f32_slice, f32_tensor, is_f32, par_rows};
+    use crate::cpu::{f32_slice, f32_tensor, is_f32, par_rows, rounding, store};
 
     /// Rows in parallel, f32 only (other types take the tensor-op path).
     impl RmsNormBackend for Flex {
@@ -200,23 +200,25 @@ mod flex {
             if !is_f32(&[&x, &gamma]) {
                 return tensor_ops::forward::<Self>(x, gamma, eps);
             }
-            let shape = x.layout().shape().clone();
+            let (shape, dtype) = (x.layout().shape().clone(), x.dtype());
             let h = shape[1];
             let xs = f32_slice(&x);
             let g = f32_slice(&gamma);
             let n = xs.len() / h.max(1);
             let mut y = vec![0f32; xs.len()];
             let mut rstd = vec![0f32; n];
+            // As transformers: the normalised row is rounded to the input type before the product.
+            let round = rounding(dtype);
             par_rows(&mut y, h, &mut rstd, |i, yr, r| {
                 let xr = &xs[i * h..(i + 1) * h];
                 let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
                 let s = 1.0 / (ms + eps as f32).sqrt();
                 *r = s;
                 for ((o, xv), gv) in yr.iter_mut().zip(xr).zip(g.iter()) {
-                    *o = gv * (xv * s);
+                    *o = gv * round(xv * s);
                 }
             });
-            (f32_tensor(y, shape), f32_tensor(rstd, [n].into()))
+            (store(y, shape, dtype), f32_tensor(rstd, [n].into()))
         }
 
         fn rms_norm_backward(
@@ -229,7 +231,7 @@ mod flex {
             if !is_f32(&[&x, &gamma, &dy]) || rstd.dtype() != DType::F32 {
                 return tensor_ops::backward::<Self>(x, gamma, rstd, dy, gamma_grad);
             }
-            let shape = x.layout().shape().clone();
+            let (shape, dtype, gdtype) = (x.layout().shape().clone(), x.dtype(), gamma.dtype());
             let h = shape[1];
             let (xs, g, r, dys) = (
                 f32_slice(&x),
@@ -273,9 +275,13 @@ mod flex {
                             a
                         },
                     );
-                f32_tensor(partial.into_iter().map(|v| v as f32).collect(), [h].into())
+                store(
+                    partial.into_iter().map(|v| v as f32).collect(),
+                    [h].into(),
+                    gdtype,
+                )
             });
-            (f32_tensor(dx, shape), dgamma)
+            (store(dx, shape, dtype), dgamma)
         }
     }
 }

@@ -134,7 +134,7 @@ mod flex {
     use burn_flex::Flex;
 
     use super::{RopeBackend, tensor_ops};
-    use crate::cpu::{f32_slice, f32_tensor, is_f32, par_chunks};
+    use crate::cpu::{f32_slice, is_f32, par_chunks, store};
 
     /// Tokens in parallel, f32 only (other types take the tensor-op path).
     impl RopeBackend for Flex {
@@ -148,7 +148,7 @@ mod flex {
             if !is_f32(&[&x, &cos, &sin]) {
                 return tensor_ops::rope::<Self>(x, cos, sin, heads, inverse);
             }
-            let shape = x.layout().shape().clone();
+            let (shape, dtype) = (x.layout().shape().clone(), x.dtype());
             let width = shape[1];
             let hd = width / heads.max(1);
             let half = hd / 2;
@@ -168,7 +168,7 @@ mod flex {
                     }
                 }
             });
-            f32_tensor(y, shape)
+            store(y, shape, dtype)
         }
     }
 }

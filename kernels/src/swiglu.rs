@@ -160,7 +160,7 @@ mod flex {
     use burn_flex::Flex;
 
     use super::{SwiGluBackend, tensor_ops};
-    use crate::cpu::{f32_slice, f32_tensor, is_f32, par_chunks};
+    use crate::cpu::{f32_slice, is_f32, par_chunks, store};
 
     const CHUNK: usize = 16_384;
 
@@ -174,7 +174,7 @@ mod flex {
             if !is_f32(&[&gate, &up]) {
                 return tensor_ops::forward::<Self>(gate, up);
             }
-            let shape = gate.layout().shape().clone();
+            let (shape, dtype) = (gate.layout().shape().clone(), gate.dtype());
             let (g, u) = (f32_slice(&gate), f32_slice(&up));
             let mut y = vec![0f32; g.len()];
             par_chunks(&mut y, CHUNK, |c, out| {
@@ -184,7 +184,7 @@ mod flex {
                     *y = gv * sigmoid(gv) * u[o + i];
                 }
             });
-            f32_tensor(y, shape)
+            store(y, shape, dtype)
         }
 
         fn swiglu_backward(
@@ -195,7 +195,7 @@ mod flex {
             if !is_f32(&[&gate, &up, &dy]) {
                 return tensor_ops::backward::<Self>(gate, up, dy);
             }
-            let shape = gate.layout().shape().clone();
+            let (shape, dtype) = (gate.layout().shape().clone(), gate.dtype());
             let (g, u, d) = (f32_slice(&gate), f32_slice(&up), f32_slice(&dy));
             let n = g.len();
             // Both gradients in one buffer: `[dgate | dup]`, split after the pass.
@@ -223,7 +223,7 @@ mod flex {
                 },
             );
             let dup = both.split_off(n);
-            (f32_tensor(both, shape.clone()), f32_tensor(dup, shape))
+            (store(both, shape.clone(), dtype), store(dup, shape, dtype))
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The decoder-layer operations — RMSNorm, SwiGLU, rotary embedding and variable-length causal
-//! attention — values and gradients under Autodiff against the formulas in f64 on the host, on
+//! The decoder-layer operations — RMSNorm, SwiGLU, rotary embedding, variable-length causal
+//! attention and the LoRA update — values and gradients under Autodiff against the formulas in f64 on the host, on
 //! random inputs: packed sequences of odd lengths (1, an empty one, lengths across the 64-row block
 //! of the CPU attention loop), grouped-query heads, and a padded (uniform) batch. On every backend
 //! compiled in (the burn-flex CPU fast paths in f32; tensor operations elsewhere), f32, f16, bf16.
@@ -9,8 +9,8 @@ mod common;
 use burn::{backend::Autodiff, tensor::DType};
 use common::{host, rounded, tensor};
 use prefer_kernels::{
-    AttentionBackend, HeadShape, RmsNormBackend, RopeBackend, SeqLayout, SwiGluBackend, rms_norm,
-    rope, swiglu, varlen_attention,
+    AttentionBackend, HeadShape, LoraBackend, RmsNormBackend, RopeBackend, SeqLayout,
+    SwiGluBackend, lora_update, rms_norm, rope, swiglu, varlen_attention,
 };
 
 fn random(n: usize, seed: u64, scale: f64) -> Vec<f32> {
@@ -335,7 +335,102 @@ fn check_attention_inference<B: AttentionBackend>(name: &str, device: &B::Device
     );
 }
 
-fn check<B: AttentionBackend + RmsNormBackend + RopeBackend + SwiGluBackend>(
+fn check_lora<B: LoraBackend>(name: &str, device: &B::Device, dtype: DType) {
+    let (n, d_in, d_out, r, scale) = (70, 24, 33, 5, 1.7);
+    let y = rounded(&random(n * d_out, 31, 2.0), dtype);
+    let x = rounded(&random(n * d_in, 32, 2.0), dtype);
+    let a = rounded(&random(d_in * r, 33, 1.0), dtype);
+    let b = rounded(&random(r * d_out, 34, 1.0), dtype);
+    let g = rounded(&random(n * d_out, 35, 1.0), dtype);
+    let h: Vec<f64> = (0..n * r)
+        .map(|i| {
+            let (row, k) = (i / r, i % r);
+            (0..d_in)
+                .map(|j| x[row * d_in + j] as f64 * a[j * r + k] as f64)
+                .sum()
+        })
+        .collect();
+    let out: Vec<f64> = (0..n * d_out)
+        .map(|i| {
+            let (row, o) = (i / d_out, i % d_out);
+            y[i] as f64
+                + scale
+                    * (0..r)
+                        .map(|k| h[row * r + k] * b[k * d_out + o] as f64)
+                        .sum::<f64>()
+        })
+        .collect();
+    // dh = scale · g·Bᵀ; dx = dh·Aᵀ; dA = xᵀ·dh; dB = scale · hᵀ·g.
+    let dh: Vec<f64> = (0..n * r)
+        .map(|i| {
+            let (row, k) = (i / r, i % r);
+            scale
+                * (0..d_out)
+                    .map(|o| g[row * d_out + o] as f64 * b[k * d_out + o] as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let dx: Vec<f64> = (0..n * d_in)
+        .map(|i| {
+            let (row, j) = (i / d_in, i % d_in);
+            (0..r).map(|k| dh[row * r + k] * a[j * r + k] as f64).sum()
+        })
+        .collect();
+    let da: Vec<f64> = (0..d_in * r)
+        .map(|i| {
+            let (j, k) = (i / r, i % r);
+            (0..n)
+                .map(|row| x[row * d_in + j] as f64 * dh[row * r + k])
+                .sum()
+        })
+        .collect();
+    let db: Vec<f64> = (0..r * d_out)
+        .map(|i| {
+            let (k, o) = (i / d_out, i % d_out);
+            scale
+                * (0..n)
+                    .map(|row| h[row * r + k] * g[row * d_out + o] as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let yt = tensor::<Autodiff<B>, 3>(&y, [2, n / 2, d_out], dtype, device).require_grad();
+    let xt = tensor::<Autodiff<B>, 3>(&x, [2, n / 2, d_in], dtype, device).require_grad();
+    let at = tensor::<Autodiff<B>, 2>(&a, [d_in, r], dtype, device).require_grad();
+    let bt = tensor::<Autodiff<B>, 2>(&b, [r, d_out], dtype, device).require_grad();
+    let o = lora_update(yt.clone(), xt.clone(), at.clone(), bt.clone(), scale);
+    let what = format!("lora {name} {dtype:?}");
+    assert_eq!(o.dtype(), dtype, "{what}");
+    close(&format!("{what} out"), &host(o.clone()), &out, tol(dtype));
+    let grads = (o * tensor::<Autodiff<B>, 3>(&g, [2, n / 2, d_out], dtype, device))
+        .sum()
+        .backward();
+    close(
+        &format!("{what} dy"),
+        &host(yt.grad(&grads).unwrap()),
+        &f64s(&g),
+        tol(dtype),
+    );
+    close(
+        &format!("{what} dx"),
+        &host(xt.grad(&grads).unwrap()),
+        &dx,
+        tol(dtype),
+    );
+    close(
+        &format!("{what} dA"),
+        &host(at.grad(&grads).unwrap()),
+        &da,
+        tol(dtype),
+    );
+    close(
+        &format!("{what} dB"),
+        &host(bt.grad(&grads).unwrap()),
+        &db,
+        tol(dtype),
+    );
+}
+
+fn check<B: AttentionBackend + LoraBackend + RmsNormBackend + RopeBackend + SwiGluBackend>(
     name: &str,
     device: &B::Device,
     dtype: DType,
@@ -345,6 +440,7 @@ fn check<B: AttentionBackend + RmsNormBackend + RopeBackend + SwiGluBackend>(
     check_rope::<B>(name, device, dtype);
     check_attention::<B>(name, device, dtype);
     check_attention_inference::<B>(name, device, dtype);
+    check_lora::<B>(name, device, dtype);
 }
 
 on_every_backend!(check);

@@ -212,6 +212,25 @@ fn check<B: FusedLmHeadBackend>(name: &str, device: &B::Device, dtype: DType) {
             half.then_some(&want.dw_mag[..]),
             subnormal(&want.dw_sub),
         );
+        // A frozen head (LoRA training): only the hidden states' gradient is asked for, which
+        // backends may compute on a path of their own.
+        let hidden = tensor::<Autodiff<B>, 2>(&c.hidden, [c.n, c.h], dtype, device).require_grad();
+        let weight = tensor::<Autodiff<B>, 2>(&c.weight, [c.v, c.h], dtype, device);
+        let t = Tensor::<Autodiff<B>, 1, Int>::from_data(
+            TensorData::new(c.targets.clone(), [c.n]),
+            device,
+        );
+        let g = tensor::<Autodiff<B>, 1>(&c.g, [c.n], dtype, device);
+        let out = fused_lm_head(hidden.clone(), weight, t, c.chunk);
+        let grads = (out.logp * g).sum().backward();
+        close(
+            &format!("{what} d hidden (frozen head)"),
+            &host(hidden.grad(&grads).unwrap()),
+            &want.dh,
+            tol(1e-4),
+            half.then_some(&want.dh_mag[..]),
+            subnormal(&want.dh_sub),
+        );
     }
 }
 
