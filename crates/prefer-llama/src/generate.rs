@@ -1,7 +1,8 @@
 //! Autoregressive generation with a key/value cache: greedy at temperature 0, otherwise
 //! temperature + nucleus (top-p) sampling from a seeded generator.
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use prefer_kernels::LayerBackend;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{linear::LinearLayer, model::LlamaModel};
@@ -17,6 +18,8 @@ pub struct SamplingConfig {
     pub seed: u64,
     /// Upper bound on new tokens.
     pub max_new_tokens: usize,
+    /// Stop tokens are not sampled before this many new tokens (transformers' `min_new_tokens`).
+    pub min_new_tokens: usize,
 }
 
 impl Default for SamplingConfig {
@@ -26,6 +29,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             seed: 0,
             max_new_tokens: 128,
+            min_new_tokens: 0,
         }
     }
 }
@@ -92,9 +96,36 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// The last position's logits of each row of `hidden` `[batch, len, hidden]`, on the host.
+fn last_logits<B: LayerBackend, L: LinearLayer<B>>(
+    model: &LlamaModel<B, L>,
+    hidden: Tensor<B, 3>,
+) -> Vec<Vec<f32>> {
+    let [b, len, _] = hidden.dims();
+    let vocab = model.config.vocab_size;
+    let logits: Vec<f32> = model
+        .logits(hidden.narrow(1, len - 1, 1))
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap_or_else(|e| panic!("generate: reading logits from the device failed: {e:?}"));
+    (0..b)
+        .map(|r| logits[r * vocab..(r + 1) * vocab].to_vec())
+        .collect()
+}
+
+/// Stop tokens may not be sampled before `min_new_tokens`.
+fn forbid_stops(logits: &mut [f32], stop_tokens: &[u32]) {
+    for &t in stop_tokens {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
 /// Generates up to `config.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
 /// token; stops after any of `stop_tokens` (which is included) or when `on_token` returns false.
-pub fn generate<B: Backend, L: LinearLayer<B>>(
+pub fn generate<B: LayerBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     prompt: &[u32],
     config: &SamplingConfig,
@@ -117,13 +148,10 @@ pub fn generate<B: Backend, L: LinearLayer<B>>(
             None,
             Some(&mut cache),
         );
-        let last = hidden.narrow(1, len - 1, 1);
-        let logits: Vec<f32> = model
-            .logits(last)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_default();
+        let mut logits = last_logits(model, hidden).remove(0);
+        if out.len() < config.min_new_tokens {
+            forbid_stops(&mut logits, stop_tokens);
+        }
         let next = sampler.sample(&logits);
         out.push(next);
         if !on_token(next) || stop_tokens.contains(&next) {
@@ -132,4 +160,118 @@ pub fn generate<B: Backend, L: LinearLayer<B>>(
         input = vec![next];
     }
     out
+}
+
+/// Generates after each of `prompts` in one batch (left-padded, one forward per step for all rows):
+/// every row samples from the same seeded generator in row order, stops at its first stop token
+/// (included) or after `config.max_new_tokens`. Returns each row's new tokens.
+pub fn generate_batch<B: LayerBackend, L: LinearLayer<B>>(
+    model: &LlamaModel<B, L>,
+    prompts: &[Vec<u32>],
+    config: &SamplingConfig,
+    stop_tokens: &[u32],
+) -> Vec<Vec<u32>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Vec::new();
+    }
+    let device = model.embed_tokens.weight.device();
+    let pad = stop_tokens.first().copied().unwrap_or(0) as i64;
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    // Left padding: every row's last prompt token sits in the last column.
+    let mut ids = Vec::with_capacity(b * width);
+    let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
+    for p in prompts {
+        let pads = width - p.len();
+        ids.extend(std::iter::repeat_n(pad, pads).chain(p.iter().map(|&t| t as i64)));
+        mask.push(
+            std::iter::repeat_n(0, pads)
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect(),
+        );
+    }
+    let upload_mask = |mask: &[Vec<i64>]| {
+        let keys = mask[0].len();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(mask.concat(), [b, keys]), &device)
+    };
+    let mut cache = model.new_cache();
+    let mut sampler = Sampler::new(config.clone());
+    let mut out = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, width]), &device);
+    for step in 0..config.max_new_tokens {
+        let hidden = model.forward_hidden(input, Some(upload_mask(&mask)), Some(&mut cache));
+        let mut next = Vec::with_capacity(b);
+        for (r, mut logits) in last_logits(model, hidden).into_iter().enumerate() {
+            if done[r] {
+                next.push(pad);
+                continue;
+            }
+            if step < config.min_new_tokens {
+                forbid_stops(&mut logits, stop_tokens);
+            }
+            let t = sampler.sample(&logits);
+            out[r].push(t);
+            done[r] = stop_tokens.contains(&t);
+            next.push(t as i64);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        for (m, d) in mask.iter_mut().zip(&done) {
+            m.push(if *d { 0 } else { 1 });
+        }
+        input = Tensor::from_data(TensorData::new(next, [b, 1]), &device);
+    }
+    out
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn::backend::NdArray;
+
+    use super::*;
+    use crate::{DenseFactory, MemoryWeights};
+
+    /// One batch of prompts of different lengths (left-padded) gives each prompt's own greedy
+    /// continuation, a row stops at its stop token, and `min_new_tokens` keeps stop tokens out.
+    #[test]
+    fn batched_generation_matches_one_prompt_at_a_time() {
+        let config = crate::test_util::tiny_config();
+        let mut weights = MemoryWeights::random(&config, 0.5, 7);
+        let device = Default::default();
+        let model: crate::DenseLlama<NdArray> =
+            LlamaModel::from_weights(&config, &mut weights, &DenseFactory, &device).unwrap();
+        let prompts = vec![vec![3, 9, 4, 1, 7], vec![5], vec![8, 2, 2]];
+        let greedy = SamplingConfig {
+            temperature: 0.0,
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let one_by_one: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&model, p, &greedy, &[], |_| true))
+            .collect();
+        assert_eq!(generate_batch(&model, &prompts, &greedy, &[]), one_by_one);
+
+        // A stop token: a row ends at it, the others go on.
+        let stop = one_by_one[1][2];
+        let stopped = generate_batch(&model, &prompts, &greedy, &[stop]);
+        for (row, full) in stopped.iter().zip(&one_by_one) {
+            let end = full
+                .iter()
+                .position(|&t| t == stop)
+                .map_or(full.len(), |i| i + 1);
+            assert_eq!(row, &full[..end]);
+        }
+        // Until `min_new_tokens`, the stop token is never sampled.
+        let min = SamplingConfig {
+            min_new_tokens: 6,
+            ..greedy.clone()
+        };
+        for row in generate_batch(&model, &prompts, &min, &[stop]) {
+            assert_eq!(row.len(), 6);
+            assert!(!row.contains(&stop));
+        }
+    }
 }

@@ -24,7 +24,7 @@ mod test_util;
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{LoadError, Result};
-pub use generate::{SamplingConfig, generate};
+pub use generate::{SamplingConfig, generate, generate_batch};
 pub use linear::{
     DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection,
 };

@@ -2,8 +2,9 @@
 
 use burn::{
     module::Module,
-    tensor::{Tensor, activation::silu, backend::Backend},
+    tensor::{Tensor, backend::Backend},
 };
+use prefer_kernels::{SwiGluBackend, swiglu};
 
 use crate::linear::LinearLayer;
 
@@ -31,8 +32,11 @@ impl<B: Backend, L: LinearLayer<B>> Mlp<B, L> {
     }
 
     /// `[batch, len, hidden] -> [batch, len, hidden]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3>
+    where
+        B: SwiGluBackend,
+    {
+        let gated = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(gated)
     }
 }

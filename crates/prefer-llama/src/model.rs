@@ -7,6 +7,8 @@ use burn::{
     tensor::{Bool, Int, Tensor, TensorData, backend::Backend},
 };
 
+use prefer_kernels::{LayerBackend, SeqLayout, rms_norm};
+
 use crate::{
     attention::Attention,
     config::LlamaConfig,
@@ -31,19 +33,34 @@ pub struct DecoderLayer<B: Backend, L> {
     pub mlp: Mlp<B, L>,
 }
 
-impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
-    fn forward(
+/// RMSNorm through the fused operation (statistics in f32, a hand-written backward).
+fn norm<B: LayerBackend, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    rms_norm(x, n.gamma.val(), n.epsilon)
+}
+
+impl<B: LayerBackend, L: LinearLayer<B>> DecoderLayer<B, L> {
+    /// `x` `[batch, len, hidden]` whose token rows split into `layout`'s sequences.
+    fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, layout: &SeqLayout) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(norm(&self.input_layernorm, x), rope, layout);
+        h.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, h))
+    }
+
+    /// Generation: new positions after the cached ones.
+    fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         bias: Option<&Tensor<B, 4>>,
-        cache: Option<&mut crate::kv_cache::LayerCache<B>>,
+        cache: &mut crate::kv_cache::LayerCache<B>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, bias, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward_cached(norm(&self.input_layernorm, x), rope, bias, cache);
+        h.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, h))
     }
 }
 
@@ -115,14 +132,14 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
                 proj(Projection::Down, hidden, c.intermediate_size, c.mlp_bias)?,
             );
             layers.push(DecoderLayer {
-                input_layernorm: rms_norm(
+                input_layernorm: load_rms_norm(
                     source,
                     &format!("{p}.input_layernorm.weight"),
                     c,
                     device,
                 )?,
                 self_attn: attn,
-                post_attention_layernorm: rms_norm(
+                post_attention_layernorm: load_rms_norm(
                     source,
                     &format!("{p}.post_attention_layernorm.weight"),
                     c,
@@ -131,7 +148,7 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
                 mlp,
             });
         }
-        let norm = rms_norm(source, "model.norm.weight", c, device)?;
+        let norm = load_rms_norm(source, "model.norm.weight", c, device)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
@@ -149,32 +166,99 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
             rope: RotaryEmbedding::new(c),
         })
     }
+}
 
+impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
     /// Final hidden states `[batch, len, hidden]` (after the final norm) for `input_ids` `[batch, len]`.
     ///
-    /// `attention_mask` `[batch, keys]` holds 1 for real tokens and 0 for padding; keys are the cached
-    /// positions plus the new ones. Batches are right-padded: every row starts at position 0.
-    /// With a `cache`, the new positions follow the cached ones and are appended to it.
+    /// Without a cache, batches are right-padded: every row starts at position 0 and its padding
+    /// comes after its last real token, so causal attention never lets a real token see padding;
+    /// `attention_mask` `[batch, len]` (1 for real tokens, 0 for padding) is only checked for that.
+    /// With a `cache` (generation), rows may be left-padded: `attention_mask` `[batch, keys]` covers
+    /// the cached positions plus the new ones, padding is masked out and positions count real
+    /// tokens; the new positions are appended to the cache.
+    ///
+    /// # Panics
+    /// Without a cache, if `attention_mask` marks padding before a real token (left padding).
     pub fn forward_hidden(
         &self,
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        if let Some(cache) = cache {
+            return self.forward_cached(input_ids, attention_mask, cache);
+        }
+        if let Some(mask) = attention_mask {
+            assert_right_padded(mask);
+        }
+        let [batch, len] = input_ids.dims();
+        self.forward_layout(input_ids, &SeqLayout::uniform(batch, len))
+    }
+
+    /// Final hidden states `[1, tokens, hidden]` for sequences packed back to back in `input_ids`
+    /// `[1, tokens]` (no padding): positions restart at 0 in each sequence of `layout` and no token
+    /// attends across sequences.
+    pub fn forward_packed(&self, input_ids: Tensor<B, 2, Int>, layout: &SeqLayout) -> Tensor<B, 3> {
+        let dims = input_ids.dims();
+        assert_eq!(
+            dims,
+            [1, layout.tokens()],
+            "forward_packed: input_ids must be [1, {}] for this layout",
+            layout.tokens()
+        );
+        self.forward_layout(input_ids, layout)
+    }
+
+    /// `input_ids` `[batch, len]` whose `batch · len` token rows split into `layout`'s sequences.
+    fn forward_layout(&self, input_ids: Tensor<B, 2, Int>, layout: &SeqLayout) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let rope = self.rope.tables::<B>(&layout.positions(), &device);
+        let mut x = self.embed_tokens.forward(input_ids);
+        for layer in &self.layers {
+            x = layer.forward(x, &rope, layout);
+        }
+        norm(&self.norm, x)
+    }
+
+    /// Generation: `input_ids` `[batch, len]` after the cached positions; rows may be left-padded
+    /// (`attention_mask` 0 for a row's leading padding), their positions then count real tokens.
+    fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         let device = input_ids.device();
         let [batch, len] = input_ids.dims();
-        let start = cache.as_ref().map_or(0, |c| c.len);
-        let rope = self.rope.tables::<B>(start, len, &device);
+        let start = cache.len;
+        // Left padding: a row's positions count its real tokens only.
+        let pads: Vec<usize> = match &attention_mask {
+            Some(mask) => {
+                let m: Vec<i64> = mask
+                    .clone()
+                    .into_data()
+                    .convert::<i64>()
+                    .into_vec()
+                    .unwrap_or_else(|e| panic!("reading attention_mask failed: {e:?}"));
+                m.chunks((start + len).max(1))
+                    .map(|row| row.iter().filter(|&&v| v == 0).count())
+                    .collect()
+            }
+            None => vec![0; batch],
+        };
+        let positions: Vec<usize> = pads
+            .iter()
+            .flat_map(|&p| (start..start + len).map(move |i| i.saturating_sub(p)))
+            .collect();
+        let rope = self.rope.tables::<B>(&positions, &device);
         let bias = attention_bias::<B>(batch, start, len, attention_mask, &device);
         let mut x = self.embed_tokens.forward(input_ids);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, bias.as_ref(), layer_cache);
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(x, &rope, bias.as_ref(), layer_cache);
         }
-        if let Some(c) = cache {
-            c.len += len;
-        }
-        self.norm.forward(x)
+        cache.len += len;
+        norm(&self.norm, x)
     }
 
     /// The output weight `[vocab, hidden]` (the embedding when tied).
@@ -204,7 +288,9 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
     ) -> Tensor<B, 3> {
         self.logits(self.forward_hidden(input_ids, attention_mask, None))
     }
+}
 
+impl<B: Backend, L> LlamaModel<B, L> {
     /// Every projection with its site, in checkpoint order.
     pub fn projections(&self) -> Vec<(LinearSite, &L)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
@@ -292,7 +378,25 @@ fn attention_bias<B: Backend>(
     Some(masked.float() * f32::MIN)
 }
 
-fn rms_norm<B: Backend>(
+/// Panics unless every row of `mask` is its real tokens (1) followed by padding (0).
+fn assert_right_padded<B: Backend>(mask: Tensor<B, 2, Int>) {
+    let [_, len] = mask.dims();
+    let values: Vec<i64> = mask
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap_or_default();
+    for (r, row) in values.chunks(len.max(1)).enumerate() {
+        let real = row.iter().take_while(|&&m| m != 0).count();
+        assert!(
+            row[real..].iter().all(|&m| m == 0),
+            "forward_hidden: row {r} of attention_mask has padding before a real token; batches \
+             must be right-padded (use forward_packed for sequences of different lengths)"
+        );
+    }
+}
+
+fn load_rms_norm<B: Backend>(
     source: &mut dyn WeightSource,
     name: &str,
     c: &LlamaConfig,

@@ -2,6 +2,7 @@
 //! `i + head_dim/2` (not the interleaved pairs of the RoPE paper and of `burn-nn`).
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
+use prefer_kernels::RopeBackend;
 
 use crate::config::{LlamaConfig, RopeScaling};
 
@@ -14,13 +15,13 @@ pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
 }
 
-/// `cos` and `sin` tables `[1, 1, len, head_dim]` for a run of positions.
+/// `cos` and `sin` tables `[tokens, head_dim / 2]` for token-major rows, one row per token.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    /// Cosine of every angle, duplicated over both halves.
-    pub cos: Tensor<B, 4>,
-    /// Sine of every angle, duplicated over both halves.
-    pub sin: Tensor<B, 4>,
+    /// Cosine of every angle.
+    pub cos: Tensor<B, 2>,
+    /// Sine of every angle.
+    pub sin: Tensor<B, 2>,
 }
 
 impl RotaryEmbedding {
@@ -73,25 +74,19 @@ impl RotaryEmbedding {
         Self { inv_freq }
     }
 
-    /// Tables for positions `start .. start + len`.
-    pub fn tables<B: Backend>(
-        &self,
-        start: usize,
-        len: usize,
-        device: &B::Device,
-    ) -> RopeTables<B> {
+    /// Tables for tokens at the given positions (`[tokens, head_dim / 2]`).
+    pub fn tables<B: Backend>(&self, positions: &[usize], device: &B::Device) -> RopeTables<B> {
         let half = self.inv_freq.len();
-        let dim = 2 * half;
-        let mut cos = Vec::with_capacity(len * dim);
-        let mut sin = Vec::with_capacity(len * dim);
-        for p in start..start + len {
-            let row: Vec<f32> = self.inv_freq.iter().map(|f| f * p as f32).collect();
-            for _ in 0..2 {
-                cos.extend(row.iter().map(|a| (*a as f64).cos() as f32));
-                sin.extend(row.iter().map(|a| (*a as f64).sin() as f32));
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let angle = (f * p as f32) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
             }
         }
-        let shape = [1, 1, len, dim];
+        let shape = [positions.len(), half];
         RopeTables {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
@@ -99,13 +94,13 @@ impl RotaryEmbedding {
     }
 }
 
-/// Rotates `x` `[batch, heads, len, head_dim]`: `x·cos + rotate_half(x)·sin`.
-pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * tables.cos.clone() + rotated * tables.sin.clone()
+/// Rotates `x` `[tokens, heads · head_dim]`: `x·cos + rotate_half(x)·sin` per head.
+pub fn apply_rotary<B: RopeBackend>(
+    x: Tensor<B, 2>,
+    tables: &RopeTables<B>,
+    heads: usize,
+) -> Tensor<B, 2> {
+    prefer_kernels::rope(x, tables.cos.clone(), tables.sin.clone(), heads)
 }
 
 #[cfg(all(test, feature = "ndarray"))]
@@ -119,13 +114,13 @@ mod tests {
         config.head_dim = 4;
         let rope = RotaryEmbedding::new(&config);
         let device = Default::default();
-        let tables = rope.tables::<NdArray>(1, 1, &device);
+        let tables = rope.tables::<NdArray>(&[1], &device);
         // e0 at position 1 rotates towards e2 (its rotate-half partner) by angle inv_freq[0] = 1.
-        let x = Tensor::<NdArray, 4>::from_data(
-            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 1, 1, 4]),
+        let x = Tensor::<NdArray, 2>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 4]),
             &device,
         );
-        let y: Vec<f32> = apply_rotary(x, &tables).into_data().to_vec().unwrap();
+        let y: Vec<f32> = apply_rotary(x, &tables, 1).into_data().to_vec().unwrap();
         let expected = [1f32.cos(), 0.0, 1f32.sin(), 0.0];
         for (a, b) in y.iter().zip(expected) {
             assert!((a - b).abs() < 1e-7, "{y:?}");

@@ -7,6 +7,7 @@ use burn::{
     nn::{Dropout, DropoutConfig},
     tensor::{Distribution, Tensor, backend::Backend},
 };
+use prefer_kernels::{LoraBackend, lora_update};
 use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSpec, Result, WeightSource};
 
 use crate::config::LoraConfig;
@@ -122,14 +123,19 @@ impl<B: Backend, L: LinearLayer<B>> LoraLinear<B, L> {
     }
 }
 
-impl<B: Backend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
+impl<B: LoraBackend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let y = self.base.forward(x.clone());
         match self.active {
             Some(i) => {
                 let ad = &self.adapters[i];
-                let h = self.dropout.forward(x).matmul(ad.a.val().unsqueeze());
-                y + h.matmul(ad.b.val().unsqueeze()) * ad.scaling
+                lora_update(
+                    y,
+                    self.dropout.forward(x),
+                    ad.a.val(),
+                    ad.b.val(),
+                    ad.scaling,
+                )
             }
             None => y,
         }
@@ -163,7 +169,7 @@ pub struct LoraFactory<F> {
     pub adapter_name: String,
 }
 
-impl<B: Backend, F: LinearFactory<B>> LinearFactory<B> for LoraFactory<F> {
+impl<B: LoraBackend, F: LinearFactory<B>> LinearFactory<B> for LoraFactory<F> {
     type Layer = LoraLinear<B, F::Layer>;
 
     fn build(

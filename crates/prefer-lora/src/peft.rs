@@ -238,7 +238,7 @@ pub fn load_peft<B: Backend, L: LinearLayer<B>>(
         let Some((a, b)) = factors.remove(&site) else {
             continue;
         };
-        let [d_out, d_in] = layer.dims();
+        let [d_out, d_in] = layer.base.dims();
         for (key, t, expected) in [
             (peft_key(&site, "A"), &a, vec![config.r, d_in]),
             (peft_key(&site, "B"), &b, vec![d_out, config.r]),

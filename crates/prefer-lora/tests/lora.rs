@@ -30,7 +30,7 @@ fn lora_config() -> LoraConfig {
     }
 }
 
-fn models<Bk: Backend>(
+fn models<Bk: prefer_kernels::PreferBackend>(
     device: &Bk::Device,
 ) -> (
     LlamaModel<Bk, prefer_llama::DenseLinear<Bk>>,
