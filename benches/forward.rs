@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData};
 use prefer::llama::{
     DenseFactory, LlamaConfig, LlamaModel, MemoryWeights, SamplingConfig, generate,
 };
@@ -19,7 +19,7 @@ fn config() -> LlamaConfig {
     }
 }
 
-fn bench<B: Backend>(name: &str, device: B::Device) {
+fn bench<B: prefer::kernels::LayerBackend>(name: &str, device: B::Device) {
     let c = config();
     let mut weights = MemoryWeights::random(&c, 0.02, 0);
     let model: LlamaModel<B, _> =

@@ -97,7 +97,8 @@ fn measure<B: PreferBackend>(snapshot: bool) -> Measured {
         .init();
     let data = pairs();
     let picked: Vec<&TokenizedPair> = data.iter().collect();
-    let batch = collate(&picked, 0, None, Default::default()).to_device::<AD<B>>(&dev);
+    let batch =
+        collate(&picked, 0, None, Default::default()).to_device::<AD<B>>(&dev, Default::default());
     let tokens = batch.input_ids.dims().iter().product::<usize>();
     let ref_logps = (!snapshot).then(|| Tensor::<AD<B>, 1>::from_floats([-700.0; 8], &dev));
     let input = DpoInput { batch, ref_logps };

@@ -54,7 +54,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut model = ckpt.build::<B, _>(&factory, &device)?;
     snapshot_adapter(&mut model, "policy", "reference");
-    let batch: DpoBatch<B> = collate(&refs, 0, None, Default::default()).to_device(&device);
+    let batch: DpoBatch<B> =
+        collate(&refs, 0, None, Default::default()).to_device(&device, Default::default());
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)

@@ -11,9 +11,9 @@ use prefer_kernels::PreferBackend;
 /// A backend the user can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
-    /// CPU through ndarray (the default).
+    /// CPU through ndarray.
     Ndarray,
-    /// CPU through burn-flex (SIMD kernels; f16/bf16 tensors).
+    /// CPU through burn-flex (SIMD kernels, multi-threaded; f16/bf16 tensors): the default.
     Flex,
     /// GPU through wgpu: Vulkan, Metal or DirectX (WGSL kernels).
     Wgpu,
@@ -33,6 +33,11 @@ impl BackendKind {
             Self::Wgpu => "wgpu",
             Self::Cuda => "cuda",
         }
+    }
+
+    /// Whether the backend runs on the CPU.
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Self::Ndarray | Self::Flex)
     }
 
     /// Whether this binary was built with the backend.

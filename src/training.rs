@@ -139,8 +139,12 @@ pub fn train_from_config(
         .backend
         .parse()
         .map_err(|e: String| TrainingError::Data(format!("config: `backend`: {e}")))?;
+    // Padding-free batches are faster on the CPU backends; elsewhere TRL's padded default stays
+    // until measured.
+    let mut config = config.clone();
+    config.padding_free.get_or_insert(kind.is_cpu());
     let job = TrainJob {
-        config,
+        config: &config,
         resume,
         observer,
     };
@@ -250,10 +254,25 @@ where
                 "computing reference log-probs with {}",
                 path.display()
             ));
-            let train =
-                compute_ref_logps(&reference, &data.train, data.pad_id, c.max_length, mode, bs);
-            let eval =
-                compute_ref_logps(&reference, &data.eval, data.pad_id, c.max_length, mode, bs);
+            let packing = c.packing();
+            let train = compute_ref_logps(
+                &reference,
+                &data.train,
+                data.pad_id,
+                c.max_length,
+                mode,
+                bs,
+                packing,
+            );
+            let eval = compute_ref_logps(
+                &reference,
+                &data.eval,
+                data.pad_id,
+                c.max_length,
+                mode,
+                bs,
+                packing,
+            );
             ReferenceSource::Precomputed { train, eval }
         }
         None => ReferenceSource::Snapshot,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use burn::{backend::NdArray, tensor::backend::Backend};
+use burn::backend::NdArray;
 use common::*;
 use prefer::{
     llama::{Checkpoint, DenseFactory},
@@ -82,7 +82,7 @@ fn writes_the_checkpoint_transformers_writes() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-fn bare_lora<B: Backend>(
+fn bare_lora<B: prefer::kernels::PreferBackend>(
     dir: &std::path::Path,
     device: &B::Device,
 ) -> LoraModel<B, prefer::llama::DenseLinear<B>> {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, activation::log_softmax};
 use prefer::llama::{LinearLayer, LlamaModel};
 use serde_json::Value;
 
@@ -58,7 +58,7 @@ pub fn assert_close(what: &str, actual: &[f64], expected: &[f64], rel: f64, abs:
 }
 
 /// Per-token log-probabilities `log p(x[t+1] | x[..=t])` of a right-padded batch, `lens[i]` real tokens per row.
-pub fn token_logprobs<B: Backend, L: LinearLayer<B>>(
+pub fn token_logprobs<B: prefer::kernels::LayerBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     rows: &[Vec<u32>],
     pad: bool,

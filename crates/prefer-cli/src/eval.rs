@@ -7,7 +7,7 @@ use clap::Args;
 use prefer::{
     backend::{BackendJob, BackendKind, run_on},
     dpo::{
-        EvalOptions, EvalReport, LossConfig, LossType,
+        EvalOptions, EvalReport, LossConfig, LossType, Packing,
         data::{
             DataFormat, OnBadRow, TokenizeOptions, TruncationMode, drop_truncated_away, load_file,
             tokenize_rows,
@@ -67,11 +67,15 @@ pub struct EvalArgs {
     /// `error` stops at the first bad row; `skip` skips and counts them.
     #[arg(long, default_value = "error", value_parser = parse_policy)]
     pub on_bad_row: OnBadRow,
+    /// Pack each batch's sequences without padding (`true`/`false`; default: on for the CPU
+    /// backends). The numbers are the same either way.
+    #[arg(long)]
+    pub padding_free: Option<bool>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
     /// Backend: ndarray, flex, wgpu or cuda (among those compiled in).
-    #[arg(long, default_value = "ndarray", value_parser = crate::parse_backend)]
+    #[arg(long, default_value = "flex", value_parser = crate::parse_backend)]
     pub backend: BackendKind,
 }
 
@@ -177,6 +181,11 @@ impl EvalJob {
             batch_size: a.batch_size.max(1),
             max_length: Some(a.max_length),
             truncation_mode: TruncationMode::KeepStart,
+            packing: if a.padding_free.unwrap_or(a.backend.is_cpu()) {
+                Packing::PaddingFree
+            } else {
+                Packing::Padded
+            },
         };
         Ok(evaluate_pairs(&policy, &reference, &pairs, pad, &options))
     }

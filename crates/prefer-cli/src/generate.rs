@@ -3,7 +3,6 @@
 use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use prefer::{
     backend::{BackendJob, BackendKind, run_on},
@@ -36,6 +35,10 @@ pub struct GenerateArgs {
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// End-of-sequence tokens are not sampled before this many new tokens (transformers'
+    /// `min_new_tokens`).
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
@@ -46,7 +49,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Backend: ndarray, flex, wgpu or cuda (among those compiled in).
-    #[arg(long, default_value = "ndarray", value_parser = crate::parse_backend)]
+    #[arg(long, default_value = "flex", value_parser = crate::parse_backend)]
     pub backend: BackendKind,
 }
 
@@ -68,7 +71,7 @@ impl BackendJob for GenerateJob {
 }
 
 impl GenerateJob {
-    fn generate<B: Backend, L: LinearLayer<B>>(
+    fn generate<B: prefer::kernels::LayerBackend, L: LinearLayer<B>>(
         &self,
         model: &LlamaModel<B, L>,
         tokenizer: Option<ChatTokenizer>,
@@ -104,6 +107,7 @@ impl GenerateJob {
             top_p: args.top_p,
             seed: args.seed,
             max_new_tokens: args.max_new_tokens,
+            min_new_tokens: args.min_new_tokens,
         };
         let mut out = std::io::stdout().lock();
         let mut generated: Vec<u32> = Vec::new();

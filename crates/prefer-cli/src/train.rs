@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prefer::{
-    dpo::train::{LogRecord, Resume, TrainConfig, TrainObserver},
+    dpo::train::{LogRecord, Resume, Throughput, TrainConfig, TrainObserver},
     training::{TrainingOutcome, train_from_config},
 };
 
@@ -329,6 +329,8 @@ fn metric_line(r: &LogRecord) -> String {
             "grad_norm",
             "learning_rate",
             "tokens_per_second",
+            "tokens",
+            "tokens_computed",
         ]
     };
     let cells: Vec<String> = names
@@ -453,12 +455,26 @@ fn summary_rows(o: &TrainingOutcome) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// `s/step`, `tokens/s` and the share of computed tokens that were padding, over the steps this
+/// run took.
+fn speed(t: &Throughput) -> String {
+    let padding = 1.0 - t.tokens as f64 / t.computed_tokens.max(1) as f64;
+    format!(
+        "{:.3} s/step, {:.0} tokens/s over {} steps; {:.1} % of computed tokens were padding",
+        t.seconds_per_step(),
+        t.tokens_per_second(),
+        t.steps,
+        100.0 * padding
+    )
+}
+
 fn summary_table(o: &TrainingOutcome) -> String {
     let mut s = format!(
-        "\n{} steps in {:.1} s on {} ({} training pairs, {} held out{})\n\n{:<20} {:>12} {:>14} {:>14}\n",
+        "\n{} steps in {:.1} s on {} ({}; {} training pairs, {} held out{})\n\n{:<20} {:>12} {:>14} {:>14}\n",
         o.summary.steps,
         o.summary.seconds,
         o.backend,
+        speed(&o.summary.throughput),
         o.pairs.0,
         o.pairs.1,
         if o.summary.stopped_early {
@@ -490,7 +506,7 @@ fn summary_markdown(config: &TrainConfig, o: &TrainingOutcome) -> String {
         o.skipped
     );
     s += &format!(
-        "- loss: {} (beta {}), LoRA r {} alpha {} on {}, NF4 base: {}\n- {} optimiser steps in {:.1} s on {}{}\n\n",
+        "- loss: {} (beta {}), LoRA r {} alpha {} on {}, NF4 base: {}\n- {} optimiser steps in {:.1} s on {}{}\n- {}\n\n",
         config
             .loss_type
             .iter()
@@ -509,7 +525,8 @@ fn summary_markdown(config: &TrainConfig, o: &TrainingOutcome) -> String {
             " (early stopping)"
         } else {
             ""
-        }
+        },
+        speed(&o.summary.throughput)
     );
     s += "| metric | train (last log) | eval before | eval after |\n|---|---:|---:|---:|\n";
     for (m, t, b, a) in summary_rows(o) {

@@ -4,7 +4,8 @@ use burn::tensor::{Tensor, Transaction, backend::Backend};
 use prefer_llama::{LinearLayer, LlamaModel};
 
 use crate::{
-    logps::{DpoBatch, SequenceLogps, sequence_logps},
+    data::{DpoBatch, Packing},
+    logps::{SequenceLogps, sequence_logps},
     loss::{LossConfig, PairLogps, dpo_loss},
     metrics::PairRecords,
 };
@@ -124,6 +125,8 @@ pub struct EvalOptions {
     pub max_length: Option<usize>,
     /// Which end of a long sequence to keep.
     pub truncation_mode: crate::data::TruncationMode,
+    /// Padded or padding-free batches (the same numbers either way).
+    pub packing: Packing,
 }
 
 impl Default for EvalOptions {
@@ -133,6 +136,7 @@ impl Default for EvalOptions {
             batch_size: 4,
             max_length: Some(1024),
             truncation_mode: Default::default(),
+            packing: Packing::Padded,
         }
     }
 }
@@ -180,7 +184,7 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         let refs: Vec<_> = chunk.iter().collect();
         let batch =
             crate::data::collate(&refs, pad_id, options.max_length, options.truncation_mode)
-                .to_device::<B>(&device);
+                .to_device::<B>(&device, options.packing);
         let out = evaluate_batch(&options.loss, policy, reference, &batch);
         let mut per_pair = vec![0.0; chunk.len()];
         for (i, t) in options.loss.loss_types.iter().enumerate() {

@@ -9,7 +9,8 @@ pub mod loss;
 pub mod metrics;
 pub mod train;
 
+pub use data::{DpoBatch, Packing};
 pub use eval::{BatchEval, EvalOptions, EvalReport, PairResult, evaluate_batch, evaluate_pairs};
-pub use logps::{DpoBatch, SequenceLogps, sequence_logps};
+pub use logps::{SequenceLogps, sequence_logps};
 pub use loss::{LossConfig, LossType, PairLogps, dpo_loss};
 pub use metrics::PairRecords;

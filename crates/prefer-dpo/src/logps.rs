@@ -1,41 +1,26 @@
 //! Per-sequence log-probabilities of completions: the model's hidden states, the LM head, a log-softmax
 //! and the target token's log-prob, summed over the completion tokens of each row.
 
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 use prefer_kernels::{DEFAULT_CHUNK, PreferBackend, fused_lm_head};
 use prefer_llama::{LinearLayer, LlamaModel};
 
-/// A tokenised batch of pairs: rows `[chosen_0 .. chosen_{P-1}, rejected_0 .. rejected_{P-1}]`,
-/// right-padded.
-#[derive(Debug, Clone)]
-pub struct DpoBatch<B: Backend> {
-    /// Prompt + completion ids `[2P, T]`.
-    pub input_ids: Tensor<B, 2, Int>,
-    /// 1 for real tokens, 0 for padding `[2P, T]`.
-    pub attention_mask: Tensor<B, 2, Int>,
-    /// 1 for completion tokens `[2P, T]` (float, to weight log-probs).
-    pub completion_mask: Tensor<B, 2>,
-}
-
-impl<B: Backend> DpoBatch<B> {
-    /// Number of pairs.
-    pub fn pairs(&self) -> usize {
-        self.input_ids.dims()[0] / 2
-    }
-}
+use crate::data::DpoBatch;
 
 /// Per-row results of one forward pass, `[2P]` each.
 #[derive(Debug, Clone)]
 pub struct SequenceLogps<B: Backend> {
     /// Sum of the completion tokens' log-probs (differentiable).
     pub sums: Tensor<B, 1>,
-    /// Every position's log-prob of the next token `[2P, T − 1]` (differentiable; use with `mask`).
+    /// Each completion token's log-prob at the position before it, `[2P, T − 1]`, 0 elsewhere
+    /// (differentiable).
     pub token_logps: Tensor<B, 2>,
     /// 1 where the next token is a completion token `[2P, T − 1]`.
     pub mask: Tensor<B, 2>,
     /// Number of completion tokens.
     pub tokens: Tensor<B, 1>,
-    /// Sum over completion tokens of the mean logit over the vocabulary (for `logits/*`; detached).
+    /// Sum over completion tokens of the mean logit over the vocabulary (for `logits/*`; not
+    /// differentiable).
     pub logit_sums: Tensor<B, 1>,
 }
 
@@ -49,36 +34,50 @@ impl<B: Backend> SequenceLogps<B> {
 
 /// Log-probs of every row's completion under `model`.
 ///
-/// Position `t` predicts token `t + 1`, so the completion mask is shifted by one, as in TRL. The
-/// target log-probs come from the fused LM head (chunks of the vocabulary through the selective
-/// log-softmax, a kernel on wgpu and CUDA), so neither the `[batch, time, vocab]` logits nor their
-/// log-softmax are ever built.
+/// Position `t` predicts token `t + 1`, so the completion mask is shifted by one, as in TRL. Only the
+/// positions that predict a completion token go through the fused LM head (chunks of the vocabulary
+/// through the selective log-softmax, a kernel on wgpu and CUDA), so neither the `[batch, time,
+/// vocab]` logits nor their log-softmax are ever built, and prompt and padding positions cost
+/// nothing there.
 pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
 ) -> SequenceLogps<B> {
-    let [n, t] = batch.input_ids.dims();
-    let hidden = model.forward_hidden(
-        batch.input_ids.clone(),
-        Some(batch.attention_mask.clone()),
-        None,
-    );
-    let h = hidden.dims()[2];
-    let hidden = hidden.narrow(1, 0, t - 1).reshape([n * (t - 1), h]);
-    let targets = batch
-        .input_ids
-        .clone()
-        .narrow(1, 1, t - 1)
-        .reshape([n * (t - 1)]);
-    let mask = batch.completion_mask.clone().narrow(1, 1, t - 1);
-    let out = fused_lm_head(hidden, model.lm_head_weight(), targets, DEFAULT_CHUNK);
-    let token_logps = out.logp.reshape([n, t - 1]);
-    let mean_logits = out.mean_logit.reshape([n, t - 1]);
+    let [n, tm1] = batch.mask.dims();
+    let hidden = match batch.layout.uniform_len() {
+        Some(len) if batch.input_ids.dims() == [n, len] => {
+            model.forward_hidden(batch.input_ids.clone(), None, None)
+        }
+        _ => model.forward_packed(batch.input_ids.clone(), &batch.layout),
+    };
+    let [b, t, h] = hidden.dims();
+    let device = hidden.device();
+    let picked = batch.completion_tokens();
+    let (token_logps, mean_logits) = if picked == 0 {
+        let zeros = Tensor::<B, 2>::zeros([n, tm1], &device);
+        (zeros.clone(), zeros)
+    } else {
+        let hidden = hidden.reshape([b * t, h]).select(0, batch.picks.clone());
+        let out = fused_lm_head(
+            hidden,
+            model.lm_head_weight(),
+            batch.targets.clone(),
+            DEFAULT_CHUNK,
+        );
+        // Back to `[rows, T − 1]`, with 0 wherever the next token is not a completion token.
+        let unpack = |x: Tensor<B, 1>| {
+            Tensor::cat(vec![x, Tensor::zeros([1], &device)], 0)
+                .select(0, batch.unpack.clone())
+                .reshape([n, tm1])
+        };
+        (unpack(out.logp), unpack(out.mean_logit))
+    };
+    let mask = batch.mask.clone();
     SequenceLogps {
-        sums: (token_logps.clone() * mask.clone()).sum_dim(1).reshape([n]),
+        sums: token_logps.clone().sum_dim(1).reshape([n]),
         token_logps,
         tokens: mask.clone().sum_dim(1).reshape([n]),
-        logit_sums: (mean_logits * mask.clone()).sum_dim(1).reshape([n]),
+        logit_sums: mean_logits.sum_dim(1).reshape([n]),
         mask,
     }
 }

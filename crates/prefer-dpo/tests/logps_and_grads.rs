@@ -4,10 +4,13 @@
 use std::path::PathBuf;
 
 use burn::{
-    backend::{Autodiff, NdArray},
-    tensor::{Int, Tensor, TensorData, backend::Backend},
+    backend::{Autodiff, Flex, NdArray},
+    tensor::{
+        ElementConversion,
+        backend::{AutodiffBackend, Backend},
+    },
 };
-use prefer_dpo::{DpoBatch, LossConfig, evaluate_batch};
+use prefer_dpo::{DpoBatch, LossConfig, Packing, data::HostBatch, evaluate_batch};
 use prefer_llama::{Checkpoint, DenseFactory, DenseLinear, LlamaModel};
 use prefer_lora::{LoraConfig, LoraFactory, LoraLinear, load_peft, peft_key, set_active_adapter};
 use safetensors::SafeTensors;
@@ -38,24 +41,26 @@ fn rows(x: &Value) -> (Vec<i64>, [usize; 2]) {
     (rows.concat(), shape)
 }
 
-fn batch<B: Backend>(f: &Value, device: &B::Device) -> DpoBatch<B> {
+fn host_batch(f: &Value) -> HostBatch {
     let b = &f["batch"];
-    let (ids, shape) = rows(&b["input_ids"]);
-    let (mask, _) = rows(&b["attention_mask"]);
-    let (comp, _) = rows(&b["completion_mask"]);
-    DpoBatch {
-        input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
-        attention_mask: Tensor::<B, 2, Int>::from_data(TensorData::new(mask, shape), device),
-        completion_mask: Tensor::from_data(
-            TensorData::new(comp.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape),
-            device,
-        ),
+    let (input_ids, shape) = rows(&b["input_ids"]);
+    let (attention_mask, _) = rows(&b["attention_mask"]);
+    let (completion_mask, _) = rows(&b["completion_mask"]);
+    HostBatch {
+        input_ids,
+        attention_mask,
+        completion_mask,
+        shape,
     }
+}
+
+fn batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> DpoBatch<B> {
+    host_batch(f).to_device(device, packing)
 }
 
 type Model<B> = LlamaModel<B, LoraLinear<B, DenseLinear<B>>>;
 
-fn models<B: Backend>(device: &B::Device) -> (Model<B>, Model<B>) {
+fn models<B: prefer_kernels::PreferBackend>(device: &B::Device) -> (Model<B>, Model<B>) {
     let factory = LoraFactory {
         inner: DenseFactory,
         config: LoraConfig {
@@ -82,9 +87,8 @@ fn floats(x: &Value) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn log_probs_losses_and_metrics_match_trl() {
-    type B = NdArray;
+/// Per-pair log-probs, loss and metrics of `packing` against TRL.
+fn check_logps<B: prefer_kernels::PreferBackend>(packing: Packing) {
     let device = Default::default();
     let f = fixture();
     let (policy, reference) = models::<B>(&device);
@@ -92,7 +96,7 @@ fn log_probs_losses_and_metrics_match_trl() {
         &LossConfig::default(),
         &policy,
         &reference,
-        &batch::<B>(&f, &device),
+        &batch::<B>(&f, &device, packing),
     );
     let r = out.records();
     let p = &f["per_pair"];
@@ -107,17 +111,17 @@ fn log_probs_losses_and_metrics_match_trl() {
         ),
     ] {
         for (g, w) in got.iter().zip(floats(&p[key])) {
-            assert!((g - w).abs() <= 1e-4, "{name}: {g} vs TRL {w}");
+            assert!((g - w).abs() <= 1e-4, "{packing:?} {name}: {g} vs TRL {w}");
         }
     }
     assert_eq!(r.chosen_tokens, floats(&p["chosen_token_counts"]));
-    let loss: f32 = out.loss.into_scalar();
+    let loss: f32 = out.loss.into_scalar().elem();
     let want = f["losses"]["label_smoothing_0.1"]["sigmoid"]["loss"]
         .as_f64()
         .unwrap();
     assert!(
         (loss as f64 - want).abs() <= 1e-5,
-        "loss {loss} vs TRL {want}"
+        "{packing:?} loss {loss} vs TRL {want}"
     );
     let metrics = r.metrics(0.1);
     let trl = f["losses"]["label_smoothing_0.1"]["sigmoid"]["metrics"]
@@ -134,14 +138,15 @@ fn log_probs_losses_and_metrics_match_trl() {
         let (g, w) = (metrics[name], trl[name].as_f64().unwrap());
         assert!(
             (g - w).abs() <= 1e-5 + 1e-4 * w.abs(),
-            "{name}: {g} vs TRL {w}"
+            "{packing:?} {name}: {g} vs TRL {w}"
         );
     }
 }
 
-#[test]
-fn lora_gradients_match_trl() {
-    type B = Autodiff<NdArray>;
+/// Every LoRA factor's gradient of the loss, PEFT's key → values in PEFT's layout.
+fn lora_grads<B: AutodiffBackend + prefer_kernels::PreferBackend>(
+    packing: Packing,
+) -> Vec<(String, Vec<f32>)> {
     let device = Default::default();
     let f = fixture();
     let (policy, reference) = models::<B>(&device);
@@ -149,35 +154,105 @@ fn lora_gradients_match_trl() {
         &LossConfig::default(),
         &policy,
         &reference,
-        &batch::<B>(&f, &device),
+        &batch::<B>(&f, &device, packing),
     );
     let grads = out.loss.backward();
-    let bytes = std::fs::read(root().join("dpo/sigmoid_grads.safetensors")).unwrap();
-    let want = SafeTensors::deserialize(&bytes).unwrap();
-    let mut checked = 0;
-    let mut worst = 0.0f64;
+    let mut all = Vec::new();
     for (site, layer) in policy.projections() {
         let ad = layer.adapter("default").unwrap();
         for (factor, param) in [("A", &ad.a), ("B", &ad.b)] {
             let g = param.val().grad(&grads).expect("gradient").transpose();
-            let got: Vec<f32> = g.into_data().convert::<f32>().to_vec().unwrap();
-            let t = want.tensor(&peft_key(&site, factor)).unwrap();
-            let exp: Vec<f32> = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            let scale = exp.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
-            for (a, b) in got.iter().zip(&exp) {
-                let rel = (*a as f64 - *b as f64).abs() / scale.max(1e-12);
-                worst = worst.max(rel);
-            }
-            checked += 1;
+            all.push((
+                peft_key(&site, factor),
+                g.into_data().convert::<f32>().to_vec().unwrap(),
+            ));
         }
     }
-    assert_eq!(checked, 28);
+    all
+}
+
+/// The largest difference between two gradient sets, relative to each tensor's largest entry.
+fn worst_difference(got: &[(String, Vec<f32>)], want: &dyn Fn(&str) -> Vec<f32>) -> f64 {
+    let mut worst = 0.0f64;
+    for (key, g) in got {
+        let exp = want(key);
+        let scale = exp.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+        for (a, b) in g.iter().zip(&exp) {
+            worst = worst.max((*a as f64 - *b as f64).abs() / scale.max(1e-12));
+        }
+    }
+    worst
+}
+
+fn check_grads<B: AutodiffBackend + prefer_kernels::PreferBackend>(packing: Packing) {
+    let got = lora_grads::<B>(packing);
+    assert_eq!(got.len(), 28);
+    let bytes = std::fs::read(root().join("dpo/sigmoid_grads.safetensors")).unwrap();
+    let want = SafeTensors::deserialize(&bytes).unwrap();
+    let trl = |key: &str| -> Vec<f32> {
+        want.tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let worst = worst_difference(&got, &trl);
     assert!(
         worst <= 1e-4,
-        "worst gradient difference relative to the tensor's largest entry: {worst:e}"
+        "{packing:?}: worst gradient difference from TRL relative to the tensor's largest entry: {worst:e}"
     );
+}
+
+#[test]
+fn log_probs_losses_and_metrics_match_trl() {
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        check_logps::<NdArray>(packing);
+        check_logps::<Flex>(packing);
+    }
+}
+
+#[test]
+fn lora_gradients_match_trl() {
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        check_grads::<Autodiff<NdArray>>(packing);
+        check_grads::<Autodiff<Flex>>(packing);
+    }
+}
+
+/// Padding-free batches give the padded path's per-pair log-probs and LoRA gradients.
+#[test]
+fn padding_free_equals_padded() {
+    fn per_pair<B: prefer_kernels::PreferBackend>(packing: Packing) -> Vec<f64> {
+        let device = Default::default();
+        let (policy, reference) = models::<B>(&device);
+        let out = evaluate_batch(
+            &LossConfig::default(),
+            &policy,
+            &reference,
+            &batch::<B>(&fixture(), &device, packing),
+        );
+        let r = out.records();
+        [r.chosen, r.rejected, r.ref_chosen, r.ref_rejected].concat()
+    }
+    fn check<B: AutodiffBackend + prefer_kernels::PreferBackend>() {
+        let (padded, free) = (
+            per_pair::<B>(Packing::Padded),
+            per_pair::<B>(Packing::PaddingFree),
+        );
+        for (a, b) in padded.iter().zip(&free) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "log-prob {a} (padded) vs {b}"
+            );
+        }
+        let padded = lora_grads::<B>(Packing::Padded);
+        let free = lora_grads::<B>(Packing::PaddingFree);
+        let lookup =
+            |key: &str| -> Vec<f32> { padded.iter().find(|(k, _)| k == key).unwrap().1.clone() };
+        let worst = worst_difference(&free, &lookup);
+        assert!(worst <= 1e-5, "gradients: padding-free vs padded {worst:e}");
+    }
+    check::<Autodiff<NdArray>>();
+    check::<Autodiff<Flex>>();
 }

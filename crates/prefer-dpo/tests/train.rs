@@ -275,6 +275,47 @@ fn learns_the_preference_with_an_nf4_base() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// `tokens_per_second` is measured over each logged step's whole wall time: the logged windows
+/// add up to the run's step time, which is most of a run that evaluates only at the end.
+#[test]
+fn throughput_counts_every_step_whole() {
+    let out = scratch("throughput");
+    let config = TrainConfig {
+        max_steps: 6,
+        logging_steps: 1,
+        eval_steps: Some(0),
+        ..base_config(&out)
+    };
+    let s = run(&config, None, ReferenceSource::Snapshot).unwrap();
+    let t = s.throughput;
+    assert_eq!(t.steps, 6);
+    let rows = prefer_dpo::train::read_jsonl(&out.join("metrics.jsonl")).unwrap();
+    let train_rows: Vec<_> = rows.iter().filter(|r| !r.is_eval()).collect();
+    assert_eq!(train_rows.len(), 6);
+    let logged_seconds: f64 = train_rows
+        .iter()
+        .map(|r| r.get("tokens").unwrap() / r.get("tokens_per_second").unwrap())
+        .sum();
+    let logged_tokens: f64 = train_rows.iter().map(|r| r.get("tokens").unwrap()).sum();
+    assert_eq!(logged_tokens as usize, t.tokens);
+    assert!(
+        (logged_seconds - t.seconds).abs() <= 1e-6 * t.seconds,
+        "windows {logged_seconds} s, run {} s",
+        t.seconds
+    );
+    // Before the fix the clock started after the first micro-batch: with one micro-batch per
+    // step, a window measured next to nothing.
+    assert!(
+        t.seconds >= 0.5 * s.seconds && t.seconds <= s.seconds,
+        "steps {} s of a {} s run",
+        t.seconds,
+        s.seconds
+    );
+    // Padded batches (this config's default) compute at least the real tokens.
+    assert!(t.computed_tokens >= t.tokens);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 fn adapter_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
 }
@@ -478,7 +519,7 @@ fn the_policy_plugs_into_burn_trains_learner() {
     let train = pairs(4, 9);
     let picked: Vec<&TokenizedPair> = train.iter().collect();
     let batch = prefer_dpo::data::collate(&picked, 0, None, Default::default())
-        .to_device::<AD>(&Default::default());
+        .to_device::<AD>(&Default::default(), Default::default());
     learner.lr_step();
     let step = learner.train_step(DpoInput {
         batch: batch.clone(),
@@ -501,7 +542,7 @@ fn the_policy_plugs_into_burn_trains_learner() {
     );
     let valid = burn::module::AutodiffModule::valid(&learner.model());
     let batch = prefer_dpo::data::collate(&picked, 0, None, Default::default())
-        .to_device::<NdArray>(&Default::default());
+        .to_device::<NdArray>(&Default::default(), Default::default());
     let eval = InferenceStep::step(
         &valid,
         DpoInput {

@@ -1,10 +1,7 @@
 //! Batches as TRL's DPO collator builds them: rows `[prompt+chosen ×P, prompt+rejected ×P]`,
 //! each truncated to `max_length` (keeping its start or its end), right-padded, with completion masks.
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
-
-use super::{formats::BadRow, tokenize::TokenizedPair};
-use crate::logps::DpoBatch;
+use super::{batch::HostBatch, formats::BadRow, tokenize::TokenizedPair};
 
 /// Which end of a too-long sequence to keep (`truncation_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -15,37 +12,6 @@ pub enum TruncationMode {
     KeepStart,
     /// Keep the last `max_length` tokens.
     KeepEnd,
-}
-
-/// A batch on the host, row-major `[2P, T]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBatch {
-    /// Ids, padded with the pad id.
-    pub input_ids: Vec<i64>,
-    /// 1 for tokens, 0 for padding.
-    pub attention_mask: Vec<i64>,
-    /// 1 for completion tokens.
-    pub completion_mask: Vec<i64>,
-    /// `[2P, T]`.
-    pub shape: [usize; 2],
-}
-
-impl HostBatch {
-    /// Uploads to a device.
-    pub fn to_device<B: Backend>(&self, device: &B::Device) -> DpoBatch<B> {
-        let comp: Vec<f32> = self.completion_mask.iter().map(|&x| x as f32).collect();
-        DpoBatch {
-            input_ids: Tensor::<B, 2, Int>::from_data(
-                TensorData::new(self.input_ids.clone(), self.shape),
-                device,
-            ),
-            attention_mask: Tensor::<B, 2, Int>::from_data(
-                TensorData::new(self.attention_mask.clone(), self.shape),
-                device,
-            ),
-            completion_mask: Tensor::from_data(TensorData::new(comp, self.shape), device),
-        }
-    }
 }
 
 /// With `KeepStart`, a pair whose prompt alone fills `max_length` would keep no completion token:

@@ -1,11 +1,13 @@
 //! Preference data: files in TRL's and ShareGPT's formats → checked rows → TRL's token ids →
-//! right-padded batches of `[chosen.., rejected..]`.
+//! batches of `[chosen.., rejected..]`, right-padded or padding-free.
 
+pub mod batch;
 pub mod collate;
 pub mod formats;
 pub mod tokenize;
 
-pub use collate::{HostBatch, TruncationMode, collate, drop_truncated_away, group_by_length};
+pub use batch::{DpoBatch, HostBatch, Packing};
+pub use collate::{TruncationMode, collate, drop_truncated_away, group_by_length};
 pub use formats::{
     BadRow, DataFormat, Loaded, OnBadRow, PreferenceRow, Turns, load_file, parse_rows,
     split_train_eval,

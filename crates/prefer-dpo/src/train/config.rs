@@ -8,7 +8,7 @@ use prefer_lora::LoraConfig;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
-    data::TruncationMode,
+    data::{Packing, TruncationMode},
     loss::{LossConfig, LossType},
 };
 
@@ -70,6 +70,10 @@ pub struct TrainConfig {
     pub max_completion_length: Option<usize>,
     /// `keep_start` or `keep_end`.
     pub truncation_mode: String,
+    /// Pack each micro-batch's sequences back to back instead of padding them, so compute follows
+    /// the real tokens (TRL's `padding_free`). Unset: on for the CPU backends (faster there),
+    /// off elsewhere.
+    pub padding_free: Option<bool>,
 
     // --- optimisation (transformers' TrainingArguments) ---
     /// Peak learning rate (TRL's DPO default, 1e-6, suits full fine-tuning; LoRA wants ~1e-4..1e-3).
@@ -145,7 +149,7 @@ pub struct TrainConfig {
     pub bnb_4bit_compute_dtype: String,
 
     // --- where it runs ---
-    /// `ndarray`, `wgpu` or `cuda` (among those compiled in).
+    /// `flex` (the default), `ndarray`, `wgpu` or `cuda` (among those compiled in).
     pub backend: String,
 }
 
@@ -169,6 +173,7 @@ impl Default for TrainConfig {
             max_prompt_length: None,
             max_completion_length: None,
             truncation_mode: "keep_start".into(),
+            padding_free: None,
             learning_rate: 1e-6,
             num_train_epochs: 3.0,
             max_steps: -1,
@@ -202,7 +207,7 @@ impl Default for TrainConfig {
             bnb_4bit_quant_type: "nf4".into(),
             bnb_4bit_use_double_quant: true,
             bnb_4bit_compute_dtype: "float32".into(),
-            backend: "ndarray".into(),
+            backend: "flex".into(),
         }
     }
 }
@@ -269,6 +274,15 @@ impl TrainConfig {
                 "truncation_mode",
                 format!("`{other}` is not keep_start or keep_end"),
             )),
+        }
+    }
+
+    /// The batch layout `padding_free` asks for (padded when unset).
+    pub fn packing(&self) -> Packing {
+        if self.padding_free == Some(true) {
+            Packing::PaddingFree
+        } else {
+            Packing::Padded
         }
     }
 

@@ -33,7 +33,7 @@ impl LogRecord {
 }
 
 /// The preference metrics, in the order of the CSV columns.
-pub const METRICS: [&str; 12] = [
+pub const METRICS: [&str; 14] = [
     "loss",
     "rewards/chosen",
     "rewards/rejected",
@@ -46,6 +46,8 @@ pub const METRICS: [&str; 12] = [
     "kl",
     "num_pairs",
     "tokens_per_second",
+    "tokens",
+    "tokens_computed",
 ];
 
 /// CSV columns: step, epoch, the train metrics, `grad_norm`, `learning_rate`, then the eval metrics.

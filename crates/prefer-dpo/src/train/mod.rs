@@ -21,7 +21,9 @@ pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
 pub use reference::{Fingerprint, RefLogps, compute_ref_logps};
 pub use schedule::LrSchedule;
 pub use step::{DpoInput, DpoOutput, DpoPolicy};
-pub use trainer::{ReferenceSource, Resume, Silent, TrainObserver, TrainRun, TrainSummary, train};
+pub use trainer::{
+    ReferenceSource, Resume, Silent, Throughput, TrainObserver, TrainRun, TrainSummary, train,
+};
 
 /// Why training stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use prefer_llama::{LinearLayer, LlamaModel};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    data::{TokenizedPair, TruncationMode, collate},
+    data::{Packing, TokenizedPair, TruncationMode, collate},
     logps::{SequenceLogps, sequence_logps},
 };
 
@@ -113,12 +113,13 @@ pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
     max_length: Option<usize>,
     mode: TruncationMode,
     batch_size: usize,
+    packing: Packing,
 ) -> RefLogps {
     let device = reference.embed_tokens.weight.device();
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&refs, pad_id, max_length, mode).to_device::<B>(&device);
+        let batch = collate(&refs, pad_id, max_length, mode).to_device::<B>(&device, packing);
         let sums = sequence_logps(reference, &batch).sums;
         let (c, r) = SequenceLogps::split(sums);
         let c: Vec<f32> = c.into_data().convert::<f32>().to_vec().unwrap_or_default();

@@ -12,8 +12,9 @@ use prefer_llama::{LinearLayer, LlamaModel};
 use prefer_lora::{LoraLinear, set_active_adapter};
 
 use crate::{
+    data::DpoBatch,
     eval::{BatchEval, evaluate_batch_with},
-    logps::{DpoBatch, sequence_logps},
+    logps::sequence_logps,
     loss::LossConfig,
     metrics::PairRecords,
 };
@@ -52,6 +53,8 @@ pub struct DpoOutput {
     pub records: PairRecords,
     /// Tokens in the micro-batch (prompt + completion, padding excluded).
     pub tokens: usize,
+    /// Tokens the model computed (padding included when the batch is padded).
+    pub computed_tokens: usize,
 }
 
 impl ItemLazy for DpoOutput {
@@ -84,17 +87,11 @@ where
     }
 
     fn output(&self, input: &DpoInput<B>, eval: &BatchEval<B>) -> DpoOutput {
-        let tokens = input
-            .batch
-            .attention_mask
-            .clone()
-            .sum()
-            .into_scalar()
-            .elem::<i64>() as usize;
         DpoOutput {
             loss: eval.loss.clone().into_scalar().elem::<f64>(),
             records: eval.records(),
-            tokens,
+            tokens: input.batch.tokens,
+            computed_tokens: input.batch.computed_tokens,
         }
     }
 }
@@ -118,12 +115,7 @@ where
             // backward pass, so it costs one forward's transient memory and no more.
             let mut reference = burn::module::AutodiffModule::valid(&self.model);
             set_active_adapter(&mut reference, self.reference.as_deref());
-            let batch = DpoBatch {
-                input_ids: input.batch.input_ids.clone().inner(),
-                attention_mask: input.batch.attention_mask.clone().inner(),
-                completion_mask: input.batch.completion_mask.clone().inner(),
-            };
-            let sums = sequence_logps(&reference, &batch).sums;
+            let sums = sequence_logps(&reference, &input.batch.inner()).sums;
             input.ref_logps = Some(Tensor::from_inner(sums));
         }
         let eval = self.evaluate(&input);

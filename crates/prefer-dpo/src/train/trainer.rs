@@ -116,6 +116,34 @@ pub struct TrainSummary {
     pub stopped_early: bool,
     /// Wall-clock seconds of the loop.
     pub seconds: f64,
+    /// The optimiser steps of this run (not counting those before a resume).
+    pub throughput: Throughput,
+}
+
+/// Optimiser steps, their wall time and the tokens they trained on.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Throughput {
+    /// Steps taken.
+    pub steps: usize,
+    /// Their wall time, from each step's first micro-batch to its parameter update (evaluation
+    /// and checkpoints excluded).
+    pub seconds: f64,
+    /// Real tokens (prompts and completions, no padding).
+    pub tokens: usize,
+    /// Tokens the model computed (padding included when batches are padded).
+    pub computed_tokens: usize,
+}
+
+impl Throughput {
+    /// Seconds per optimiser step.
+    pub fn seconds_per_step(&self) -> f64 {
+        self.seconds / self.steps.max(1) as f64
+    }
+
+    /// Real tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
 }
 
 /// The policy as the trainer holds it.
@@ -285,7 +313,8 @@ where
     };
     let input_for = |ids: &[usize], pairs: &[TokenizedPair], refs: Option<&RefLogps>| {
         let picked: Vec<&TokenizedPair> = ids.iter().map(|&i| &pairs[i]).collect();
-        let batch = collate(&picked, run.pad_id, config.max_length, mode).to_device::<B>(&device);
+        let batch = collate(&picked, run.pad_id, config.max_length, mode)
+            .to_device::<B>(&device, config.packing());
         let ref_logps = refs.map(|r| {
             let mut v: Vec<f32> = ids.iter().map(|&i| r[i].0).collect();
             v.extend(ids.iter().map(|&i| r[i].1));
@@ -304,11 +333,13 @@ where
     let started = Instant::now();
     let mut epoch_order = order(state.epoch);
     let mut window = Window::default();
+    let mut totals = Throughput::default();
     let mut final_eval = None;
     let mut stopped_early = false;
     let eval_every = config.eval_every();
 
     while state.global_step < total_steps {
+        let step_started = Instant::now();
         if state.batch_in_epoch >= batches_per_epoch {
             state.epoch += 1;
             state.batch_in_epoch = 0;
@@ -330,6 +361,8 @@ where
             let output = TrainStep::step(&policy, input);
             accumulator.accumulate(&policy, output.grads);
             step_loss += output.item.loss / group as f64;
+            totals.tokens += output.item.tokens;
+            totals.computed_tokens += output.item.computed_tokens;
             window.add(&output.item);
         }
         let (grads, grad_norm) =
@@ -347,6 +380,10 @@ where
         }
         let lr = burn::optim::lr_scheduler::LrScheduler::step(&mut schedule);
         policy = TrainStep::optimize(policy, &mut optim, lr, grads);
+        let seconds = step_started.elapsed().as_secs_f64();
+        window.seconds += seconds;
+        totals.seconds += seconds;
+        totals.steps += 1;
         state.global_step = step;
         state.batch_in_epoch += group;
         window.grad_norm = grad_norm;
@@ -430,28 +467,32 @@ where
         final_eval,
         stopped_early,
         seconds: started.elapsed().as_secs_f64(),
+        throughput: totals,
     })
 }
 
-/// Metrics of the micro-batches since the last log line.
+/// Metrics of the optimiser steps since the last log line.
 #[derive(Default)]
 struct Window {
     records: PairRecords,
     loss_sum: f64,
     pairs: usize,
     tokens: usize,
-    since: Option<Instant>,
+    computed_tokens: usize,
+    /// Wall time of the window's optimiser steps, from each step's first micro-batch to its
+    /// parameter update (evaluation and checkpoints excluded).
+    seconds: f64,
     grad_norm: f64,
     lr: f64,
 }
 
 impl Window {
     fn add(&mut self, out: &DpoOutput) {
-        self.since.get_or_insert_with(Instant::now);
         let n = out.records.len();
         self.loss_sum += out.loss * n as f64;
         self.pairs += n;
         self.tokens += out.tokens;
+        self.computed_tokens += out.computed_tokens;
         self.records.extend(&out.records);
     }
 
@@ -460,11 +501,12 @@ impl Window {
         values.insert("loss".into(), self.loss_sum / self.pairs.max(1) as f64);
         values.insert("grad_norm".into(), self.grad_norm);
         values.insert("learning_rate".into(), self.lr);
-        let secs = self.since.map_or(0.0, |t| t.elapsed().as_secs_f64());
         values.insert(
             "tokens_per_second".into(),
-            self.tokens as f64 / secs.max(1e-9),
+            self.tokens as f64 / self.seconds.max(1e-9),
         );
+        values.insert("tokens".into(), self.tokens as f64);
+        values.insert("tokens_computed".into(), self.computed_tokens as f64);
         *self = Window::default();
         LogRecord {
             step,
@@ -501,7 +543,7 @@ where
     for (c, chunk) in run.eval.chunks(bs).enumerate() {
         let picked: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&picked, run.pad_id, config.max_length, mode)
-            .to_device::<B::InnerBackend>(&device);
+            .to_device::<B::InnerBackend>(&device, config.packing());
         let ref_logps = precomputed.map(|(_, eval)| {
             let r = &eval[c * bs..c * bs + chunk.len()];
             let mut v: Vec<f32> = r.iter().map(|p| p.0).collect();
@@ -578,6 +620,7 @@ where
         config.max_length,
         mode,
         bs,
+        config.packing(),
     );
     all.extend(compute_ref_logps(
         &reference,
@@ -586,6 +629,7 @@ where
         config.max_length,
         mode,
         bs,
+        config.packing(),
     ));
     match write_cached(&dir, key, &all) {
         Ok(path) => observer.on_message(&format!(
