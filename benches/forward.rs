@@ -59,6 +59,7 @@ fn bench<B: prefer::kernels::LayerBackend>(name: &str, device: B::Device) {
 }
 
 fn main() {
+    prefer::allocator::keep_freed_memory();
     let want_wgpu = std::env::args().any(|a| a == "wgpu");
     if !want_wgpu {
         bench::<burn::backend::NdArray>("ndarray", Default::default());

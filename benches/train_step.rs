@@ -147,6 +147,7 @@ fn table<B: PreferBackend>(name: &str) {
 }
 
 fn main() {
+    prefer::allocator::keep_freed_memory();
     table::<NdArray>("ndarray");
     table::<Flex>("burn-flex");
 }

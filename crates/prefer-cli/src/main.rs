@@ -49,6 +49,7 @@ pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
 }
 
 fn main() -> ExitCode {
+    prefer::allocator::keep_freed_memory();
     // Errors are reported as one line; a panic would be a bug, but it too ends in one line.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
