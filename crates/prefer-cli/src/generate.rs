@@ -8,7 +8,7 @@ use prefer::{
     backend::{BackendJob, BackendKind, run_on},
     llama::{
         ChatMessage, ChatTokenizer, Checkpoint, DenseFactory, DenseLinear, LinearLayer, LlamaModel,
-        SamplingConfig, generate,
+        SamplingConfig, generate, generate_batch,
     },
     quant::{Nf4Factory, Nf4Linear},
 };
@@ -23,9 +23,14 @@ pub struct GenerateArgs {
     /// A Hugging Face model directory or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// The prompt text.
-    #[arg(long)]
-    pub prompt: String,
+    /// The prompt text; repeat for several prompts, generated in one batch.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// Completions per prompt (transformers' `num_return_sequences`). With several prompts or
+    /// completions, all rows are generated in one batch and printed as JSON Lines
+    /// `{"prompt", "completion"}` (TRL's prompt-completion format) once done.
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
     /// Wrap the prompt in the model's chat template, with a generation prompt.
     #[arg(long)]
     pub chat: bool,
@@ -79,21 +84,6 @@ impl GenerateJob {
         let args = &self.0;
         let tokenizer = tokenizer
             .with_context(|| format!("{}: the model has no tokenizer", args.model.display()))?;
-        let prompt = if args.chat {
-            let mut messages = Vec::new();
-            if let Some(system) = &args.system {
-                messages.push(ChatMessage::new("system", system));
-            }
-            messages.push(ChatMessage::new("user", &args.prompt));
-            tokenizer.apply_chat_template(&messages, true)?
-        } else {
-            args.prompt.clone()
-        };
-        // A chat template writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
-        let ids = tokenizer.encode(&prompt, !args.chat)?;
-        if ids.is_empty() {
-            bail!("the prompt is empty after tokenisation");
-        }
         let mut stops = model.config.eos_token_ids.clone();
         if let Some(id) = tokenizer
             .eos_token
@@ -109,39 +99,99 @@ impl GenerateJob {
             max_new_tokens: args.max_new_tokens,
             min_new_tokens: args.min_new_tokens,
         };
+        let prompts = args
+            .prompt
+            .iter()
+            .map(|p| self.encode(&tokenizer, p))
+            .collect::<Result<Vec<_>>>()?;
+        if prompts.len() == 1 && args.num_return_sequences == 1 {
+            return stream(model, &tokenizer, &prompts[0], &config, &stops);
+        }
+        // Every prompt `num_return_sequences` times, in one batch.
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), args.num_return_sequences))
+            .collect();
+        let completions = generate_batch(model, &rows, &config, &stops);
         let mut out = std::io::stdout().lock();
-        let mut generated: Vec<u32> = Vec::new();
-        let mut printed = 0;
-        let mut failure = None;
-        generate(model, &ids, &config, &stops, |token| {
-            if stops.contains(&token) {
-                return false;
+        for (i, mut tokens) in completions.into_iter().enumerate() {
+            tokens.retain(|t| !stops.contains(t));
+            let line = serde_json::json!({
+                "prompt": args.prompt[i / args.num_return_sequences],
+                "completion": tokenizer.decode(&tokens, true)?,
+            });
+            writeln!(out, "{line}")?;
+        }
+        Ok(())
+    }
+
+    /// One prompt's token ids, through the chat template with `--chat`.
+    fn encode(&self, tokenizer: &ChatTokenizer, text: &str) -> Result<Vec<u32>> {
+        let args = &self.0;
+        let prompt = if args.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage::new("system", system));
             }
-            generated.push(token);
-            // Decode everything so far and print the new suffix, holding back an incomplete UTF-8 tail.
-            match tokenizer.decode(&generated, true) {
-                Ok(text) if !text.ends_with('\u{FFFD}') => {
-                    // Text already printed never changes; `get` guards against a decoder that
-                    // rewrites earlier characters.
-                    let new = text.get(printed..).unwrap_or_default();
-                    let res = out.write_all(new.as_bytes()).and_then(|_| out.flush());
-                    printed = text.len();
-                    if let Err(e) = res {
-                        failure = Some(anyhow::Error::from(e));
-                        return false;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    failure = Some(e.into());
+            messages.push(ChatMessage::new("user", text));
+            tokenizer.apply_chat_template(&messages, true)?
+        } else {
+            text.to_string()
+        };
+        // A chat template writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
+        let ids = tokenizer.encode(&prompt, !args.chat)?;
+        if ids.is_empty() {
+            bail!("the prompt {text:?} is empty after tokenisation");
+        }
+        Ok(ids)
+    }
+}
+
+/// One prompt, its tokens streamed to stdout as they come.
+fn stream<B: prefer::kernels::LayerBackend, L: LinearLayer<B>>(
+    model: &LlamaModel<B, L>,
+    tokenizer: &ChatTokenizer,
+    ids: &[u32],
+    config: &SamplingConfig,
+    stops: &[u32],
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    let mut failure = None;
+    generate(model, ids, config, stops, |token| {
+        if stops.contains(&token) {
+            return false;
+        }
+        generated.push(token);
+        // Decode everything so far and print the new suffix, holding back an incomplete UTF-8 tail.
+        match tokenizer.decode(&generated, true) {
+            Ok(text) if !text.ends_with('\u{FFFD}') => {
+                // Text already printed never changes; `get` guards against a decoder that
+                // rewrites earlier characters.
+                let new = text.get(printed..).unwrap_or_default();
+                let res = out.write_all(new.as_bytes()).and_then(|_| out.flush());
+                printed = text.len();
+                if let Err(e) = res {
+                    failure = Some(anyhow::Error::from(e));
                     return false;
                 }
             }
-            true
-        });
-        writeln!(out)?;
-        failure.map_or(Ok(()), Err)
+            Ok(_) => {}
+            Err(e) => {
+                failure = Some(e.into());
+                return false;
+            }
+        }
+        true
+    });
+    if let Some(e) = failure {
+        return Err(e);
     }
+    // What was held back as an incomplete UTF-8 tail is printed as the decoder gives it.
+    let text = tokenizer.decode(&generated, true)?;
+    writeln!(out, "{}", text.get(printed..).unwrap_or_default())?;
+    Ok(())
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {

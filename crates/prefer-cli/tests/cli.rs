@@ -130,6 +130,43 @@ fn greedy_generation_streams_what_the_library_generates() {
     );
 }
 
+/// Several prompts and completions per prompt come out of one batch as JSON Lines; greedy rows
+/// equal what each prompt streams alone.
+#[test]
+fn several_prompts_are_generated_in_one_batch() {
+    let alone = |prompt: &str| {
+        let out = prefer()
+            .args(["generate", "--model"])
+            .arg(tiny_model())
+            .args(["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_string()
+    };
+    let prompts = ["The capital of France", "Hi"];
+    let out = prefer()
+        .args(["generate", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", prompts[0], "--prompt", prompts[1]])
+        .args(["--num-return-sequences", "2", "--temperature", "0"])
+        .args(["--max-new-tokens", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for (i, row) in rows.iter().enumerate() {
+        let prompt = prompts[i / 2];
+        assert_eq!(row["prompt"], prompt);
+        assert_eq!(row["completion"].as_str().unwrap(), alone(prompt), "row {i}");
+    }
+}
+
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
     let run = |seed: &str| {
