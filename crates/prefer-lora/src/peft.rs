@@ -269,6 +269,21 @@ fn check_against_config(
             ),
         ));
     }
+    if let Some(missing) = config
+        .target_modules
+        .iter()
+        .find(|p| !sites.iter().any(|s| s.projection == **p))
+    {
+        return Err(file_err(
+            path,
+            format!(
+                "adapter_config.json's target_modules lists `{}` but the file holds no tensor for \
+                 it; the adapter's files disagree (remove it from target_modules, or save the \
+                 adapter again)",
+                missing.hf_name()
+            ),
+        ));
+    }
     for site in sites {
         let (a, b) = &factors[site];
         for (key, t, expected) in [

@@ -298,6 +298,37 @@ fn adapter_files_that_disagree_with_their_config_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("target_modules [\"q_proj\"]"), "{err}");
+
+    // target_modules lists a projection the file holds no tensor for.
+    let qv = LoraConfig {
+        target_modules: vec![Projection::Q, Projection::V],
+        ..lora_config()
+    };
+    let c = config();
+    let factory = LoraFactory {
+        inner: DenseFactory,
+        config: qv.clone(),
+        adapter_name: "default".into(),
+    };
+    let only_qv: LoraModel<B, _> = LlamaModel::from_weights(
+        &c,
+        &mut MemoryWeights::random(&c, 0.3, 7),
+        &factory,
+        &device,
+    )
+    .unwrap();
+    save_peft(&only_qv, "default", &qv, None, &dir).unwrap();
+    write_config(&LoraConfig {
+        target_modules: vec![Projection::Q, Projection::K, Projection::V],
+        ..lora_config()
+    });
+    let err = load_peft(&mut fresh, &dir, "loaded")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target_modules lists `k_proj` but the file holds no tensor for it"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
