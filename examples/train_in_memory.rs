@@ -84,7 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut policy = Checkpoint::open(model_path.as_ref())?.build::<B, _>(&factory, &device)?;
     prefer::lora::load_peft(&mut policy, &summary.adapter_dir, "trained")?;
     set_active_adapter(&mut policy, Some("trained"));
-    let report = evaluate_pairs(&policy, &start, eval_pairs, 0, &EvalOptions::default());
+    let report = evaluate_pairs(&policy, &start, eval_pairs, 0, &EvalOptions::default())?;
     for (name, value) in &report.metrics {
         println!("{name:<22} {value:>10.4}");
     }

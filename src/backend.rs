@@ -8,8 +8,9 @@ use std::fmt;
 
 use prefer_kernels::PreferBackend;
 
-/// A backend the user can ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A backend the user can ask for (`backend`; serialised by its `--backend` name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// CPU through ndarray.
     Ndarray,
@@ -112,50 +113,14 @@ pub fn run_on<J: BackendJob>(kind: BackendKind, job: J) -> Result<J::Output, Bac
     }
 }
 
-/// Whether a backend has a usable device; device discovery panics inside Burn when there is none,
-/// so the probe runs on its own thread and catches that.
+/// Whether a backend has a usable device ([`prefer_kernels::device_probe::probe`]).
 #[allow(dead_code)]
 fn probe<B: burn::tensor::backend::Backend>(
     kind: BackendKind,
     device: &B::Device,
 ) -> Result<(), BackendError> {
-    let device = device.clone();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let result = std::thread::spawn(move || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-            burn::tensor::Tensor::<B, 1>::ones([4], &device)
-                .sum()
-                .into_scalar();
-        }))
-    })
-    .join();
-    std::panic::set_hook(hook);
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(payload)) | Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "device initialisation failed".into());
-            Err(BackendError::NoDevice(
-                kind,
-                message.lines().next().unwrap_or_default().to_string(),
-            ))
-        }
-    }
+    prefer_kernels::device_probe::probe::<B>(device)
+        .map_err(|message| BackendError::NoDevice(kind, message))
 }
 
-/// Whether the wgpu backend has an adapter (false when it is not compiled in).
-pub fn wgpu_available() -> bool {
-    #[cfg(feature = "wgpu")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            probe::<burn::backend::Wgpu>(BackendKind::Wgpu, &Default::default()).is_ok()
-        })
-    }
-    #[cfg(not(feature = "wgpu"))]
-    false
-}
+pub use prefer_kernels::device_probe::{wgpu_available, wgpu_ready};

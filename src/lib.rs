@@ -6,7 +6,10 @@
 
 pub mod allocator;
 pub mod backend;
+pub mod run_config;
 pub mod training;
+
+pub use run_config::RunConfig;
 
 pub use prefer_dpo as dpo;
 pub use prefer_kernels as kernels;

@@ -1,4 +1,4 @@
-//! A training run from a [`TrainConfig`]: open the checkpoint, load and tokenise the data, build the
+//! A training run from a [`RunConfig`]: open the checkpoint, load and tokenise the data, build the
 //! (NF4 or dense) base with a LoRA adapter, choose the reference, and train on the chosen backend.
 //! This is what `prefer train` does; programs that embed prefer call [`train_from_config`].
 
@@ -11,16 +11,19 @@ use prefer_dpo::{
         tokenize_rows,
     },
     train::{
-        Fingerprint, LogRecord, ReferenceSource, Resume, TrainConfig, TrainError, TrainObserver,
-        TrainRun, TrainSummary, compute_ref_logps, train,
+        BaseLayer, Fingerprint, LogRecord, ReferenceSource, Resume, TrainConfig, TrainError,
+        TrainObserver, TrainRun, TrainSummary, compute_ref_logps, train,
     },
 };
 use prefer_kernels::PreferBackend;
-use prefer_llama::{ChatTokenizer, Checkpoint, DenseFactory, LinearFactory, LinearLayer};
-use prefer_lora::{LoraConfig, LoraFactory, LoraLinear, load_peft};
+use prefer_llama::{ChatTokenizer, Checkpoint, DenseFactory, LinearFactory};
+use prefer_lora::{LoraConfig, LoraFactory, load_peft};
 use prefer_quant::Nf4Factory;
 
-use crate::backend::{BackendError, BackendJob, BackendKind, run_on};
+use crate::{
+    backend::{BackendError, BackendJob, BackendKind, run_on},
+    run_config::RunConfig,
+};
 
 /// Why a run could not start or finish.
 #[derive(Debug, thiserror::Error)]
@@ -61,23 +64,21 @@ pub struct PreparedData {
 /// Loads `data` (and `eval_data`, or holds out `eval_ratio` of `data`) and tokenises it with the
 /// checkpoint's tokenizer; bad rows stop the run or are skipped as `on_bad_row` says.
 pub fn prepare_data(
-    config: &TrainConfig,
+    config: &RunConfig,
     tokenizer: &ChatTokenizer,
     pad_id: u32,
 ) -> Result<PreparedData, TrainingError> {
-    let policy = match config.on_bad_row.as_str() {
-        "skip" => OnBadRow::Skip,
-        _ => OnBadRow::Error,
-    };
+    let policy = config.on_bad_row;
     let data = config
         .data
         .as_ref()
         .ok_or_else(|| TrainingError::Data("config: `data` is not set".into()))?;
+    let t = &config.train;
     let opts = TokenizeOptions {
-        max_prompt_length: config.max_prompt_length,
-        max_completion_length: config.max_completion_length,
+        max_prompt_length: t.max_prompt_length,
+        max_completion_length: t.max_completion_length,
     };
-    let mode = config.truncation().map_err(TrainError::from)?;
+    let mode = t.truncation_mode;
     let mut skipped = 0;
     let mut load = |path: &PathBuf| -> Result<Vec<TokenizedPair>, TrainingError> {
         let loaded = load_file(path, None)
@@ -85,7 +86,7 @@ pub fn prepare_data(
             .map_err(|e| TrainingError::Data(e.to_string()))?;
         skipped += loaded.bad.len();
         let (pairs, mut bad) = tokenize_rows(tokenizer, &loaded.rows, opts);
-        let (pairs, dropped) = drop_truncated_away(pairs, config.max_length, mode);
+        let (pairs, dropped) = drop_truncated_away(pairs, t.max_length, mode);
         bad.extend(dropped);
         if let (OnBadRow::Error, Some(b)) = (policy, bad.first()) {
             return Err(TrainingError::Data(b.to_string()));
@@ -96,7 +97,7 @@ pub fn prepare_data(
     let all = load(data)?;
     let (train, eval) = match &config.eval_data {
         Some(path) => (all, load(path)?),
-        None if config.eval_ratio > 0.0 => split_train_eval(&all, config.eval_ratio, config.seed),
+        None if config.eval_ratio > 0.0 => split_train_eval(&all, config.eval_ratio, t.seed),
         None => (all, Vec::new()),
     };
     if train.is_empty() {
@@ -130,19 +131,16 @@ pub struct TrainingOutcome {
 
 /// Runs `config` on its backend, reporting progress to `observer`.
 pub fn train_from_config(
-    config: &TrainConfig,
+    config: &RunConfig,
     resume: Option<Resume>,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainingOutcome, TrainingError> {
     config.validate().map_err(TrainError::from)?;
-    let kind: BackendKind = config
-        .backend
-        .parse()
-        .map_err(|e: String| TrainingError::Data(format!("config: `backend`: {e}")))?;
+    let kind = config.backend;
     // Padding-free batches are faster on the CPU backends; elsewhere TRL's padded default stays
     // until measured.
     let mut config = config.clone();
-    config.padding_free.get_or_insert(kind.is_cpu());
+    config.train.padding_free.get_or_insert(kind.is_cpu());
     let job = TrainJob {
         config: &config,
         resume,
@@ -154,7 +152,7 @@ pub fn train_from_config(
 }
 
 struct TrainJob<'a> {
-    config: &'a TrainConfig,
+    config: &'a RunConfig,
     resume: Option<Resume>,
     observer: &'a mut dyn TrainObserver,
 }
@@ -185,14 +183,21 @@ impl BackendJob for TrainJob<'_> {
             .unwrap_or(0);
         // Data first: bad rows stop the run before any model work.
         let data = prepare_data(c, &tokenizer, pad)?;
-        if ckpt.is_bnb_4bit() || c.load_in_4bit {
+        // The base's numbers depend on how it is stored: the reference cache key says so.
+        if ckpt.is_bnb_4bit() || c.train.load_in_4bit {
             let inner = Nf4Factory {
                 blocksize: 64,
-                double_quant: c.bnb_4bit_use_double_quant,
+                double_quant: c.train.bnb_4bit_use_double_quant,
             };
-            run_with::<B, _>(self, &mut ckpt, inner, data, device)
+            let base = format!(
+                "nf4 blocksize={} double_quant={} prequantised={}",
+                inner.blocksize,
+                inner.double_quant,
+                ckpt.is_bnb_4bit()
+            );
+            run_with::<B, _>(self, &mut ckpt, inner, &base, data, device)
         } else {
-            run_with::<B, _>(self, &mut ckpt, DenseFactory, data, device)
+            run_with::<B, _>(self, &mut ckpt, DenseFactory, "dense", data, device)
         }
     }
 }
@@ -201,26 +206,24 @@ fn run_with<B, F>(
     job: TrainJob<'_>,
     ckpt: &mut Checkpoint,
     inner: F,
+    base: &str,
     data: PreparedData,
     device: B::Device,
 ) -> Result<TrainingOutcome, TrainingError>
 where
     B: PreferBackend,
     F: LinearFactory<Autodiff<B>> + LinearFactory<B> + Clone,
-    <F as LinearFactory<Autodiff<B>>>::Layer: LinearLayer<Autodiff<B>>
-        + AutodiffModule<Autodiff<B>, InnerModule = <F as LinearFactory<B>>::Layer>
-        + 'static,
-    <F as LinearFactory<B>>::Layer: LinearLayer<B> + burn::module::ModuleDisplay,
-    LoraLinear<Autodiff<B>, <F as LinearFactory<Autodiff<B>>>::Layer>: LinearLayer<Autodiff<B>>,
-    LoraLinear<B, <F as LinearFactory<B>>::Layer>: LinearLayer<B>,
+    <F as LinearFactory<Autodiff<B>>>::Layer: BaseLayer<Autodiff<B>>
+        + AutodiffModule<Autodiff<B>, InnerModule = <F as LinearFactory<B>>::Layer>,
 {
-    let c = job.config;
+    let run_config = job.config;
+    let c = &run_config.train;
     let lora = c.lora().map_err(TrainError::from)?;
     // The adapter's initialisation draws from the backend's generator.
     <Autodiff<B> as Backend>::seed(&device, c.seed);
     let factory = LoraFactory {
         inner: inner.clone(),
-        config: if c.adapter.is_some() {
+        config: if run_config.adapter.is_some() {
             LoraConfig {
                 target_modules: vec![],
                 ..lora.clone()
@@ -231,15 +234,44 @@ where
         adapter_name: "default".into(),
     };
     let mut model = ckpt.build::<Autodiff<B>, _>(&factory, &device)?;
-    if let Some(dir) = &c.adapter {
-        load_peft(&mut model, dir, "default")?;
-    }
-    let mut fingerprint = Fingerprint::default().path(&ckpt.path);
-    let reference = match &c.ref_model {
+    // Starting from an adapter: its rank, scaling and targets are what is trained and saved.
+    let adopted;
+    let c = match &run_config.adapter {
+        Some(dir) => {
+            let loaded = load_peft(&mut model, dir, "default")?;
+            if loaded.r != lora.r
+                || loaded.target_modules != lora.target_modules
+                || loaded.scaling() != lora.scaling()
+            {
+                job.observer.on_message(&format!(
+                    "training the adapter in {} with its own r = {}, lora_alpha = {} and \
+                     target_modules (the config's are for fresh adapters)",
+                    dir.display(),
+                    loaded.r,
+                    loaded.lora_alpha
+                ));
+            }
+            adopted = TrainConfig {
+                r: loaded.r,
+                lora_alpha: loaded.lora_alpha,
+                use_rslora: loaded.use_rslora,
+                target_modules: loaded
+                    .target_modules
+                    .iter()
+                    .map(|p| p.hf_name().to_string())
+                    .collect(),
+                ..c.clone()
+            };
+            &adopted
+        }
+        None => c,
+    };
+    let mut fingerprint = Fingerprint::default().path(&ckpt.path).str(base);
+    let reference = match &run_config.ref_model {
         Some(path) => {
             let mut rckpt = Checkpoint::open(path)?;
             fingerprint = fingerprint.path(path);
-            let mode = c.truncation().map_err(TrainError::from)?;
+            let mode = c.truncation_mode;
             let bare = LoraFactory {
                 inner,
                 config: LoraConfig {
@@ -263,7 +295,7 @@ where
                 mode,
                 bs,
                 packing,
-            );
+            )?;
             let eval = compute_ref_logps(
                 &reference,
                 &data.eval,
@@ -272,7 +304,7 @@ where
                 mode,
                 bs,
                 packing,
-            );
+            )?;
             ReferenceSource::Precomputed { train, eval }
         }
         None => ReferenceSource::Snapshot,

@@ -11,6 +11,7 @@ pub mod attention;
 mod cpu;
 #[cfg(feature = "cube")]
 mod cube_grid;
+pub mod device_probe;
 pub mod dpo_loss;
 #[cfg(feature = "cube")]
 mod fusion_op;

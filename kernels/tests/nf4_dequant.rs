@@ -132,7 +132,7 @@ fn cpu_fallback_is_exact() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_kernel_is_exact() {
-    if !common::wgpu_ready() {
+    if !prefer_kernels::device_probe::wgpu_ready("nf4_dequant on wgpu") {
         return;
     }
     type Raw = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;

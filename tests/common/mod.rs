@@ -102,16 +102,8 @@ pub fn on_each_backend(name: &str, check: impl Checker) {
     #[cfg(feature = "flex")]
     check.run::<burn::backend::Flex>(&Default::default());
     #[cfg(feature = "wgpu")]
-    {
-        if prefer::backend::wgpu_available() {
-            check.run::<burn::backend::Wgpu>(&Default::default());
-        } else if std::env::var("REQUIRE_WGPU").is_ok_and(|v| v == "1") {
-            panic!(
-                "{name}: REQUIRE_WGPU=1 but no wgpu adapter was found (install mesa-vulkan-drivers)"
-            );
-        } else {
-            eprintln!("{name}: skipped on wgpu: no adapter found");
-        }
+    if prefer::backend::wgpu_ready(name) {
+        check.run::<burn::backend::Wgpu>(&Default::default());
     }
     #[cfg(feature = "cuda")]
     check.run::<burn::backend::Cuda>(&burn::backend::cuda::CudaDevice::new(0));

@@ -187,7 +187,7 @@ impl EvalJob {
                 Packing::Padded
             },
         };
-        Ok(evaluate_pairs(&policy, &reference, &pairs, pad, &options))
+        Ok(evaluate_pairs(&policy, &reference, &pairs, pad, &options)?)
     }
 }
 

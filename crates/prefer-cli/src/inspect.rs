@@ -10,8 +10,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use prefer::{
-    dpo::data::{TokenizeOptions, load_file, tokenize_rows},
-    llama::{Checkpoint, loader::GgufFile, loader::ggml_type_name},
+    dpo::data::{
+        PreferenceRow, TokenizeOptions, TruncationMode, drop_truncated_away, load_file,
+        tokenize_rows,
+    },
+    llama::{ChatTokenizer, Checkpoint, loader::GgufFile, loader::ggml_type_name},
     lora::read_peft,
 };
 
@@ -28,6 +31,16 @@ pub struct InspectArgs {
     /// For a dataset: the model whose tokenizer measures token lengths.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// For a dataset with --model: the `max_length` to count dropped and truncated pairs against
+    /// (TRL's default).
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// For a dataset with --model: `max_prompt_length` (keep the prompt's last N tokens).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// For a dataset with --model: `max_completion_length`.
+    #[arg(long)]
+    pub max_completion_length: Option<usize>,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -43,8 +56,21 @@ pub fn run(args: InspectArgs) -> Result<()> {
     {
         model(p)
     } else {
-        dataset(p, args.model.as_deref())
+        let lengths = Lengths {
+            max_length: args.max_length,
+            tokenize: TokenizeOptions {
+                max_prompt_length: args.max_prompt_length,
+                max_completion_length: args.max_completion_length,
+            },
+        };
+        dataset(p, args.model.as_deref(), lengths)
     }
+}
+
+/// The length settings a dataset is measured against.
+struct Lengths {
+    max_length: usize,
+    tokenize: TokenizeOptions,
 }
 
 /// Name → (dtype, element count, bytes) from safetensors headers.
@@ -226,7 +252,7 @@ fn percentiles(mut v: Vec<usize>) -> String {
     )
 }
 
-fn dataset(path: &Path, model: Option<&Path>) -> Result<()> {
+fn dataset(path: &Path, model: Option<&Path>, lengths: Lengths) -> Result<()> {
     let loaded = load_file(path, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("dataset      {}", path.display());
     println!(
@@ -253,6 +279,7 @@ fn dataset(path: &Path, model: Option<&Path>) -> Result<()> {
     for b in bad.iter().take(5) {
         println!("  bad row    {b}");
     }
+    report_lengths(&tok, &loaded.rows, &lengths);
     let lens = |f: &dyn Fn(&prefer::dpo::data::TokenizedPair) -> usize| {
         percentiles(pairs.iter().map(f).collect())
     };
@@ -265,4 +292,35 @@ fn dataset(path: &Path, model: Option<&Path>) -> Result<()> {
         lens(&|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
     );
     Ok(())
+}
+
+/// How many pairs the length settings would drop (the prompt alone fills `max_length`, so no
+/// completion token is left: `completion truncated away`) and how many they would truncate.
+fn report_lengths(tok: &ChatTokenizer, rows: &[(String, PreferenceRow)], l: &Lengths) {
+    let (pairs, _) = tokenize_rows(tok, rows, l.tokenize);
+    let total = pairs.len();
+    let longer = pairs
+        .iter()
+        .filter(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()) > l.max_length)
+        .count();
+    let (_, dropped) = drop_truncated_away(pairs, Some(l.max_length), TruncationMode::KeepStart);
+    let mut settings = format!("max_length {}", l.max_length);
+    if let Some(m) = l.tokenize.max_prompt_length {
+        settings.push_str(&format!(", max_prompt_length {m}"));
+    }
+    if let Some(m) = l.tokenize.max_completion_length {
+        settings.push_str(&format!(", max_completion_length {m}"));
+    }
+    println!(
+        "lengths      with {settings}: {} of {total} pairs would be dropped (completion truncated \
+         away), {} more truncated",
+        dropped.len(),
+        longer - dropped.len()
+    );
+    if !dropped.is_empty() {
+        println!(
+            "  to keep them: raise --max-length, set --max-prompt-length (keeps the prompt's end), \
+             or train with on_bad_row = \"skip\" to drop them"
+        );
+    }
 }

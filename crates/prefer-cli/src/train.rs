@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prefer::{
-    dpo::train::{LogRecord, Resume, Throughput, TrainConfig, TrainObserver},
+    RunConfig,
+    dpo::train::{LogRecord, Resume, Throughput, TrainObserver},
     training::{TrainingOutcome, train_from_config},
 };
 
@@ -77,7 +78,7 @@ pub struct TrainArgs {
 pub type Overrides = Vec<(String, String)>;
 
 pub fn split_overrides(args: Vec<String>) -> Result<(Vec<String>, Overrides)> {
-    let keys = TrainConfig::keys();
+    let keys = RunConfig::keys();
     let bools = bool_keys();
     let mut rest = Vec::new();
     let mut overrides = Vec::new();
@@ -114,7 +115,7 @@ pub fn split_overrides(args: Vec<String>) -> Result<(Vec<String>, Overrides)> {
 }
 
 fn bool_keys() -> Vec<String> {
-    match serde_json::to_value(TrainConfig::default()) {
+    match serde_json::to_value(RunConfig::default()) {
         Ok(serde_json::Value::Object(m)) => m
             .into_iter()
             .filter(|(_, v)| v.is_boolean())
@@ -177,7 +178,7 @@ fn read_config_file(path: &Path) -> Result<toml::Table> {
         });
         anyhow::anyhow!("{}{line}: {}", path.display(), one_line(e.message()))
     })?;
-    let keys = TrainConfig::keys();
+    let keys = RunConfig::keys();
     for key in table.keys() {
         if !keys.contains(key) {
             let line = text
@@ -225,7 +226,7 @@ fn is_builtin(args: &TrainArgs) -> bool {
 }
 
 /// The effective config: defaults, then the file (or the built-in job's), then the flags.
-pub fn effective_config(args: &TrainArgs) -> Result<TrainConfig> {
+pub fn effective_config(args: &TrainArgs) -> Result<RunConfig> {
     let mut table = match &args.config {
         Some(path) => read_config_file(path)?,
         None if is_builtin(args) => toml::from_str(builtin::CONFIG)?,
@@ -252,7 +253,7 @@ pub fn effective_config(args: &TrainArgs) -> Result<TrainConfig> {
         .config
         .as_ref()
         .map_or("command line".to_string(), |p| p.display().to_string());
-    let config: TrainConfig = toml::Value::Table(table)
+    let config: RunConfig = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", one_line(&e.to_string())))?;
     Ok(config)
@@ -391,7 +392,7 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
     }
     config.validate()?;
     if builtin {
-        let task = config.output_dir.join("default-task");
+        let task = config.train.output_dir.join("default-task");
         let (model, train, eval) = write_builtin_task(&task)?;
         eprintln!(
             "prefer train: the built-in job (a small random Llama, NF4 + LoRA, on the CPU); files in {}",
@@ -402,9 +403,9 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
         config.eval_data = Some(eval);
     }
     config.validate()?;
-    std::fs::create_dir_all(&config.output_dir)
-        .with_context(|| format!("{}", config.output_dir.display()))?;
-    let config_path = config.output_dir.join("config.toml");
+    let out = &config.train.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let config_path = out.join("config.toml");
     std::fs::write(&config_path, toml::to_string(&config)?)
         .with_context(|| format!("{}", config_path.display()))?;
     let resume = args.resume.map(|d| d.map_or(Resume::Latest, Resume::From));
@@ -414,7 +415,7 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
         bar.finish_and_clear();
     }
     let outcome = result?;
-    let out = &config.output_dir;
+    let out = &config.train.output_dir;
     let svg = out.join("training_curves.svg");
     crate::plot::training_curves(&svg, &outcome.summary.history)?;
     let summary = summary_markdown(&config, &outcome);
@@ -493,15 +494,16 @@ fn summary_table(o: &TrainingOutcome) -> String {
     s
 }
 
-fn summary_markdown(config: &TrainConfig, o: &TrainingOutcome) -> String {
+fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
+    let config = &run.train;
     let mut s = String::from("# prefer train: summary\n\n");
     let show = |p: &Option<PathBuf>| p.as_ref().map_or("-".into(), |p| p.display().to_string());
     s += &format!(
         "- model: `{}`\n- data: `{}` ({} pairs), eval: `{}` ({} pairs), skipped rows: {}\n",
-        show(&config.model),
-        show(&config.data),
+        show(&run.model),
+        show(&run.data),
         o.pairs.0,
-        show(&config.eval_data),
+        show(&run.eval_data),
         o.pairs.1,
         o.skipped
     );

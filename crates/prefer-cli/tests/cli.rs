@@ -412,6 +412,25 @@ fn inspect_summarises_models_adapters_and_datasets() {
         text.contains("5 usable, 0 bad; format standard") && text.contains("P50"),
         "{text}"
     );
+    assert!(
+        text.contains("with max_length 1024: 0 of 5 pairs would be dropped"),
+        "{text}"
+    );
+    // Lengths too short for the prompts: the rows a run would drop are counted up front.
+    let out = prefer()
+        .arg("inspect")
+        .arg(fixtures.join("dpo/standard.jsonl"))
+        .arg("--model")
+        .arg(tiny_model())
+        .args(["--max-length", "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("with max_length 3: 5 of 5 pairs would be dropped")
+            && text.contains("set --max-prompt-length"),
+        "{text}"
+    );
     let out = prefer()
         .args(["inspect", "/no/such/thing"])
         .output()

@@ -1,10 +1,11 @@
 //! Evaluating a policy against a reference on preference pairs: losses and TRL's metrics.
 
-use burn::tensor::{Tensor, Transaction, backend::Backend};
+use burn::tensor::{Tensor, TensorData, Transaction, backend::Backend};
 use prefer_llama::{LinearLayer, LlamaModel};
 
 use crate::{
-    data::{DpoBatch, Packing},
+    data::{BadRow, DpoBatch, Packing, check_vocab},
+    host::{DeviceReadError, read, values},
     logps::{SequenceLogps, sequence_logps},
     loss::{LossConfig, PairLogps, dpo_loss},
     metrics::PairRecords,
@@ -54,9 +55,9 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         rejected_tokens,
     };
     // The plain sigmoid loss (TRL's default) runs as one fused kernel from the token log-probs.
-    let loss = match (config.loss_types.as_slice(), config.loss_weights.as_deref()) {
-        ([crate::loss::LossType::Sigmoid], w) => {
-            let weight = w.and_then(|w| w.first()).copied().unwrap_or(1.0);
+    let mut losses = config.weighted();
+    let loss = match (losses.next(), losses.next()) {
+        (Some((crate::loss::LossType::Sigmoid, weight)), None) => {
             prefer_kernels::dpo_sigmoid_loss(
                 pol.token_logps.clone(),
                 pol.mask.clone(),
@@ -77,13 +78,20 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     }
 }
 
-fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap_or_default()
+/// Why `evaluate_pairs` could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// A pair cannot be run (a token id beyond the model's vocabulary).
+    #[error(transparent)]
+    Data(#[from] BadRow),
+    /// A result could not be read back from the device.
+    #[error(transparent)]
+    Device(#[from] DeviceReadError),
 }
 
 impl<B: Backend> BatchEval<B> {
     /// The per-pair values on the host, for metrics: one read from the device for all eight.
-    pub fn records(&self) -> PairRecords {
+    pub fn records(&self) -> Result<PairRecords, DeviceReadError> {
         let (cl, rl) = SequenceLogps::split(self.policy.logit_sums.clone());
         let p = &self.pairs;
         let data = Transaction::default()
@@ -95,23 +103,49 @@ impl<B: Backend> BatchEval<B> {
             .register(p.rejected_tokens.clone())
             .register(cl)
             .register(rl)
-            .execute();
-        let mut host = data
-            .into_iter()
-            .map(|d| d.convert::<f64>().to_vec().unwrap_or_default());
-        // Fields are evaluated in the order written, the order registered above.
-        let mut next = || host.next().unwrap_or_default();
-        PairRecords {
-            chosen: next(),
-            rejected: next(),
-            ref_chosen: next(),
-            ref_rejected: next(),
-            chosen_tokens: next(),
-            rejected_tokens: next(),
-            chosen_logit_sums: next(),
-            rejected_logit_sums: next(),
-        }
+            .try_execute()
+            .map_err(|e| DeviceReadError::new(RECORDS, format!("{e:?}")))?;
+        records_from_data(data)
     }
+}
+
+const RECORDS: &str = "per-pair values";
+
+/// The eight per-pair vectors of [`BatchEval::records`], in the order registered there, checked:
+/// each must read back whole and all must have one value per pair.
+pub fn records_from_data(data: Vec<TensorData>) -> Result<PairRecords, DeviceReadError> {
+    let n = data.len();
+    let [c, r, rc, rr, ct, rt, cl, rl]: [TensorData; 8] = data
+        .try_into()
+        .map_err(|_| DeviceReadError::new(RECORDS, format!("{n} tensors read instead of 8")))?;
+    let v = |d| values::<f64>(d, RECORDS);
+    let records = PairRecords {
+        chosen: v(c)?,
+        rejected: v(r)?,
+        ref_chosen: v(rc)?,
+        ref_rejected: v(rr)?,
+        chosen_tokens: v(ct)?,
+        rejected_tokens: v(rt)?,
+        chosen_logit_sums: v(cl)?,
+        rejected_logit_sums: v(rl)?,
+    };
+    let pairs = records.chosen.len();
+    let lengths = [
+        records.rejected.len(),
+        records.ref_chosen.len(),
+        records.ref_rejected.len(),
+        records.chosen_tokens.len(),
+        records.rejected_tokens.len(),
+        records.chosen_logit_sums.len(),
+        records.rejected_logit_sums.len(),
+    ];
+    if lengths.iter().any(|&l| l != pairs) {
+        return Err(DeviceReadError::new(
+            RECORDS,
+            format!("vectors of different lengths ({pairs} and {lengths:?})"),
+        ));
+    }
+    Ok(records)
 }
 
 /// How `evaluate_pairs` reads and batches data.
@@ -176,7 +210,8 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     pairs: &[crate::data::TokenizedPair],
     pad_id: u32,
     options: &EvalOptions,
-) -> EvalReport {
+) -> Result<EvalReport, EvalError> {
+    check_vocab(pairs, pad_id, policy.config.vocab_size)?;
     let device = policy.embed_tokens.weight.device();
     let mut records = PairRecords::default();
     let mut results = Vec::with_capacity(pairs.len());
@@ -186,16 +221,11 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
             crate::data::collate(&refs, pad_id, options.max_length, options.truncation_mode)
                 .to_device::<B>(&device, options.packing);
         let out = evaluate_batch(&options.loss, policy, reference, &batch);
-        let mut per_pair = vec![0.0; chunk.len()];
-        for (i, t) in options.loss.loss_types.iter().enumerate() {
-            let w = options.loss.loss_weights.as_ref().map_or(1.0, |w| w[i]);
-            let l = host(crate::loss::per_pair_loss(*t, &options.loss, &out.pairs));
-            per_pair
-                .iter_mut()
-                .zip(l)
-                .for_each(|(acc, v)| *acc += w * v);
-        }
-        let r = out.records();
+        let per_pair: Vec<f64> = read(
+            crate::loss::per_pair_weighted_loss(&options.loss, &out.pairs),
+            "per-pair losses",
+        )?;
+        let r = out.records()?;
         for (i, loss) in per_pair.into_iter().enumerate() {
             results.push(PairResult {
                 chosen: r.chosen[i],
@@ -213,8 +243,31 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         "loss".into(),
         results.iter().map(|p| p.loss).sum::<f64>() / n,
     );
-    EvalReport {
+    Ok(EvalReport {
         metrics,
         pairs: results,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(v: &[f64]) -> TensorData {
+        TensorData::new(v.to_vec(), [v.len()])
+    }
+
+    #[test]
+    fn per_pair_values_that_do_not_read_back_whole_are_an_error() {
+        let whole: Vec<TensorData> = (0..8).map(|_| column(&[1.0, 2.0])).collect();
+        assert_eq!(records_from_data(whole).unwrap().chosen, [1.0, 2.0]);
+        // One tensor missing: an error, not a record with an empty column.
+        let short: Vec<TensorData> = (0..7).map(|_| column(&[1.0, 2.0])).collect();
+        assert!(records_from_data(short).is_err());
+        // A column of another length would misalign pairs and metrics.
+        let mut uneven: Vec<TensorData> = (0..7).map(|_| column(&[1.0, 2.0])).collect();
+        uneven.push(column(&[1.0]));
+        let err = records_from_data(uneven).unwrap_err();
+        assert!(err.to_string().contains("per-pair values"), "{err}");
     }
 }

@@ -4,13 +4,17 @@
 
 pub mod data;
 pub mod eval;
+pub mod host;
 pub mod logps;
 pub mod loss;
 pub mod metrics;
 pub mod train;
 
 pub use data::{DpoBatch, Packing};
-pub use eval::{BatchEval, EvalOptions, EvalReport, PairResult, evaluate_batch, evaluate_pairs};
+pub use eval::{
+    BatchEval, EvalError, EvalOptions, EvalReport, PairResult, evaluate_batch, evaluate_pairs,
+};
+pub use host::DeviceReadError;
 pub use logps::{SequenceLogps, sequence_logps};
 pub use loss::{LossConfig, LossType, PairLogps, dpo_loss};
 pub use metrics::PairRecords;

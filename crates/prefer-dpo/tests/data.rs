@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use prefer_dpo::data::{
-    DataFormat, OnBadRow, TokenizeOptions, TruncationMode, collate, drop_truncated_away, load_file,
-    parse_rows, tokenize_rows,
+    DataFormat, OnBadRow, TokenizeOptions, TokenizedPair, TruncationMode, check_vocab, collate,
+    drop_truncated_away, load_file, parse_rows, tokenize_rows,
 };
 use prefer_llama::{ChatTokenizer, Checkpoint};
 use serde_json::Value;
@@ -204,12 +204,107 @@ fn bom_crlf_and_formats_mixed_in_a_file() {
 }
 
 #[test]
+fn turns_out_of_place_are_bad_rows() {
+    // Conversational rows: a completion holds only the assistant's messages.
+    let user = r#"{"role": "user", "content": "x"}"#;
+    let asst = r#"{"role": "assistant", "content": "y"}"#;
+    let other = r#"{"role": "assistant", "content": "z"}"#;
+    let rows = [
+        format!(r#"{{"prompt": [{user}], "chosen": [{asst}], "rejected": [{other}]}}"#),
+        format!(r#"{{"prompt": [{user}], "chosen": [{user}, {asst}], "rejected": [{other}]}}"#),
+        format!(r#"{{"prompt": [{user}], "chosen": [{asst}], "rejected": [{other}, {user}]}}"#),
+    ];
+    let loaded = parse_rows("conv.jsonl", rows.join("\n").as_bytes(), None).unwrap();
+    assert_eq!(loaded.rows.len(), 1);
+    let messages: Vec<String> = loaded.bad.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), 2);
+    assert!(
+        messages[0].starts_with("conv.jsonl:2: `chosen[0]` has role `user`"),
+        "{}",
+        messages[0]
+    );
+    assert!(
+        messages[1].starts_with("conv.jsonl:3: `rejected[1]` has role `user`"),
+        "{}",
+        messages[1]
+    );
+
+    // ShareGPT: the prompt ends with the human turn and a system turn comes first.
+    let turn = |from: &str, value: &str| format!(r#"{{"from": "{from}", "value": "{value}"}}"#);
+    let entry = |conv: &[String]| {
+        format!(
+            r#"{{"conversations": [{}], "chosen": {}, "rejected": {}}}"#,
+            conv.join(", "),
+            turn("gpt", "a"),
+            turn("gpt", "b")
+        )
+    };
+    let entries = [
+        entry(&[turn("system", "s"), turn("human", "hi")]),
+        entry(&[turn("human", "hi"), turn("gpt", "hello")]),
+        entry(&[
+            turn("human", "hi"),
+            turn("system", "s"),
+            turn("human", "again"),
+        ]),
+    ];
+    let file = format!("[{}]", entries.join(", "));
+    let loaded = parse_rows("sg.json", file.as_bytes(), None).unwrap();
+    assert_eq!(loaded.rows.len(), 1);
+    let messages: Vec<String> = loaded.bad.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        [
+            "sg.json: row 2: `conversations[1]`: the conversation must end with a `human` turn \
+             (the completions answer it)",
+            "sg.json: row 3: `conversations[1]`: a `system` turn must come first",
+        ]
+    );
+    // Skipped and counted under `on_bad_row = skip`; the first stops the default.
+    assert!(loaded.clone().check(OnBadRow::Error).is_err());
+    assert_eq!(loaded.check(OnBadRow::Skip).unwrap().bad.len(), 2);
+}
+
+#[test]
+fn token_ids_beyond_the_vocabulary_are_named_with_the_row() {
+    let pair = |location: &str, chosen: Vec<u32>| TokenizedPair {
+        location: location.into(),
+        prompt: vec![1, 2],
+        chosen,
+        rejected: vec![3],
+    };
+    let pairs = [
+        pair("a.jsonl:1", vec![4]),
+        pair("a.jsonl:2", vec![5, 70000]),
+    ];
+    let err = check_vocab(&pairs, 0, 64).unwrap_err();
+    assert_eq!(err.location, "a.jsonl:2");
+    assert!(
+        err.to_string()
+            .contains("token id 70000 in the chosen is outside the model's vocabulary of 64"),
+        "{err}"
+    );
+    assert!(check_vocab(&pairs[..1], 0, 64).is_ok());
+    let err = check_vocab(&pairs[..1], 64, 64).unwrap_err();
+    assert!(err.to_string().contains("pad id 64"), "{err}");
+}
+
+#[test]
 fn truncated_away_completions_are_bad_rows() {
     let tok = tokenizer();
     let loaded = load_file(&root().join("dpo/standard.jsonl"), None).unwrap();
     let (pairs, _) = tokenize_rows(&tok, &loaded.rows, TokenizeOptions::default());
     let (_, bad) = drop_truncated_away(pairs, Some(3), TruncationMode::KeepStart);
     assert!(bad[0].to_string().contains("standard.jsonl:1: completion truncated away: the prompt alone has 5 tokens and max_length is 3"), "{}", bad[0]);
+    // The message says what to do.
+    for remedy in [
+        "raise `max_length`",
+        "set `max_prompt_length`",
+        "`on_bad_row = \"skip\"`",
+        "prefer inspect",
+    ] {
+        assert!(bad[0].reason.contains(remedy), "{}", bad[0]);
+    }
     let opts = TokenizeOptions {
         max_completion_length: Some(0),
         ..Default::default()

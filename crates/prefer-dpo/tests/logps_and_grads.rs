@@ -98,7 +98,7 @@ fn check_logps<B: prefer_kernels::PreferBackend>(packing: Packing) {
         &reference,
         &batch::<B>(&f, &device, packing),
     );
-    let r = out.records();
+    let r = out.records().unwrap();
     let p = &f["per_pair"];
     for (name, got, key) in [
         ("policy chosen", &r.chosen, "policy_chosen_logps"),
@@ -232,7 +232,7 @@ fn padding_free_equals_padded() {
             &reference,
             &batch::<B>(&fixture(), &device, packing),
         );
-        let r = out.records();
+        let r = out.records().unwrap();
         [r.chosen, r.rejected, r.ref_chosen, r.ref_rejected].concat()
     }
     fn check<B: AutodiffBackend + prefer_kernels::PreferBackend>() {

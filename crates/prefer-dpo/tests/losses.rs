@@ -107,6 +107,23 @@ fn weighted_losses_add_up() {
         loss(&cfg, &f),
         m["loss"].as_f64().unwrap(),
     );
+    // One dispatcher: the per-pair weighted losses `prefer eval` reports average to the same loss.
+    let per_pair: Vec<f64> = prefer_dpo::loss::per_pair_weighted_loss(&cfg, &pairs(&f))
+        .into_data()
+        .to_vec()
+        .unwrap();
+    close(
+        "mean of per-pair sigmoid + 0.5 sft",
+        per_pair.iter().sum::<f64>() / per_pair.len() as f64,
+        m["loss"].as_f64().unwrap(),
+    );
+    let weights: Vec<(LossType, f64)> = LossConfig {
+        loss_weights: None,
+        ..cfg
+    }
+    .weighted()
+    .collect();
+    assert_eq!(weights, [(LossType::Sigmoid, 1.0), (LossType::Sft, 1.0)]);
 }
 
 #[test]

@@ -423,6 +423,22 @@ fn precomputed_reference_is_cached_and_matches_the_snapshot() {
         .collect();
     assert_eq!(files.len(), 1, "one cache file");
     let again = run(&cfg(&b, true), None, ReferenceSource::Snapshot).unwrap();
+    assert_eq!(
+        std::fs::read_dir(cache.join("ref-logps")).unwrap().count(),
+        1,
+        "the same settings read the cache"
+    );
+    // Switching NF4 off changes the reference's numbers: they are computed again, not reused.
+    let dense = TrainConfig {
+        load_in_4bit: false,
+        ..cfg(&b, true)
+    };
+    run(&dense, None, ReferenceSource::Snapshot).unwrap();
+    assert_eq!(
+        std::fs::read_dir(cache.join("ref-logps")).unwrap().count(),
+        2,
+        "a new setting is a new cache entry"
+    );
     for k in ["eval_loss", "eval_rewards/margins", "eval_logps/chosen"] {
         let (x, y, z) = (
             snap.final_eval.as_ref().unwrap().get(k).unwrap(),
@@ -435,6 +451,129 @@ fn precomputed_reference_is_cached_and_matches_the_snapshot() {
     for d in [a, b, cache] {
         std::fs::remove_dir_all(d).unwrap();
     }
+}
+
+#[test]
+fn the_reference_cache_key_covers_every_setting_that_changes_a_log_prob() {
+    use prefer_dpo::{
+        data::TruncationMode,
+        train::{ComputeDtype, Fingerprint, QuantType, cache_key},
+    };
+    let base = base_config(Path::new("unused"));
+    let (train_pairs, eval_pairs) = (pairs(4, 1), pairs(2, 2));
+    let model = Fingerprint::default().str("toy-model");
+    let key = |c: &TrainConfig| cache_key(model, c, &train_pairs, &eval_pairs).0;
+    let k0 = key(&base);
+    let flips = [
+        (
+            "load_in_4bit",
+            TrainConfig {
+                load_in_4bit: !base.load_in_4bit,
+                ..base.clone()
+            },
+        ),
+        (
+            "bnb_4bit_use_double_quant",
+            TrainConfig {
+                bnb_4bit_use_double_quant: !base.bnb_4bit_use_double_quant,
+                ..base.clone()
+            },
+        ),
+        (
+            "bnb_4bit_quant_type",
+            TrainConfig {
+                bnb_4bit_quant_type: QuantType::Fp4,
+                ..base.clone()
+            },
+        ),
+        (
+            "bnb_4bit_compute_dtype",
+            TrainConfig {
+                bnb_4bit_compute_dtype: ComputeDtype::Bfloat16,
+                ..base.clone()
+            },
+        ),
+        (
+            "max_length",
+            TrainConfig {
+                max_length: Some(31),
+                ..base.clone()
+            },
+        ),
+        (
+            "max_prompt_length",
+            TrainConfig {
+                max_prompt_length: Some(8),
+                ..base.clone()
+            },
+        ),
+        (
+            "max_completion_length",
+            TrainConfig {
+                max_completion_length: Some(8),
+                ..base.clone()
+            },
+        ),
+        (
+            "truncation_mode",
+            TrainConfig {
+                truncation_mode: TruncationMode::KeepEnd,
+                ..base.clone()
+            },
+        ),
+        (
+            "padding_free",
+            TrainConfig {
+                padding_free: Some(true),
+                ..base.clone()
+            },
+        ),
+    ];
+    for (name, flipped) in &flips {
+        assert_ne!(key(flipped), k0, "{name} does not change the cache key");
+    }
+    // Another model (or adapter) is another key; options that leave the reference alone are not.
+    assert_ne!(
+        cache_key(model.str("adapter"), &base, &train_pairs, &eval_pairs).0,
+        k0
+    );
+    let unrelated = TrainConfig {
+        learning_rate: 0.5,
+        seed: 7,
+        ..base.clone()
+    };
+    assert_eq!(key(&unrelated), k0);
+}
+
+#[test]
+fn token_ids_beyond_the_vocabulary_stop_training_naming_the_row() {
+    let out = scratch("vocab");
+    let config = TrainConfig {
+        max_steps: 1,
+        ..base_config(&out)
+    };
+    let mut train_pairs = pairs(8, 1);
+    train_pairs[3].chosen[0] = VOCAB as u32 + 5;
+    let r = TrainRun {
+        train: train_pairs,
+        eval: Vec::new(),
+        pad_id: 0,
+        reference: ReferenceSource::Snapshot,
+        base_model: None,
+        model_fingerprint: prefer_dpo::train::Fingerprint::default(),
+        resume: None,
+    };
+    let err = {
+        let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        train(nf4_model(&config), r, &config, &mut Silent).unwrap_err()
+    };
+    let message = err.to_string();
+    assert!(matches!(err, TrainError::Data(_)), "{message}");
+    assert!(
+        message.contains("toy:3") && message.contains(&format!("token id {}", VOCAB + 5)),
+        "{message}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -461,13 +600,6 @@ fn bad_options_are_named_before_any_work() {
                 ..base_config(&out)
             },
             "max_prompt_length",
-        ),
-        (
-            TrainConfig {
-                data: Some("/no/such/file.jsonl".into()),
-                ..base_config(&out)
-            },
-            "data",
         ),
         (
             TrainConfig {

@@ -9,7 +9,7 @@ use std::{
 
 use burn::tensor::{Tensor, backend::Backend};
 use prefer_llama::{
-    HostTensor, LinearLayer, LinearSite, LlamaModel, loader::SafetensorsSource,
+    HostTensor, LinearLayer, LinearSite, LlamaModel, Projection, loader::SafetensorsSource,
     weights::WeightSource,
 };
 use safetensors::{Dtype, tensor::TensorView};
@@ -98,10 +98,29 @@ pub fn save_peft<B: Backend, L: LinearLayer<B>>(
 ) -> Result<(), AdapterError> {
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut projections = Vec::new();
     for (site, layer) in model.projections() {
         let Some(ad) = layer.adapter(name) else {
             continue;
         };
+        // The config written must describe the tensors written.
+        let rank = ad.a.dims()[1];
+        if rank != config.r || (ad.scaling - config.scaling()).abs() > 1e-9 * ad.scaling.abs() {
+            return Err(file_err(
+                dir,
+                format!(
+                    "adapter `{name}` at `{}` has rank {rank} and scaling {}, but the config \
+                     being written says r = {} and scaling {}",
+                    site.hf_path(),
+                    ad.scaling,
+                    config.r,
+                    config.scaling()
+                ),
+            ));
+        }
+        if !projections.contains(&site.projection) {
+            projections.push(site.projection);
+        }
         for (factor, t) in [("A", ad.a.val().transpose()), ("B", ad.b.val().transpose())] {
             let shape = t.dims().to_vec();
             let data: Vec<f32> = t
@@ -120,6 +139,19 @@ pub fn save_peft<B: Backend, L: LinearLayer<B>>(
         return Err(file_err(
             dir,
             format!("the model has no adapter named `{name}`"),
+        ));
+    }
+    let listed = |p: &Projection| config.target_modules.contains(p);
+    if !projections.iter().all(listed) || projections.len() != config.target_modules.len() {
+        let names = |ps: &[Projection]| ps.iter().map(|p| p.hf_name()).collect::<Vec<_>>();
+        return Err(file_err(
+            dir,
+            format!(
+                "adapter `{name}` sits on {:?}, but the config being written lists \
+                 target_modules {:?}",
+                names(&projections),
+                names(&config.target_modules)
+            ),
         ));
     }
     let views: Vec<(String, TensorView<'_>)> = tensors
@@ -199,7 +231,78 @@ pub fn read_peft(dir: &Path) -> Result<(LoraConfig, AdapterFactors), AdapterErro
             format!("`{}` is missing", peft_key(site, "A")),
         ));
     }
+    check_against_config(&path, &config, &out)?;
     Ok((config, out))
+}
+
+/// The safetensors file and `adapter_config.json` must agree: every tensor belongs to a module
+/// that `target_modules` lists, and every factor has the config's rank. A disagreement is an error
+/// naming the tensors, never tensors silently dropped or loaded beyond what the config says.
+fn check_against_config(
+    path: &Path,
+    config: &LoraConfig,
+    factors: &AdapterFactors,
+) -> Result<(), AdapterError> {
+    let mut sites: Vec<&LinearSite> = factors.keys().collect();
+    sites.sort_by_key(|s| (s.layer, s.projection.hf_name()));
+    let stray: Vec<String> = sites
+        .iter()
+        .filter(|s| !config.target_modules.contains(&s.projection))
+        .flat_map(|s| [peft_key(s, "A"), peft_key(s, "B")])
+        .collect();
+    if !stray.is_empty() {
+        let targets: Vec<&str> = config.target_modules.iter().map(|p| p.hf_name()).collect();
+        let shown: Vec<String> = stray.iter().take(4).map(|k| format!("`{k}`")).collect();
+        let more = match stray.len().saturating_sub(shown.len()) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        return Err(file_err(
+            path,
+            format!(
+                "{} tensors match no module of adapter_config.json's target_modules [{}]: {}{more}; \
+                 the adapter's files disagree (list those modules in target_modules, or remove \
+                 their tensors)",
+                stray.len(),
+                targets.join(", "),
+                shown.join(", "),
+            ),
+        ));
+    }
+    if let Some(missing) = config
+        .target_modules
+        .iter()
+        .find(|p| !sites.iter().any(|s| s.projection == **p))
+    {
+        return Err(file_err(
+            path,
+            format!(
+                "adapter_config.json's target_modules lists `{}` but the file holds no tensor for \
+                 it; the adapter's files disagree (remove it from target_modules, or save the \
+                 adapter again)",
+                missing.hf_name()
+            ),
+        ));
+    }
+    for site in sites {
+        let (a, b) = &factors[site];
+        for (key, t, expected) in [
+            (peft_key(site, "A"), a, vec![config.r, a.shape[1]]),
+            (peft_key(site, "B"), b, vec![b.shape[0], config.r]),
+        ] {
+            if t.shape != expected {
+                return Err(file_err(
+                    path,
+                    format!(
+                        "tensor `{key}` has shape {:?}, but adapter_config.json's r = {} needs \
+                         {expected:?}; the adapter's files disagree",
+                        t.shape, config.r
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_key(key: &str) -> Option<(LinearSite, char)> {

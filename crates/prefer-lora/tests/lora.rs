@@ -219,6 +219,120 @@ fn peft_files_round_trip_and_reject_another_base() {
 }
 
 #[test]
+fn adapter_files_that_disagree_with_their_config_are_refused() {
+    let device = Default::default();
+    let (_, model) = models::<B>(&device);
+    let dir = std::env::temp_dir().join(format!("prefer-lora-disagree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The file holds all seven projections of both layers.
+    save_peft(&model, "default", &lora_config(), None, &dir).unwrap();
+    let write_config = |c: &LoraConfig| {
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_string(&c.to_peft_json(None)).unwrap(),
+        )
+        .unwrap()
+    };
+
+    // target_modules lists q and v only: the k/o/gate/up/down tensors are named, not dropped.
+    write_config(&LoraConfig {
+        target_modules: vec![Projection::Q, Projection::V],
+        ..lora_config()
+    });
+    let (_, mut fresh) = models::<B>(&device);
+    let err = load_peft(&mut fresh, &dir, "loaded")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "20 tensors match no module of adapter_config.json's target_modules [q_proj, v_proj]"
+        ) && err.contains("`base_model.model.model.layers.0.mlp.down_proj.lora_A.weight`")
+            && err.contains("and 16 more"),
+        "{err}"
+    );
+    assert!(
+        fresh
+            .projections()
+            .iter()
+            .all(|(_, l)| l.adapter("loaded").is_none()),
+        "nothing is loaded from a refused adapter"
+    );
+
+    // r disagrees with the tensors' rank.
+    write_config(&LoraConfig {
+        r: 2,
+        ..lora_config()
+    });
+    let err = load_peft(&mut fresh, &dir, "loaded")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has shape [4, 48], but adapter_config.json's r = 2 needs [2, 48]"),
+        "{err}"
+    );
+
+    // Writing: the config must describe the adapter's tensors.
+    let err = save_peft(
+        &model,
+        "default",
+        &LoraConfig {
+            r: 2,
+            ..lora_config()
+        },
+        None,
+        &dir,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("has rank 4"), "{err}");
+    let err = save_peft(
+        &model,
+        "default",
+        &LoraConfig {
+            target_modules: vec![Projection::Q],
+            ..lora_config()
+        },
+        None,
+        &dir,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("target_modules [\"q_proj\"]"), "{err}");
+
+    // target_modules lists a projection the file holds no tensor for.
+    let qv = LoraConfig {
+        target_modules: vec![Projection::Q, Projection::V],
+        ..lora_config()
+    };
+    let c = config();
+    let factory = LoraFactory {
+        inner: DenseFactory,
+        config: qv.clone(),
+        adapter_name: "default".into(),
+    };
+    let only_qv: LoraModel<B, _> = LlamaModel::from_weights(
+        &c,
+        &mut MemoryWeights::random(&c, 0.3, 7),
+        &factory,
+        &device,
+    )
+    .unwrap();
+    save_peft(&only_qv, "default", &qv, None, &dir).unwrap();
+    write_config(&LoraConfig {
+        target_modules: vec![Projection::Q, Projection::K, Projection::V],
+        ..lora_config()
+    });
+    let err = load_peft(&mut fresh, &dir, "loaded")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target_modules lists `k_proj` but the file holds no tensor for it"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn training_over_an_nf4_base_leaves_codes_and_scales_bit_identical() {
     use prefer_quant::Nf4Factory;
     let device = Default::default();

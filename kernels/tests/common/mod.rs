@@ -6,28 +6,6 @@
 // Each test file uses a subset of these helpers.
 #![allow(dead_code)]
 
-/// Whether wgpu found an adapter; panics under `REQUIRE_WGPU=1` when it did not.
-#[cfg(feature = "wgpu")]
-pub fn wgpu_ready() -> bool {
-    let ok = std::thread::spawn(|| {
-        std::panic::catch_unwind(|| {
-            burn::tensor::Tensor::<burn::backend::Wgpu, 1>::ones([1], &Default::default())
-                .into_data();
-        })
-        .is_ok()
-    })
-    .join()
-    .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("REQUIRE_WGPU").map_or(true, |v| v != "1"),
-            "REQUIRE_WGPU=1 but no wgpu adapter was found (install mesa-vulkan-drivers)"
-        );
-        eprintln!("skipped: no wgpu adapter");
-    }
-    ok
-}
-
 /// `xs` rounded to `dtype` and back: the values a tensor of that type holds, from which the f64
 /// references are computed.
 pub fn rounded(xs: &[f32], dtype: burn::tensor::DType) -> Vec<f32> {
@@ -88,7 +66,7 @@ macro_rules! on_every_backend {
         #[test]
         fn on_wgpu() {
             use burn::tensor::{DType, backend::Backend};
-            if common::wgpu_ready() {
+            if prefer_kernels::device_probe::wgpu_ready("on_wgpu") {
                 type Raw =
                     burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
                 let device = Default::default();

@@ -3,8 +3,9 @@
 
 use super::{batch::HostBatch, formats::BadRow, tokenize::TokenizedPair};
 
-/// Which end of a too-long sequence to keep (`truncation_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which end of a too-long sequence to keep (`truncation_mode`: `keep_start` or `keep_end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TruncationMode {
     /// Keep the first `max_length` tokens (TRL's default); pairs whose prompt fills `max_length`
     /// are dropped before batching, as TRL does.
@@ -30,7 +31,10 @@ pub fn drop_truncated_away(
         .map(|p| BadRow {
             location: p.location,
             reason: format!(
-                "completion truncated away: the prompt alone has {} tokens and max_length is {m}",
+                "completion truncated away: the prompt alone has {} tokens and max_length is {m}; \
+                 raise `max_length`, set `max_prompt_length` (below {m}; keeps the prompt's end), \
+                 or set `on_bad_row = \"skip\"` to drop such rows (`prefer inspect DATA --model M` \
+                 counts them)",
                 p.prompt.len()
             ),
         })
@@ -38,7 +42,42 @@ pub fn drop_truncated_away(
     (kept, bad)
 }
 
-/// Builds a batch from pairs.
+/// Checks that every token id of `pairs`, and the pad id, is below `vocab_size`, once before any
+/// batch is built: an id beyond the vocabulary (a tokenizer larger than the model's embedding, a
+/// corrupt id) would panic on the CPU and read out of bounds on a GPU, where the fused LM head
+/// clamps its targets.
+pub fn check_vocab(pairs: &[TokenizedPair], pad_id: u32, vocab_size: usize) -> Result<(), BadRow> {
+    let outside = |id: u32| id as usize >= vocab_size;
+    if outside(pad_id) {
+        return Err(BadRow {
+            location: "the pad token".into(),
+            reason: format!(
+                "pad id {pad_id} is outside the model's vocabulary of {vocab_size} tokens; \
+                 set a pad token the model has"
+            ),
+        });
+    }
+    for p in pairs {
+        for (part, ids) in [
+            ("prompt", &p.prompt),
+            ("chosen", &p.chosen),
+            ("rejected", &p.rejected),
+        ] {
+            if let Some(id) = ids.iter().copied().find(|&id| outside(id)) {
+                return Err(BadRow {
+                    location: p.location.clone(),
+                    reason: format!(
+                        "token id {id} in the {part} is outside the model's vocabulary of \
+                         {vocab_size} tokens; the tokenizer does not match the model"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds a batch from pairs (whose ids [`check_vocab`] has checked).
 pub fn collate(
     pairs: &[&TokenizedPair],
     pad_id: u32,

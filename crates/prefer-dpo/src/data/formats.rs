@@ -66,8 +66,9 @@ impl std::str::FromStr for DataFormat {
     }
 }
 
-/// What to do with a row that cannot be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with a row that cannot be used (`on_bad_row`: `error` or `skip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnBadRow {
     /// Stop before any work, naming the row (the default).
     #[default]
@@ -260,6 +261,19 @@ fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, Str
         .collect()
 }
 
+/// A completion is the model's answer: every message of it must be the assistant's (a user turn in
+/// `chosen` would be trained on as if the model had said it).
+fn completion_messages(key: &str, list: Vec<ChatMessage>) -> Result<Vec<ChatMessage>, String> {
+    if let Some((i, m)) = list.iter().enumerate().find(|(_, m)| m.role != "assistant") {
+        return Err(format!(
+            "`{key}[{i}]` has role `{}`; a completion holds only `assistant` messages (put earlier \
+             turns in `prompt`)",
+            m.role
+        ));
+    }
+    Ok(list)
+}
+
 fn with_system(
     obj: &Map<String, Value>,
     mut prompt: Vec<ChatMessage>,
@@ -295,8 +309,8 @@ fn normalise(obj: &Map<String, Value>, fmt: DataFormat) -> Result<PreferenceRow,
         }
         DataFormat::Conversational => PreferenceRow {
             prompt: Turns::Messages(with_system(obj, messages(obj, "prompt")?)?),
-            chosen: Turns::Messages(messages(obj, "chosen")?),
-            rejected: Turns::Messages(messages(obj, "rejected")?),
+            chosen: Turns::Messages(completion_messages("chosen", messages(obj, "chosen")?)?),
+            rejected: Turns::Messages(completion_messages("rejected", messages(obj, "rejected")?)?),
         },
         DataFormat::Implicit => implicit(obj)?,
         DataFormat::ShareGpt => sharegpt(obj)?,
@@ -338,8 +352,8 @@ fn implicit(obj: &Map<String, Value>) -> Result<PreferenceRow, String> {
             }
             Ok(PreferenceRow {
                 prompt: Turns::Messages(with_system(obj, c[..idx].to_vec())?),
-                chosen: Turns::Messages(c[idx..].to_vec()),
-                rejected: Turns::Messages(r[idx..].to_vec()),
+                chosen: Turns::Messages(completion_messages("chosen", c[idx..].to_vec())?),
+                rejected: Turns::Messages(completion_messages("rejected", r[idx..].to_vec())?),
             })
         }
         _ => Err("`chosen` and `rejected` must both be strings or both lists of messages".into()),
@@ -373,7 +387,19 @@ fn sharegpt(obj: &Map<String, Value>) -> Result<PreferenceRow, String> {
     let mut prompt = Vec::new();
     for (i, t) in turns.iter().enumerate() {
         let (from, value) = sharegpt_turn(t).map_err(|e| format!("`conversations[{i}]`: {e}"))?;
+        if from == "system" && i > 0 {
+            return Err(format!(
+                "`conversations[{i}]`: a `system` turn must come first"
+            ));
+        }
         prompt.push(ChatMessage::new(from, value));
+    }
+    if prompt.last().is_some_and(|m| m.role != "user") {
+        return Err(format!(
+            "`conversations[{}]`: the conversation must end with a `human` turn (the completions \
+             answer it)",
+            prompt.len() - 1
+        ));
     }
     let completion = |key: &str| -> Result<Vec<ChatMessage>, String> {
         let (from, value) = sharegpt_turn(field(obj, key)?).map_err(|e| format!("`{key}`: {e}"))?;

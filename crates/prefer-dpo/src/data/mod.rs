@@ -7,7 +7,7 @@ pub mod formats;
 pub mod tokenize;
 
 pub use batch::{DpoBatch, HostBatch, Packing};
-pub use collate::{TruncationMode, collate, drop_truncated_away, group_by_length};
+pub use collate::{TruncationMode, check_vocab, collate, drop_truncated_away, group_by_length};
 pub use formats::{
     BadRow, DataFormat, Loaded, OnBadRow, PreferenceRow, Turns, load_file, parse_rows,
     split_train_eval,

@@ -175,16 +175,42 @@ pub struct PairLogps<B: Backend> {
     pub rejected_tokens: Tensor<B, 1>,
 }
 
+impl LossConfig {
+    /// The configured losses with their weights (1 when `loss_weights` is absent): the one place
+    /// that pairs `loss_type` with `loss_weights`.
+    pub fn weighted(&self) -> impl Iterator<Item = (LossType, f64)> + '_ {
+        self.loss_types.iter().enumerate().map(|(i, t)| {
+            let w = self
+                .loss_weights
+                .as_ref()
+                .and_then(|w| w.get(i))
+                .copied()
+                .unwrap_or(1.0);
+            (*t, w)
+        })
+    }
+}
+
+/// `Σ w·f(loss)` over the configured losses, `f` applied to each loss's per-pair values `[P]`.
+fn weighted_sum<B: Backend>(
+    config: &LossConfig,
+    x: &PairLogps<B>,
+    f: impl Fn(Tensor<B, 1>) -> Tensor<B, 1>,
+) -> Tensor<B, 1> {
+    config
+        .weighted()
+        .map(|(t, w)| f(per_pair_loss(t, config, x)) * w)
+        .reduce(|acc, term| acc + term)
+        .expect("validated: at least one loss")
+}
+
 /// The weighted sum of the configured losses, each the mean over pairs: a one-element tensor.
 pub fn dpo_loss<B: Backend>(config: &LossConfig, x: &PairLogps<B>) -> Tensor<B, 1> {
-    let mut total: Option<Tensor<B, 1>> = None;
-    for (i, t) in config.loss_types.iter().enumerate() {
-        let w = config.loss_weights.as_ref().map_or(1.0, |w| w[i]);
-        let term = per_pair_loss(*t, config, x).mean() * w;
-        total = Some(match total {
-            Some(acc) => acc + term,
-            None => term,
-        });
-    }
-    total.expect("validated: at least one loss")
+    weighted_sum(config, x, |l| l.mean())
+}
+
+/// Each pair's weighted sum of the configured losses, `[P]` (what `prefer eval` reports per pair;
+/// its mean is [`dpo_loss`]).
+pub fn per_pair_weighted_loss<B: Backend>(config: &LossConfig, x: &PairLogps<B>) -> Tensor<B, 1> {
+    weighted_sum(config, x, |l| l)
 }

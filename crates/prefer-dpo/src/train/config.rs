@@ -26,29 +26,55 @@ pub enum LrSchedulerType {
     ConstantWithWarmup,
 }
 
-/// A DPO training run: TRL's, PEFT's and bitsandbytes' option names and defaults.
+/// The 4-bit data type (`bnb_4bit_quant_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantType {
+    /// NormalFloat 4 (QLoRA's; the only one prefer implements).
+    #[default]
+    Nf4,
+    /// bitsandbytes' 4-bit float: a known name that prefer refuses in [`TrainConfig::validate`].
+    Fp4,
+}
+
+/// The compute dtype (`bnb_4bit_compute_dtype`); torch's spellings are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ComputeDtype {
+    /// 32-bit floats (the only one prefer computes in).
+    #[default]
+    #[serde(rename = "float32", alias = "fp32", alias = "torch.float32")]
+    Float32,
+    /// 16-bit floats: refused in [`TrainConfig::validate`].
+    #[serde(rename = "float16", alias = "fp16", alias = "torch.float16")]
+    Float16,
+    /// bfloat16: refused in [`TrainConfig::validate`].
+    #[serde(rename = "bfloat16", alias = "bf16", alias = "torch.bfloat16")]
+    Bfloat16,
+}
+
+impl ComputeDtype {
+    /// The name as written in a config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Float16 => "float16",
+            Self::Bfloat16 => "bfloat16",
+        }
+    }
+}
+
+/// The options of DPO training: TRL's, PEFT's and bitsandbytes' names and defaults. The run's
+/// inputs (model, data, adapter, reference model) and its backend are the façade's
+/// (`prefer::RunConfig`, which reads both from one flat table).
 ///
-/// Unknown keys are rejected ([`TrainConfig::keys`] lists the valid ones).
+/// Unknown keys are rejected ([`TrainConfig::keys`] lists the valid ones); an unknown value of an
+/// option with fixed choices is an error listing them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    // --- where things are ---
-    /// The base model: a Hugging Face directory or a `.gguf` file.
-    pub model: Option<PathBuf>,
-    /// Training pairs (TRL standard/conversational/implicit JSON Lines or JSON, or ShareGPT).
-    pub data: Option<PathBuf>,
-    /// Held-out pairs; without them `eval_ratio` of `data` is held out.
-    pub eval_data: Option<PathBuf>,
-    /// Fraction of `data` held out for evaluation when `eval_data` is not given.
-    pub eval_ratio: f64,
+    // --- where the run's outputs go ---
     /// Where the adapter, checkpoints, metrics and plots go (`output_dir`).
     pub output_dir: PathBuf,
-    /// A PEFT adapter to start from (and, by default, the reference).
-    pub adapter: Option<PathBuf>,
-    /// A separate reference model (its log-probs are computed once, before training).
-    pub ref_model: Option<PathBuf>,
-    /// `error` stops at the first bad row; `skip` skips and counts them.
-    pub on_bad_row: String,
 
     // --- DPO ---
     /// KL strength β.
@@ -69,7 +95,7 @@ pub struct TrainConfig {
     /// Keep at most the first N tokens of each completion.
     pub max_completion_length: Option<usize>,
     /// `keep_start` or `keep_end`.
-    pub truncation_mode: String,
+    pub truncation_mode: TruncationMode,
     /// Pack each micro-batch's sequences back to back instead of padding them, so compute follows
     /// the real tokens (TRL's `padding_free`). Unset: on for the CPU backends (faster there),
     /// off elsewhere.
@@ -142,28 +168,17 @@ pub struct TrainConfig {
     /// Quantise the frozen base to 4 bits while loading.
     pub load_in_4bit: bool,
     /// `nf4` (the only 4-bit type prefer implements).
-    pub bnb_4bit_quant_type: String,
+    pub bnb_4bit_quant_type: QuantType,
     /// Quantise the NF4 block scales too.
     pub bnb_4bit_use_double_quant: bool,
     /// Compute dtype; prefer computes in `float32`.
-    pub bnb_4bit_compute_dtype: String,
-
-    // --- where it runs ---
-    /// `flex` (the default), `ndarray`, `wgpu` or `cuda` (among those compiled in).
-    pub backend: String,
+    pub bnb_4bit_compute_dtype: ComputeDtype,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: None,
-            data: None,
-            eval_data: None,
-            eval_ratio: 0.1,
             output_dir: PathBuf::from("runs/dpo"),
-            adapter: None,
-            ref_model: None,
-            on_bad_row: "error".into(),
             beta: 0.1,
             loss_type: vec![LossType::Sigmoid],
             loss_weights: None,
@@ -172,7 +187,7 @@ impl Default for TrainConfig {
             max_length: Some(1024),
             max_prompt_length: None,
             max_completion_length: None,
-            truncation_mode: "keep_start".into(),
+            truncation_mode: TruncationMode::KeepStart,
             padding_free: None,
             learning_rate: 1e-6,
             num_train_epochs: 3.0,
@@ -204,10 +219,9 @@ impl Default for TrainConfig {
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             use_rslora: false,
             load_in_4bit: true,
-            bnb_4bit_quant_type: "nf4".into(),
+            bnb_4bit_quant_type: QuantType::Nf4,
             bnb_4bit_use_double_quant: true,
-            bnb_4bit_compute_dtype: "float32".into(),
-            backend: "flex".into(),
+            bnb_4bit_compute_dtype: ComputeDtype::Float32,
         }
     }
 }
@@ -265,18 +279,6 @@ impl TrainConfig {
         Ok(c)
     }
 
-    /// `truncation_mode` parsed.
-    pub fn truncation(&self) -> Result<TruncationMode, ConfigError> {
-        match self.truncation_mode.as_str() {
-            "keep_start" => Ok(TruncationMode::KeepStart),
-            "keep_end" => Ok(TruncationMode::KeepEnd),
-            other => Err(bad(
-                "truncation_mode",
-                format!("`{other}` is not keep_start or keep_end"),
-            )),
-        }
-    }
-
     /// The batch layout `padding_free` asks for (padded when unset).
     pub fn packing(&self) -> Packing {
         if self.padding_free == Some(true) {
@@ -293,7 +295,6 @@ impl TrainConfig {
             bad(&key, m)
         })?;
         self.lora()?;
-        self.truncation()?;
         let positive = [
             (
                 "per_device_train_batch_size",
@@ -328,9 +329,6 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(bad("warmup_ratio", "must be in [0, 1)"));
         }
-        if !(0.0..1.0).contains(&self.eval_ratio) {
-            return Err(bad("eval_ratio", "must be in [0, 1)"));
-        }
         if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
             return Err(bad("max_grad_norm", "must be 0 (off) or positive"));
         }
@@ -364,24 +362,18 @@ impl TrainConfig {
                 }
             }
         }
-        if !matches!(self.on_bad_row.as_str(), "error" | "skip") {
-            return Err(bad("on_bad_row", "must be `error` or `skip`"));
-        }
-        if self.bnb_4bit_quant_type != "nf4" {
+        if self.bnb_4bit_quant_type != QuantType::Nf4 {
             return Err(bad(
                 "bnb_4bit_quant_type",
-                format!("`{}`: prefer implements nf4 only", self.bnb_4bit_quant_type),
+                "`fp4`: prefer implements nf4 only",
             ));
         }
-        if !matches!(
-            self.bnb_4bit_compute_dtype.as_str(),
-            "float32" | "fp32" | "torch.float32"
-        ) {
+        if self.bnb_4bit_compute_dtype != ComputeDtype::Float32 {
             return Err(bad(
                 "bnb_4bit_compute_dtype",
                 format!(
                     "`{}`: prefer computes in float32",
-                    self.bnb_4bit_compute_dtype
+                    self.bnb_4bit_compute_dtype.name()
                 ),
             ));
         }
@@ -398,22 +390,6 @@ impl TrainConfig {
                 "metric_for_best_model",
                 "must name an eval metric (eval_loss, eval_rewards/accuracies, …)",
             ));
-        }
-        for (key, path) in [
-            ("model", &self.model),
-            ("data", &self.data),
-            ("eval_data", &self.eval_data),
-            ("adapter", &self.adapter),
-            ("ref_model", &self.ref_model),
-        ] {
-            if let Some(p) = path
-                && !p.exists()
-            {
-                return Err(bad(
-                    key,
-                    format!("{}: no such file or directory", p.display()),
-                ));
-            }
         }
         Ok(())
     }

@@ -2,23 +2,30 @@
 //! with the reference as a frozen adapter snapshot over the same base, checkpoints that resume
 //! bit-identically, and TRL's metrics in `metrics.jsonl` / `metrics.csv`.
 
+pub mod bounds;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod early_stopping;
 pub mod metrics_log;
+pub mod plan;
 pub mod reference;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+mod window;
 
 use std::path::PathBuf;
 
+pub use bounds::{BaseLayer, TrainBackend};
 pub use checkpoint::{
     POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState, latest_checkpoint, list_checkpoints,
 };
-pub use config::{ConfigError, LrSchedulerType, TrainConfig};
+pub use config::{ComputeDtype, ConfigError, LrSchedulerType, QuantType, TrainConfig};
+pub use early_stopping::{EarlyStopping, Progress};
 pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
-pub use reference::{Fingerprint, RefLogps, compute_ref_logps};
+pub use plan::StepPlan;
+pub use reference::{CACHE_FORMAT_VERSION, Fingerprint, RefLogps, cache_key, compute_ref_logps};
 pub use schedule::LrSchedule;
 pub use step::{DpoInput, DpoOutput, DpoPolicy};
 pub use trainer::{
@@ -37,6 +44,9 @@ pub enum TrainError {
     /// An adapter could not be read or written.
     #[error(transparent)]
     Adapter(#[from] prefer_lora::AdapterError),
+    /// A result could not be read back from the device.
+    #[error(transparent)]
+    Device(#[from] crate::host::DeviceReadError),
     /// A checkpoint or log file could not be read or written.
     #[error("{path}: {message}")]
     Checkpoint {

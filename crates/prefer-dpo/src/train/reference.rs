@@ -1,8 +1,9 @@
 //! Reference log-probs computed once, before training, and cached on disk (`precompute_ref_log_probs`).
 //!
-//! The cache key is a hash of everything the numbers depend on: the reference model's identity, its
-//! adapter's factors, the token ids of every pair and the truncation settings. A later run with the
-//! same key reads the file instead of running the reference again.
+//! The cache key is a hash of everything the numbers depend on ([`cache_key`]): a format version,
+//! the reference model's identity, its adapter's factors, the quantisation and compute settings, the
+//! truncation settings, the batch layout and the token ids of every pair. A later run with the same
+//! key reads the file instead of running the reference again; changing any of them recomputes.
 
 use std::path::{Path, PathBuf};
 
@@ -11,10 +12,16 @@ use prefer_kernels::PreferBackend;
 use prefer_llama::{LinearLayer, LlamaModel};
 use serde::{Deserialize, Serialize};
 
+use super::{TrainError, config::TrainConfig};
 use crate::{
-    data::{Packing, TokenizedPair, TruncationMode, collate},
+    data::{Packing, TokenizedPair, TruncationMode, check_vocab, collate},
+    host::{DeviceReadError, read},
     logps::{SequenceLogps, sequence_logps},
 };
+
+/// The version of the cache's key and file: bump it whenever either changes meaning, so that files
+/// written by an older prefer are never read as current.
+pub const CACHE_FORMAT_VERSION: u32 = 2;
 
 /// Reference log-prob sums of each pair: `(chosen, rejected)`.
 pub type RefLogps = Vec<(f32, f32)>;
@@ -55,11 +62,15 @@ impl Fingerprint {
         self.bytes(&bytes)
     }
 
-    /// Mixes in a tensor's values.
-    pub fn tensor<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Self {
-        let v: Vec<f32> = t.into_data().convert::<f32>().to_vec().unwrap_or_default();
+    /// Mixes in a tensor's values (read from its device; a failed read is an error, not a key
+    /// made of nothing).
+    pub fn tensor<B: Backend, const D: usize>(
+        self,
+        t: Tensor<B, D>,
+    ) -> Result<Self, DeviceReadError> {
+        let v: Vec<f32> = read(t, "adapter factors for the reference cache key")?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.bytes(&bytes)
+        Ok(self.bytes(&bytes))
     }
 
     /// A model file or directory: names, sizes and modification times of its files (not their
@@ -105,7 +116,45 @@ impl Fingerprint {
     }
 }
 
+/// The key of a run's cached reference log-probs: [`CACHE_FORMAT_VERSION`], `reference` (the
+/// model's identity with the reference adapter's factors mixed in), every option that changes a
+/// reference log-prob — quantisation (`load_in_4bit`, quant type, double quantisation), compute
+/// dtype, truncation (`max_length`, `max_prompt_length`, `max_completion_length`,
+/// `truncation_mode`), the batch layout — and the token ids of the train and eval pairs.
+///
+/// The NF4 block size is not an option of [`TrainConfig`]: whoever builds the base mixes it into
+/// `reference` (the façade does).
+pub fn cache_key(
+    reference: Fingerprint,
+    config: &TrainConfig,
+    train: &[TokenizedPair],
+    eval: &[TokenizedPair],
+) -> Fingerprint {
+    let settings = format!(
+        "load_in_4bit={} bnb_4bit_quant_type={:?} bnb_4bit_use_double_quant={} \
+         bnb_4bit_compute_dtype={:?} max_length={:?} max_prompt_length={:?} \
+         max_completion_length={:?} truncation_mode={:?} packing={:?}",
+        config.load_in_4bit,
+        config.bnb_4bit_quant_type,
+        config.bnb_4bit_use_double_quant,
+        config.bnb_4bit_compute_dtype,
+        config.max_length,
+        config.max_prompt_length,
+        config.max_completion_length,
+        config.truncation_mode,
+        config.packing(),
+    );
+    let mode = config.truncation_mode;
+    Fingerprint::default()
+        .bytes(&CACHE_FORMAT_VERSION.to_le_bytes())
+        .bytes(&reference.0.to_le_bytes())
+        .str(&settings)
+        .pairs(train, config.max_length, mode)
+        .pairs(eval, config.max_length, mode)
+}
+
 /// Runs `reference` over `pairs` in batches of `batch_size`; `(chosen, rejected)` sums per pair.
+/// A token id beyond the model's vocabulary or a failed device read is an error.
 pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
     reference: &LlamaModel<B, L>,
     pairs: &[TokenizedPair],
@@ -114,7 +163,9 @@ pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
     mode: TruncationMode,
     batch_size: usize,
     packing: Packing,
-) -> RefLogps {
+) -> Result<RefLogps, TrainError> {
+    check_vocab(pairs, pad_id, reference.config.vocab_size)
+        .map_err(|b| TrainError::Data(b.to_string()))?;
     let device = reference.embed_tokens.weight.device();
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
@@ -122,11 +173,19 @@ pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
         let batch = collate(&refs, pad_id, max_length, mode).to_device::<B>(&device, packing);
         let sums = sequence_logps(reference, &batch).sums;
         let (c, r) = SequenceLogps::split(sums);
-        let c: Vec<f32> = c.into_data().convert::<f32>().to_vec().unwrap_or_default();
-        let r: Vec<f32> = r.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let c: Vec<f32> = read(c, "reference log-probs")?;
+        let r: Vec<f32> = read(r, "reference log-probs")?;
         out.extend(c.into_iter().zip(r));
     }
-    out
+    Ok(out)
+}
+
+/// The reference sums of pairs `ids` of `refs` as one tensor `[2P]` in a batch's
+/// `[chosen.., rejected..]` row order: the one place that turns cached sums into a step's input.
+pub fn ref_tensor<B: Backend>(refs: &RefLogps, ids: &[usize], device: &B::Device) -> Tensor<B, 1> {
+    let mut v: Vec<f32> = ids.iter().map(|&i| refs[i].0).collect();
+    v.extend(ids.iter().map(|&i| refs[i].1));
+    Tensor::from_floats(v.as_slice(), device)
 }
 
 #[derive(Serialize, Deserialize)]

@@ -4,16 +4,18 @@
 
 use burn::{
     module::Module,
-    tensor::{Tensor, backend::AutodiffBackend, backend::Backend},
+    tensor::{Tensor, backend::Backend},
     train::{InferenceStep, ItemLazy, TrainOutput, TrainStep},
 };
 use prefer_kernels::PreferBackend;
 use prefer_llama::{LinearLayer, LlamaModel};
 use prefer_lora::{LoraLinear, set_active_adapter};
 
+use super::bounds::{BaseLayer, TrainBackend};
 use crate::{
     data::DpoBatch,
     eval::{BatchEval, evaluate_batch_with},
+    host::{DeviceReadError, read},
     logps::sequence_logps,
     loss::LossConfig,
     metrics::PairRecords,
@@ -86,30 +88,34 @@ where
         evaluate_batch_with(&self.loss, &self.model, ref_sums, &input.batch)
     }
 
-    fn output(&self, input: &DpoInput<B>, eval: &BatchEval<B>) -> DpoOutput {
-        DpoOutput {
-            loss: eval.loss.clone().into_scalar().elem::<f64>(),
-            records: eval.records(),
+    /// One evaluation step ([`InferenceStep`]'s), with a failed device read as an error.
+    pub fn infer(&self, input: DpoInput<B>) -> Result<DpoOutput, DeviceReadError> {
+        let eval = self.evaluate(&input);
+        self.output(&input, &eval)
+    }
+
+    fn output(
+        &self,
+        input: &DpoInput<B>,
+        eval: &BatchEval<B>,
+    ) -> Result<DpoOutput, DeviceReadError> {
+        let loss: Vec<f64> = read(eval.loss.clone(), "the loss")?;
+        Ok(DpoOutput {
+            loss: loss.first().copied().unwrap_or(f64::NAN),
+            records: eval.records()?,
             tokens: input.batch.tokens,
             computed_tokens: input.batch.computed_tokens,
-        }
+        })
     }
 }
 
-use burn::tensor::ElementConversion;
-
-impl<B, L> TrainStep for DpoPolicy<B, L>
-where
-    B: AutodiffBackend + PreferBackend,
-    B::InnerBackend: PreferBackend,
-    L: LinearLayer<B> + burn::module::AutodiffModule<B> + 'static,
-    L::InnerModule: LinearLayer<B::InnerBackend> + burn::module::ModuleDisplay,
-    LoraLinear<B, L>: LinearLayer<B>,
-{
-    type Input = DpoInput<B>;
-    type Output = DpoOutput;
-
-    fn step(&self, mut input: DpoInput<B>) -> TrainOutput<DpoOutput> {
+impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
+    /// One training step ([`TrainStep`]'s): the loss, its gradients and the step's numbers, with a
+    /// failed device read as an error.
+    pub fn train_step(
+        &self,
+        mut input: DpoInput<B>,
+    ) -> Result<TrainOutput<DpoOutput>, DeviceReadError> {
         if input.ref_logps.is_none() {
             // The reference runs on the inner backend: no autodiff graph, nothing kept for the
             // backward pass, so it costs one forward's transient memory and no more.
@@ -120,8 +126,19 @@ where
         }
         let eval = self.evaluate(&input);
         let grads = eval.loss.backward();
-        let out = self.output(&input, &eval);
-        TrainOutput::new(self, grads, out)
+        let out = self.output(&input, &eval)?;
+        Ok(TrainOutput::new(self, grads, out))
+    }
+}
+
+impl<B: TrainBackend, L: BaseLayer<B>> TrainStep for DpoPolicy<B, L> {
+    type Input = DpoInput<B>;
+    type Output = DpoOutput;
+
+    /// burn-train's trait cannot return an error: a failed device read stops with its message
+    /// (prefer's own loop calls [`DpoPolicy::train_step`] and returns it).
+    fn step(&self, input: DpoInput<B>) -> TrainOutput<DpoOutput> {
+        self.train_step(input).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -134,8 +151,9 @@ where
     type Input = DpoInput<B>;
     type Output = DpoOutput;
 
+    /// burn-train's trait cannot return an error: a failed device read stops with its message
+    /// (prefer's own loop calls [`DpoPolicy::infer`] and returns it).
     fn step(&self, input: DpoInput<B>) -> DpoOutput {
-        let eval = self.evaluate(&input);
-        self.output(&input, &eval)
+        self.infer(input).unwrap_or_else(|e| panic!("{e}"))
     }
 }

@@ -13,29 +13,35 @@ use std::{
 use burn::{
     module::AutodiffModule,
     optim::{AdamWConfig, GradientsAccumulator},
-    tensor::{Tensor, backend::AutodiffBackend},
-    train::{InferenceStep, TrainStep},
+    tensor::backend::Backend,
+    train::TrainStep,
 };
-use prefer_kernels::PreferBackend;
-use prefer_llama::{LinearLayer, LlamaModel};
+use prefer_llama::LlamaModel;
 use prefer_lora::{LoraLinear, snapshot_adapter};
 use rand::{SeedableRng, seq::SliceRandom};
 
 use super::{
     TrainError,
+    bounds::{BaseLayer, TrainBackend},
     checkpoint::{
         DpoOptimizer, POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState, latest_checkpoint,
         load_checkpoint, save_checkpoint,
     },
     clip::average_and_clip,
     config::TrainConfig,
+    early_stopping::{EarlyStopping, Progress},
     metrics_log::{LogRecord, MetricsLog},
-    reference::{Fingerprint, RefLogps, cache_dir, compute_ref_logps, read_cached, write_cached},
+    plan::StepPlan,
+    reference::{
+        Fingerprint, RefLogps, cache_dir, cache_key, compute_ref_logps, read_cached, ref_tensor,
+        write_cached,
+    },
     schedule::LrSchedule,
-    step::{DpoInput, DpoOutput, DpoPolicy},
+    step::{DpoInput, DpoPolicy},
+    window::Window,
 };
 use crate::{
-    data::{TokenizedPair, collate},
+    data::{TokenizedPair, check_vocab, collate},
     metrics::PairRecords,
 };
 
@@ -161,93 +167,34 @@ fn mix(seed: u64, salt: u64) -> u64 {
 ///
 /// `model` must carry a trainable adapter named `default` (the one [`prefer_lora::LoraFactory`] makes
 /// when its `adapter_name` is `"default"`, or one loaded with `load_peft`).
-pub fn train<B, L>(
+///
+/// The run reads top to bottom: check the inputs, set up the policy and its reference, plan the
+/// steps, resume, then optimiser steps — each followed by logging, evaluation, early stopping and
+/// checkpointing when due — and finally the adapter.
+pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     model: LoraLlama<B, L>,
     run: TrainRun,
     config: &TrainConfig,
     observer: &mut dyn TrainObserver,
-) -> Result<TrainSummary, TrainError>
-where
-    B: AutodiffBackend + PreferBackend,
-    B::InnerBackend: PreferBackend,
-    L: LinearLayer<B> + AutodiffModule<B> + 'static,
-    L::InnerModule: LinearLayer<B::InnerBackend> + burn::module::ModuleDisplay,
-    LoraLinear<B, L>: LinearLayer<B>,
-{
+) -> Result<TrainSummary, TrainError> {
     config.validate()?;
-    if run.train.is_empty() {
-        return Err(TrainError::Data("no training pairs".into()));
-    }
+    check_inputs(&model, &run)?;
     let lora = config.lora()?;
-    let mode = config.truncation()?;
     let out = config.output_dir.clone();
     std::fs::create_dir_all(&out).map_err(|e| TrainError::Checkpoint {
         path: out.clone(),
         message: e.to_string(),
     })?;
     let device = model.embed_tokens.weight.device();
+    let mut policy = policy_with_reference(model, &run.reference, config);
+    let precomputed = reference_logps(&policy, &run, config, observer)?;
 
-    let mut model = model;
-    if !model
-        .projections()
-        .iter()
-        .any(|(_, l)| l.adapter(POLICY_ADAPTER).is_some())
-    {
-        return Err(TrainError::Data(format!(
-            "the model has no adapter named `{POLICY_ADAPTER}` to train"
-        )));
-    }
-    let reference = match &run.reference {
-        ReferenceSource::Snapshot => {
-            snapshot_adapter(&mut model, POLICY_ADAPTER, REFERENCE_ADAPTER);
-            Some(REFERENCE_ADAPTER.to_string())
-        }
-        _ => None,
-    };
-    let mut policy = DpoPolicy {
-        model,
-        loss: config.loss(),
-        reference,
-    };
-
-    // Precomputed reference log-probs: given, read from the cache, or computed now and cached.
-    let precomputed: Option<(RefLogps, RefLogps)> = match &run.reference {
-        ReferenceSource::Precomputed { train, eval } => {
-            if train.len() != run.train.len() || eval.len() != run.eval.len() {
-                return Err(TrainError::Data(format!(
-                    "precomputed reference log-probs: {} train and {} eval values for {} and {} pairs",
-                    train.len(),
-                    eval.len(),
-                    run.train.len(),
-                    run.eval.len()
-                )));
-            }
-            Some((train.clone(), eval.clone()))
-        }
-        _ if config.precompute_ref_log_probs => Some(precompute(&policy, &run, config, observer)?),
-        _ => None,
-    };
-
-    // Steps.
-    let bs = config.per_device_train_batch_size;
-    let accum = config.gradient_accumulation_steps;
-    let batches_per_epoch = run.train.len().div_ceil(bs);
-    let steps_per_epoch = batches_per_epoch.div_ceil(accum);
-    let total_steps = if config.max_steps > 0 {
-        config.max_steps as usize
-    } else {
-        ((config.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
-    };
-    let warmup = if config.warmup_steps > 0 {
-        config.warmup_steps
-    } else {
-        (config.warmup_ratio * total_steps as f64).ceil() as usize
-    };
+    let plan = StepPlan::new(config, run.train.len());
     let mut schedule = LrSchedule {
         kind: config.lr_scheduler_type,
         peak: config.learning_rate,
-        warmup,
-        total: total_steps,
+        warmup: plan.warmup_steps,
+        total: plan.total_steps,
         step: 0,
     };
     let mut optim: DpoOptimizer<B, L> = AdamWConfig::new()
@@ -260,32 +207,14 @@ where
         global_step: 0,
         epoch: 0,
         batch_in_epoch: 0,
-        total_steps,
+        total_steps: plan.total_steps,
         seed: config.seed,
         best_metric: None,
         evals_without_improvement: 0,
     };
-
     if let Some(resume) = &run.resume {
-        let dir = match resume {
-            Resume::From(d) => d.clone(),
-            Resume::Latest => latest_checkpoint(&out).ok_or_else(|| TrainError::Checkpoint {
-                path: out.clone(),
-                message: "no checkpoint to resume from".into(),
-            })?,
-        };
-        let (o, s) = load_checkpoint(&dir, &mut policy, optim)?;
-        optim = o;
-        if s.seed != config.seed {
-            return Err(TrainError::Checkpoint {
-                path: dir,
-                message: format!(
-                    "the checkpoint was trained with seed {} but the config says {}",
-                    s.seed, config.seed
-                ),
-            });
-        }
-        state = TrainerState { total_steps, ..s };
+        let dir = resume_dir(resume, &out)?;
+        (optim, state) = resume_from(&dir, &mut policy, optim, config, plan)?;
         schedule.step = state.global_step;
         observer.on_message(&format!(
             "resumed from {} at step {}",
@@ -293,82 +222,50 @@ where
             state.global_step
         ));
     }
-    // A process killed while writing a checkpoint leaves its temporary directory behind.
-    if let Ok(entries) = std::fs::read_dir(&out) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".checkpoint-") {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
+    remove_unfinished_checkpoints(&out);
     let log = MetricsLog::open(&out, state.global_step)?;
     let mut history = log.read()?;
     let mut last_checkpoint = latest_checkpoint(&out);
-
-    let order = |epoch: usize| -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..run.train.len()).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(config.seed, epoch as u64));
-        idx.shuffle(&mut rng);
-        idx
+    let inputs = Inputs {
+        run: &run,
+        config,
+        device,
+        precomputed: precomputed.as_ref(),
     };
-    let input_for = |ids: &[usize], pairs: &[TokenizedPair], refs: Option<&RefLogps>| {
-        let picked: Vec<&TokenizedPair> = ids.iter().map(|&i| &pairs[i]).collect();
-        let batch = collate(&picked, run.pad_id, config.max_length, mode)
-            .to_device::<B>(&device, config.packing());
-        let ref_logps = refs.map(|r| {
-            let mut v: Vec<f32> = ids.iter().map(|&i| r[i].0).collect();
-            v.extend(ids.iter().map(|&i| r[i].1));
-            Tensor::<B, 1>::from_floats(v.as_slice(), &device)
-        });
-        DpoInput { batch, ref_logps }
-    };
+    let early_stopping = EarlyStopping::from_config(config);
 
     if config.eval_on_start && state.global_step == 0 && !run.eval.is_empty() {
-        let record = evaluate(&policy, &run, config, precomputed.as_ref(), 0, 0.0)?;
+        let record = evaluate(&policy, &inputs, 0, 0.0)?;
         log.append(&record)?;
         observer.on_log(&record);
         history.push(record);
     }
-    observer.on_start(state.global_step, total_steps);
+    observer.on_start(state.global_step, plan.total_steps);
     let started = Instant::now();
-    let mut epoch_order = order(state.epoch);
+    let mut epoch_order = inputs.order(state.epoch);
     let mut window = Window::default();
     let mut totals = Throughput::default();
     let mut final_eval = None;
     let mut stopped_early = false;
     let eval_every = config.eval_every();
 
-    while state.global_step < total_steps {
+    while state.global_step < plan.total_steps {
         let step_started = Instant::now();
-        if state.batch_in_epoch >= batches_per_epoch {
+        if state.batch_in_epoch >= plan.batches_per_epoch {
             state.epoch += 1;
             state.batch_in_epoch = 0;
-            epoch_order = order(state.epoch);
+            epoch_order = inputs.order(state.epoch);
         }
-        // Dropout draws from the backend's generator: seeding it per step makes a resumed run draw
-        // the same masks as an uninterrupted one.
-        B::seed(
-            &device,
-            mix(config.seed, 1 << 32 | state.global_step as u64),
-        );
-        let group = accum.min(batches_per_epoch - state.batch_in_epoch);
-        let mut accumulator = GradientsAccumulator::<DpoPolicy<B, L>>::new();
-        let mut step_loss = 0.0;
-        for g in 0..group {
-            let b = state.batch_in_epoch + g;
-            let ids = &epoch_order[b * bs..((b + 1) * bs).min(run.train.len())];
-            let input = input_for(ids, &run.train, precomputed.as_ref().map(|p| &p.0));
-            let output = TrainStep::step(&policy, input);
-            accumulator.accumulate(&policy, output.grads);
-            step_loss += output.item.loss / group as f64;
-            totals.tokens += output.item.tokens;
-            totals.computed_tokens += output.item.computed_tokens;
-            window.add(&output.item);
-        }
-        let (grads, grad_norm) =
-            average_and_clip(&policy, accumulator.grads(), group, config.max_grad_norm);
         let step = state.global_step + 1;
-        for (metric, value) in [("loss", step_loss), ("grad_norm", grad_norm)] {
+        let group = plan.group(state.batch_in_epoch);
+        let StepResult {
+            grads,
+            loss,
+            grad_norm,
+            tokens,
+            computed_tokens,
+        } = micro_batches(&policy, &inputs, &plan, &state, &epoch_order, &mut window)?;
+        for (metric, value) in [("loss", loss), ("grad_norm", grad_norm)] {
             if !value.is_finite() {
                 return Err(TrainError::NonFinite {
                     step,
@@ -381,54 +278,44 @@ where
         let lr = burn::optim::lr_scheduler::LrScheduler::step(&mut schedule);
         policy = TrainStep::optimize(policy, &mut optim, lr, grads);
         let seconds = step_started.elapsed().as_secs_f64();
-        window.seconds += seconds;
-        totals.seconds += seconds;
+        window.finish_step(seconds, grad_norm, lr);
         totals.steps += 1;
+        totals.seconds += seconds;
+        totals.tokens += tokens;
+        totals.computed_tokens += computed_tokens;
         state.global_step = step;
         state.batch_in_epoch += group;
-        window.grad_norm = grad_norm;
-        window.lr = lr;
-        observer.on_step(step, total_steps);
-        let epoch = state.epoch as f64 + state.batch_in_epoch as f64 / batches_per_epoch as f64;
-        let last = step == total_steps;
+        observer.on_step(step, plan.total_steps);
+        let epoch =
+            state.epoch as f64 + state.batch_in_epoch as f64 / plan.batches_per_epoch as f64;
+        let last = step == plan.total_steps;
 
+        // Logging.
         if step.is_multiple_of(config.logging_steps) || last {
             let record = window.take(step, epoch, config.beta);
             log.append(&record)?;
             observer.on_log(&record);
             history.push(record);
         }
+        // Evaluation and early stopping.
         let mut stop = false;
         if !run.eval.is_empty() && ((eval_every > 0 && step.is_multiple_of(eval_every)) || last) {
-            let record = evaluate(&policy, &run, config, precomputed.as_ref(), step, epoch)?;
+            let record = evaluate(&policy, &inputs, step, epoch)?;
             log.append(&record)?;
             observer.on_log(&record);
-            if let Some(patience) = config.early_stopping_patience {
-                let metric = &config.metric_for_best_model;
-                let value = record.get(metric).ok_or_else(|| {
-                    TrainError::Data(format!("metric_for_best_model `{metric}` is not logged"))
-                })?;
-                let sign = if config.greater_is_better() {
-                    1.0
-                } else {
-                    -1.0
+            if let Some(rule) = &early_stopping {
+                let mut progress = Progress {
+                    best: state.best_metric,
+                    without_improvement: state.evals_without_improvement,
                 };
-                let improved = state
-                    .best_metric
-                    .is_none_or(|best| sign * (value - best) > config.early_stopping_threshold);
-                if improved {
-                    state.best_metric = Some(value);
-                    state.evals_without_improvement = 0;
-                } else {
-                    state.evals_without_improvement += 1;
-                    if state.evals_without_improvement >= patience {
-                        stop = true;
-                    }
-                }
+                stop = rule.update(&mut progress, &record)?;
+                state.best_metric = progress.best;
+                state.evals_without_improvement = progress.without_improvement;
             }
             history.push(record.clone());
             final_eval = Some(record);
         }
+        // Checkpointing.
         if config.save_steps > 0 && step.is_multiple_of(config.save_steps) {
             let dir = save_checkpoint(
                 &out,
@@ -471,86 +358,238 @@ where
     })
 }
 
-/// Metrics of the optimiser steps since the last log line.
-#[derive(Default)]
-struct Window {
-    records: PairRecords,
-    loss_sum: f64,
-    pairs: usize,
-    tokens: usize,
-    computed_tokens: usize,
-    /// Wall time of the window's optimiser steps, from each step's first micro-batch to its
-    /// parameter update (evaluation and checkpoints excluded).
-    seconds: f64,
-    grad_norm: f64,
-    lr: f64,
+/// The pairs must be there, fit the model's vocabulary, and the model must carry the adapter to
+/// train.
+fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
+    model: &LoraLlama<B, L>,
+    run: &TrainRun,
+) -> Result<(), TrainError> {
+    if run.train.is_empty() {
+        return Err(TrainError::Data("no training pairs".into()));
+    }
+    let vocab = model.config.vocab_size;
+    for pairs in [&run.train, &run.eval] {
+        check_vocab(pairs, run.pad_id, vocab).map_err(|b| TrainError::Data(b.to_string()))?;
+    }
+    if !model
+        .projections()
+        .iter()
+        .any(|(_, l)| l.adapter(POLICY_ADAPTER).is_some())
+    {
+        return Err(TrainError::Data(format!(
+            "the model has no adapter named `{POLICY_ADAPTER}` to train"
+        )));
+    }
+    Ok(())
 }
 
-impl Window {
-    fn add(&mut self, out: &DpoOutput) {
-        let n = out.records.len();
-        self.loss_sum += out.loss * n as f64;
-        self.pairs += n;
-        self.tokens += out.tokens;
-        self.computed_tokens += out.computed_tokens;
-        self.records.extend(&out.records);
+/// The policy, with a frozen snapshot of its starting adapter as the reference when the reference
+/// is the snapshot.
+fn policy_with_reference<B: TrainBackend, L: BaseLayer<B>>(
+    mut model: LoraLlama<B, L>,
+    source: &ReferenceSource,
+    config: &TrainConfig,
+) -> DpoPolicy<B, L> {
+    let reference = match source {
+        ReferenceSource::Snapshot => {
+            snapshot_adapter(&mut model, POLICY_ADAPTER, REFERENCE_ADAPTER);
+            Some(REFERENCE_ADAPTER.to_string())
+        }
+        _ => None,
+    };
+    DpoPolicy {
+        model,
+        loss: config.loss(),
+        reference,
     }
+}
 
-    fn take(&mut self, step: usize, epoch: f64, beta: f64) -> LogRecord {
-        let mut values = self.records.metrics(beta);
-        values.insert("loss".into(), self.loss_sum / self.pairs.max(1) as f64);
-        values.insert("grad_norm".into(), self.grad_norm);
-        values.insert("learning_rate".into(), self.lr);
-        values.insert(
-            "tokens_per_second".into(),
-            self.tokens as f64 / self.seconds.max(1e-9),
-        );
-        values.insert("tokens".into(), self.tokens as f64);
-        values.insert("tokens_computed".into(), self.computed_tokens as f64);
-        *self = Window::default();
-        LogRecord {
-            step,
-            epoch,
-            values,
+/// Precomputed reference log-probs: given, read from the cache, or computed now and cached; `None`
+/// when the reference runs beside the policy in every step.
+fn reference_logps<B: TrainBackend, L: BaseLayer<B>>(
+    policy: &DpoPolicy<B, L>,
+    run: &TrainRun,
+    config: &TrainConfig,
+    observer: &mut dyn TrainObserver,
+) -> Result<Option<(RefLogps, RefLogps)>, TrainError> {
+    match &run.reference {
+        ReferenceSource::Precomputed { train, eval } => {
+            if train.len() != run.train.len() || eval.len() != run.eval.len() {
+                return Err(TrainError::Data(format!(
+                    "precomputed reference log-probs: {} train and {} eval values for {} and {} pairs",
+                    train.len(),
+                    eval.len(),
+                    run.train.len(),
+                    run.eval.len()
+                )));
+            }
+            Ok(Some((train.clone(), eval.clone())))
+        }
+        _ if config.precompute_ref_log_probs => {
+            Ok(Some(precompute(policy, run, config, observer)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The checkpoint directory a resume asks for.
+fn resume_dir(resume: &Resume, out: &Path) -> Result<PathBuf, TrainError> {
+    match resume {
+        Resume::From(d) => Ok(d.clone()),
+        Resume::Latest => latest_checkpoint(out).ok_or_else(|| TrainError::Checkpoint {
+            path: out.to_path_buf(),
+            message: "no checkpoint to resume from".into(),
+        }),
+    }
+}
+
+/// Loads the adapter, optimiser and trainer state of checkpoint `dir`, which must have been
+/// trained with the same seed.
+fn resume_from<B: TrainBackend, L: BaseLayer<B>>(
+    dir: &Path,
+    policy: &mut DpoPolicy<B, L>,
+    optim: DpoOptimizer<B, L>,
+    config: &TrainConfig,
+    plan: StepPlan,
+) -> Result<(DpoOptimizer<B, L>, TrainerState), TrainError> {
+    let (optim, state) = load_checkpoint(dir, policy, optim)?;
+    if state.seed != config.seed {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the checkpoint was trained with seed {} but the config says {}",
+                state.seed, config.seed
+            ),
+        });
+    }
+    let state = TrainerState {
+        total_steps: plan.total_steps,
+        ..state
+    };
+    Ok((optim, state))
+}
+
+/// A process killed while writing a checkpoint leaves its temporary directory behind.
+fn remove_unfinished_checkpoints(out: &Path) {
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".checkpoint-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 }
 
-/// Runs the held-out pairs through `InferenceStep` on the inner (non-autodiff) backend.
-fn evaluate<B, L>(
+/// What the steps and evaluations read: the pairs, their order, and the batches built from them.
+struct Inputs<'a, B: Backend> {
+    run: &'a TrainRun,
+    config: &'a TrainConfig,
+    device: B::Device,
+    precomputed: Option<&'a (RefLogps, RefLogps)>,
+}
+
+impl<B: Backend> Inputs<'_, B> {
+    /// The seeded order of the training pairs in `epoch`.
+    fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.run.train.len()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.config.seed, epoch as u64));
+        idx.shuffle(&mut rng);
+        idx
+    }
+
+    /// A step's input on backend `E` (the training backend or its inner one): the batch of pairs
+    /// `ids` of `pairs` and, when precomputed, their reference sums from `refs`.
+    fn input<E: Backend>(
+        &self,
+        ids: &[usize],
+        pairs: &[TokenizedPair],
+        refs: Option<&RefLogps>,
+        device: &E::Device,
+    ) -> DpoInput<E> {
+        let picked: Vec<&TokenizedPair> = ids.iter().map(|&i| &pairs[i]).collect();
+        let c = self.config;
+        let batch = collate(&picked, self.run.pad_id, c.max_length, c.truncation_mode)
+            .to_device::<E>(device, c.packing());
+        let ref_logps = refs.map(|r| ref_tensor::<E>(r, ids, device));
+        DpoInput { batch, ref_logps }
+    }
+}
+
+/// One optimiser step's gradients (averaged over its micro-batches and clipped), its loss, the
+/// gradient norm before clipping and the tokens it trained on.
+struct StepResult {
+    grads: burn::optim::GradientsParams,
+    loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+    computed_tokens: usize,
+}
+
+/// Runs the micro-batches of one optimiser step, counting each into the log window.
+fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
     policy: &DpoPolicy<B, L>,
-    run: &TrainRun,
-    config: &TrainConfig,
-    precomputed: Option<&(RefLogps, RefLogps)>,
+    inputs: &Inputs<'_, B>,
+    plan: &StepPlan,
+    state: &TrainerState,
+    epoch_order: &[usize],
+    window: &mut Window,
+) -> Result<StepResult, TrainError> {
+    // Dropout draws from the backend's generator: seeding it per step makes a resumed run draw
+    // the same masks as an uninterrupted one.
+    B::seed(
+        &inputs.device,
+        mix(inputs.config.seed, 1 << 32 | state.global_step as u64),
+    );
+    let group = plan.group(state.batch_in_epoch);
+    let train = &inputs.run.train;
+    let mut accumulator = GradientsAccumulator::<DpoPolicy<B, L>>::new();
+    let (mut loss, mut tokens, mut computed_tokens) = (0.0, 0, 0);
+    for b in state.batch_in_epoch..state.batch_in_epoch + group {
+        let ids = &epoch_order[plan.batch(b, train.len())];
+        let refs = inputs.precomputed.map(|p| &p.0);
+        let input = inputs.input::<B>(ids, train, refs, &inputs.device);
+        let output = policy.train_step(input)?;
+        accumulator.accumulate(policy, output.grads);
+        loss += output.item.loss / group as f64;
+        tokens += output.item.tokens;
+        computed_tokens += output.item.computed_tokens;
+        window.add(&output.item);
+    }
+    let (grads, grad_norm) = average_and_clip(
+        policy,
+        accumulator.grads(),
+        group,
+        inputs.config.max_grad_norm,
+    );
+    Ok(StepResult {
+        grads,
+        loss,
+        grad_norm,
+        tokens,
+        computed_tokens,
+    })
+}
+
+/// Runs the held-out pairs through `InferenceStep` on the inner (non-autodiff) backend.
+fn evaluate<B: TrainBackend, L: BaseLayer<B>>(
+    policy: &DpoPolicy<B, L>,
+    inputs: &Inputs<'_, B>,
     step: usize,
     epoch: f64,
-) -> Result<LogRecord, TrainError>
-where
-    B: AutodiffBackend + PreferBackend,
-    B::InnerBackend: PreferBackend,
-    L: LinearLayer<B> + AutodiffModule<B>,
-    L::InnerModule: LinearLayer<B::InnerBackend>,
-    LoraLinear<B, L>: LinearLayer<B>,
-{
+) -> Result<LogRecord, TrainError> {
+    let (run, config) = (inputs.run, inputs.config);
     let inner = policy.valid();
     let device = inner.model.embed_tokens.weight.device();
-    let mode = config.truncation()?;
     let mut records = PairRecords::default();
     let mut loss_sum = 0.0;
     let started = Instant::now();
     let mut tokens = 0;
     let bs = config.per_device_eval_batch_size;
     for (c, chunk) in run.eval.chunks(bs).enumerate() {
-        let picked: Vec<&TokenizedPair> = chunk.iter().collect();
-        let batch = collate(&picked, run.pad_id, config.max_length, mode)
-            .to_device::<B::InnerBackend>(&device, config.packing());
-        let ref_logps = precomputed.map(|(_, eval)| {
-            let r = &eval[c * bs..c * bs + chunk.len()];
-            let mut v: Vec<f32> = r.iter().map(|p| p.0).collect();
-            v.extend(r.iter().map(|p| p.1));
-            Tensor::<B::InnerBackend, 1>::from_floats(v.as_slice(), &device)
-        });
-        let out = InferenceStep::step(&inner, DpoInput { batch, ref_logps });
+        let ids: Vec<usize> = (c * bs..c * bs + chunk.len()).collect();
+        let refs = inputs.precomputed.map(|p| &p.1);
+        let input = inputs.input::<B::InnerBackend>(&ids, &run.eval, refs, &device);
+        let out = inner.infer(input)?;
         loss_sum += out.loss * chunk.len() as f64;
         tokens += out.tokens;
         records.extend(&out.records);
@@ -574,33 +613,24 @@ where
 
 /// Reference sums for the train and eval pairs from the starting policy's reference, through the
 /// on-disk cache.
-fn precompute<B, L>(
+fn precompute<B: TrainBackend, L: BaseLayer<B>>(
     policy: &DpoPolicy<B, L>,
     run: &TrainRun,
     config: &TrainConfig,
     observer: &mut dyn TrainObserver,
-) -> Result<(RefLogps, RefLogps), TrainError>
-where
-    B: AutodiffBackend + PreferBackend,
-    B::InnerBackend: PreferBackend,
-    L: LinearLayer<B> + AutodiffModule<B>,
-    L::InnerModule: LinearLayer<B::InnerBackend>,
-    LoraLinear<B, L>: LinearLayer<B>,
-{
-    let mode = config.truncation()?;
+) -> Result<(RefLogps, RefLogps), TrainError> {
+    let mode = config.truncation_mode;
     let mut reference = policy.valid().model;
     prefer_lora::set_active_adapter(&mut reference, policy.reference.as_deref());
-    let mut key = run.model_fingerprint.str("reference");
+    let mut model = run.model_fingerprint.str("reference");
     if let Some(name) = &policy.reference {
         for (_, layer) in reference.projections() {
             if let Some(ad) = layer.adapter(name) {
-                key = key.tensor(ad.a.val()).tensor(ad.b.val());
+                model = model.tensor(ad.a.val())?.tensor(ad.b.val())?;
             }
         }
     }
-    let key =
-        key.pairs(&run.train, config.max_length, mode)
-            .pairs(&run.eval, config.max_length, mode);
+    let key = cache_key(model, config, &run.train, &run.eval);
     let dir = cache_dir();
     let n = run.train.len() + run.eval.len();
     if let Some(all) = read_cached(&dir, key, n) {
@@ -621,7 +651,7 @@ where
         mode,
         bs,
         config.packing(),
-    );
+    )?;
     all.extend(compute_ref_logps(
         &reference,
         &run.eval,
@@ -630,7 +660,7 @@ where
         mode,
         bs,
         config.packing(),
-    ));
+    )?);
     match write_cached(&dir, key, &all) {
         Ok(path) => observer.on_message(&format!(
             "reference log-probs computed and cached in {}",

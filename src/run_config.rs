@@ -1,0 +1,272 @@
+//! A training run as the user writes it: one flat table of keys (TOML, or `--key value` flags) under
+//! TRL's, PEFT's and bitsandbytes' names. The run's inputs — model, data, adapter, reference model,
+//! the bad-row policy — and the backend are this façade's concern; every other key is a DPO option
+//! of [`TrainConfig`], which the trainer sees alone.
+
+use std::path::PathBuf;
+
+use prefer_dpo::{
+    data::OnBadRow,
+    train::{ConfigError, TrainConfig},
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _, ser::Error as _};
+use serde_json::{Map, Value};
+
+use crate::backend::BackendKind;
+
+/// A training run: its inputs and backend, and the DPO options, read from and written to one flat
+/// table. Unknown keys are rejected ([`RunConfig::keys`] lists the valid ones); an unknown value of
+/// an option with fixed choices is an error listing them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// The base model: a Hugging Face directory or a `.gguf` file.
+    pub model: Option<PathBuf>,
+    /// Training pairs (TRL standard/conversational/implicit JSON Lines or JSON, or ShareGPT).
+    pub data: Option<PathBuf>,
+    /// Held-out pairs; without them `eval_ratio` of `data` is held out.
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of `data` held out for evaluation when `eval_data` is not given.
+    pub eval_ratio: f64,
+    /// A PEFT adapter to start from (and, by default, the reference).
+    pub adapter: Option<PathBuf>,
+    /// A separate reference model (its log-probs are computed once, before training).
+    pub ref_model: Option<PathBuf>,
+    /// `error` stops at the first bad row; `skip` skips and counts them.
+    pub on_bad_row: OnBadRow,
+    /// `flex` (the default), `ndarray`, `wgpu` or `cuda` (among those compiled in).
+    pub backend: BackendKind,
+    /// The DPO options: loss, optimisation, LoRA, quantisation, lengths, logging and checkpoints.
+    pub train: TrainConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            data: None,
+            eval_data: None,
+            eval_ratio: 0.1,
+            adapter: None,
+            ref_model: None,
+            on_bad_row: OnBadRow::Error,
+            backend: BackendKind::Flex,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// The run's own keys, as the user writes them.
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RunKeys {
+    model: Option<PathBuf>,
+    data: Option<PathBuf>,
+    eval_data: Option<PathBuf>,
+    eval_ratio: f64,
+    adapter: Option<PathBuf>,
+    ref_model: Option<PathBuf>,
+    on_bad_row: OnBadRow,
+    backend: BackendKind,
+}
+
+impl Default for RunKeys {
+    fn default() -> Self {
+        let d = RunConfig::default();
+        Self {
+            model: d.model,
+            data: d.data,
+            eval_data: d.eval_data,
+            eval_ratio: d.eval_ratio,
+            adapter: d.adapter,
+            ref_model: d.ref_model,
+            on_bad_row: d.on_bad_row,
+            backend: d.backend,
+        }
+    }
+}
+
+const RUN_KEYS: [&str; 8] = [
+    "model",
+    "data",
+    "eval_data",
+    "eval_ratio",
+    "adapter",
+    "ref_model",
+    "on_bad_row",
+    "backend",
+];
+
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl RunConfig {
+    /// Every valid key: the run's, then the DPO options'.
+    pub fn keys() -> Vec<String> {
+        let mut keys: Vec<String> = RUN_KEYS.iter().map(|k| k.to_string()).collect();
+        keys.extend(TrainConfig::keys());
+        keys
+    }
+
+    /// Checks every option before any work starts; the error names the option.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.train.validate()?;
+        if !(0.0..1.0).contains(&self.eval_ratio) {
+            return Err(bad("eval_ratio", "must be in [0, 1)"));
+        }
+        for (key, path) in [
+            ("model", &self.model),
+            ("data", &self.data),
+            ("eval_data", &self.eval_data),
+            ("adapter", &self.adapter),
+            ("ref_model", &self.ref_model),
+        ] {
+            if let Some(p) = path
+                && !p.exists()
+            {
+                return Err(bad(
+                    key,
+                    format!("{}: no such file or directory", p.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run_keys(&self) -> RunKeys {
+        RunKeys {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            eval_data: self.eval_data.clone(),
+            eval_ratio: self.eval_ratio,
+            adapter: self.adapter.clone(),
+            ref_model: self.ref_model.clone(),
+            on_bad_row: self.on_bad_row,
+            backend: self.backend,
+        }
+    }
+}
+
+/// Deserialises `T` from `map`; on failure, names the first key whose value alone fails.
+fn from_map<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Result<T, String> {
+    serde_json::from_value::<T>(Value::Object(map.clone())).map_err(|e| {
+        let culprit = map.iter().find(|(k, v)| {
+            let one = Map::from_iter([(k.to_string(), (*v).clone())]);
+            serde_json::from_value::<T>(Value::Object(one)).is_err()
+        });
+        match culprit {
+            Some((key, _)) => format!("`{key}`: {e}"),
+            None => e.to_string(),
+        }
+    })
+}
+
+impl<'de> Deserialize<'de> for RunConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut map = Map::<String, Value>::deserialize(d)?;
+        let own: Map<String, Value> = RUN_KEYS
+            .iter()
+            .filter_map(|k| map.remove(*k).map(|v| (k.to_string(), v)))
+            .collect();
+        let run: RunKeys = from_map(own).map_err(D::Error::custom)?;
+        let train: TrainConfig = from_map(map).map_err(D::Error::custom)?;
+        Ok(Self {
+            model: run.model,
+            data: run.data,
+            eval_data: run.eval_data,
+            eval_ratio: run.eval_ratio,
+            adapter: run.adapter,
+            ref_model: run.ref_model,
+            on_bad_row: run.on_bad_row,
+            backend: run.backend,
+            train,
+        })
+    }
+}
+
+impl Serialize for RunConfig {
+    /// One flat table, the run's keys first; unset options are left out.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = Map::new();
+        for part in [
+            serde_json::to_value(self.run_keys()),
+            serde_json::to_value(&self.train),
+        ] {
+            match part.map_err(S::Error::custom)? {
+                Value::Object(m) => map.extend(m.into_iter().filter(|(_, v)| !v.is_null())),
+                _ => return Err(S::Error::custom("a config serialises to a table")),
+            }
+        }
+        map.serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: Value) -> Result<RunConfig, String> {
+        serde_json::from_value(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn one_flat_table_splits_into_the_run_and_the_dpo_options() {
+        let c = parse(serde_json::json!({
+            "model": "m", "backend": "ndarray", "on_bad_row": "skip",
+            "beta": 0.2, "truncation_mode": "keep_end", "output_dir": "out",
+        }))
+        .unwrap();
+        assert_eq!(c.model, Some(PathBuf::from("m")));
+        assert_eq!(c.backend, BackendKind::Ndarray);
+        assert_eq!(c.on_bad_row, OnBadRow::Skip);
+        assert_eq!(c.train.beta, 0.2);
+        assert_eq!(c.train.output_dir, PathBuf::from("out"));
+        // Written back flat, read back the same.
+        let back = parse(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(RunConfig::default().backend.name(), "flex");
+        let keys = RunConfig::keys();
+        assert!(keys.contains(&"backend".to_string()) && keys.contains(&"beta".to_string()));
+    }
+
+    #[test]
+    fn unknown_values_and_keys_are_errors_listing_the_choices() {
+        for (key, value, choices) in [
+            ("on_bad_row", "ignore", &["error", "skip"][..]),
+            ("backend", "metal", &["ndarray", "flex", "wgpu", "cuda"]),
+            ("truncation_mode", "middle", &["keep_start", "keep_end"]),
+            ("bnb_4bit_quant_type", "int4", &["nf4", "fp4"]),
+            ("bnb_4bit_compute_dtype", "float8", &["float32", "bfloat16"]),
+        ] {
+            let err = parse(serde_json::json!({ key: value })).unwrap_err();
+            assert!(
+                err.contains(&format!("`{key}`"))
+                    && err.contains(&format!("unknown variant `{value}`"))
+                    && choices.iter().all(|c| err.contains(&format!("`{c}`"))),
+                "{key}: {err}"
+            );
+        }
+        let err = parse(serde_json::json!({ "bta": 0.1 })).unwrap_err();
+        assert!(err.contains("unknown field `bta`"), "{err}");
+    }
+
+    #[test]
+    fn paths_are_checked_with_the_dpo_options() {
+        let c = RunConfig {
+            data: Some("/no/such/file.jsonl".into()),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "data");
+        let c = RunConfig {
+            train: TrainConfig {
+                beta: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "beta");
+    }
+}
