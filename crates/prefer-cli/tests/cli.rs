@@ -138,11 +138,21 @@ fn several_prompts_are_generated_in_one_batch() {
         let out = prefer()
             .args(["generate", "--model"])
             .arg(tiny_model())
-            .args(["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"])
+            .args([
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "8",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
-        String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_string()
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end_matches('\n')
+            .to_string()
     };
     let prompts = ["The capital of France", "Hi"];
     let out = prefer()
@@ -163,7 +173,11 @@ fn several_prompts_are_generated_in_one_batch() {
     for (i, row) in rows.iter().enumerate() {
         let prompt = prompts[i / 2];
         assert_eq!(row["prompt"], prompt);
-        assert_eq!(row["completion"].as_str().unwrap(), alone(prompt), "row {i}");
+        assert_eq!(
+            row["completion"].as_str().unwrap(),
+            alone(prompt),
+            "row {i}"
+        );
     }
 }
 
