@@ -327,6 +327,21 @@ mod flex {
             .unwrap_or_default()
     }
 
+    /// One block's logits against one vocabulary chunk, `out = h_blk · W_cᵀ` (`[rows, len]`): the
+    /// forward computes them, the backward recomputes them rather than keeping `[N, V]`.
+    fn block_logits(
+        out: &mut [f32],
+        h_blk: &[f32],
+        w_chunk: &[f32],
+        rows: usize,
+        len: usize,
+        h: usize,
+    ) {
+        matmul(
+            rows, len, h, out, len, false, h_blk, h, 1, w_chunk, 1, h, 1.0,
+        );
+    }
+
     /// Each task runs blocks of `ROWS` rows through every vocabulary chunk: the chunk's logits by
     /// gemm, then an online log-sum-exp, the target's logit and the running logit sum, so neither
     /// `[N, V]` nor `[N, chunk]` is ever allocated. f32 arithmetic whatever the input type.
@@ -364,22 +379,7 @@ mod flex {
                 for c0 in (0..v).step_by(chunk) {
                     let len = chunk.min(v - c0);
                     let lg = &mut logits[..rows * len];
-                    // logits = h_blk · W_cᵀ
-                    matmul(
-                        rows,
-                        len,
-                        h,
-                        &mut *lg,
-                        len,
-                        false,
-                        &hs[r0 * h..],
-                        h,
-                        1,
-                        &ws[c0 * h..],
-                        1,
-                        h,
-                        1.0,
-                    );
+                    block_logits(lg, &hs[r0 * h..], &ws[c0 * h..], rows, len, h);
                     // Logits in the input type, as the matmul of the tensor-op path gives them.
                     if dtype != DType::F32 {
                         lg.iter_mut().for_each(|x| *x = round(*x));
@@ -456,21 +456,7 @@ mod flex {
                 for c0 in (0..v).step_by(chunk) {
                     let len = chunk.min(v - c0);
                     let dl = &mut d[..rows * len];
-                    matmul(
-                        rows,
-                        len,
-                        h,
-                        &mut *dl,
-                        len,
-                        false,
-                        &hs[r0 * h..],
-                        h,
-                        1,
-                        &ws[c0 * h..],
-                        1,
-                        h,
-                        1.0,
-                    );
+                    block_logits(dl, &hs[r0 * h..], &ws[c0 * h..], rows, len, h);
                     // dlogits = g · (onehot(target) − softmax), from logits in the input type.
                     for (i, row) in dl.chunks_mut(len).enumerate() {
                         let (l, g) = (ls[r0 + i], gs[r0 + i]);
