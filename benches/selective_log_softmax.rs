@@ -6,11 +6,14 @@
 //! copy bandwidth (the target on a GPU: ≥ 80 %).
 //!
 //! `cargo bench --profile dev --bench selective_log_softmax [--features wgpu] [-- --quick]
-//! [--wgpu-max-mb M]` (`--quick`: N = 1024 only; wgpu skips logits larger than M MB, default 512:
-//! lavapipe cannot allocate bigger buffers)
+//! [--wgpu-max-mb M] [--device-only]` (`--quick`: N = 1024 only; wgpu skips logits larger than M MB,
+//! default 512: lavapipe cannot allocate bigger buffers; `--device-only`: no CPU table, for a GPU
+//! machine's short lease, see `tools/gpu_check.sh`)
 
 use std::time::Instant;
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use burn::tensor::DType;
 use burn::{
     backend::{Autodiff, NdArray},
     tensor::{Distribution, ElementConversion, Int, Tensor, activation::log_softmax},
@@ -61,49 +64,66 @@ fn run<B: SelectiveLogSoftmaxBackend>(
     once()
 }
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 /// Forward-only bandwidth on a device: the selective log-softmax reads the `[N, V]` logits once;
-/// a copy (`x · 1`) reads and writes them. Returns (copy GB/s, forward GB/s), best of 5.
-fn bandwidth<B: SelectiveLogSoftmaxBackend>(n: usize, v: usize, device: &B::Device) -> (f64, f64) {
-    let logits = Tensor::<B, 2>::random([n, v], Distribution::Uniform(-8.0, 8.0), device);
+/// a copy (`x · 1.5`) reads and writes them. Returns (copy GB/s, forward GB/s), best of 5.
+fn bandwidth<B: SelectiveLogSoftmaxBackend>(
+    n: usize,
+    v: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> (f64, f64) {
+    let logits =
+        Tensor::<B, 2>::random([n, v], Distribution::Uniform(-8.0, 8.0), device).cast(dtype);
     let targets = Tensor::<B, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), device);
     let bytes = (n * v * logits.dtype().size()) as f64;
-    let best = |f: &dyn Fn()| {
-        f();
+    // Each result is held until after the sync: a fused backend may skip work whose output is
+    // dropped unread.
+    let best = |f: &dyn Fn() -> Tensor<B, 1>| {
+        let warm = f();
         B::sync(device).unwrap();
+        drop(warm);
         (0..5)
             .map(|_| {
                 let t = Instant::now();
-                f();
+                let out = f();
                 B::sync(device).unwrap();
-                t.elapsed().as_secs_f64()
+                let secs = t.elapsed().as_secs_f64();
+                drop(out);
+                secs
             })
             .fold(f64::INFINITY, f64::min)
     };
-    let copy = best(&|| drop(logits.clone().mul_scalar(1.0)));
-    let fwd = best(&|| drop(selective_log_softmax(logits.clone(), targets.clone())));
+    let copy = best(&|| logits.clone().mul_scalar(1.5).reshape([n * v]));
+    let fwd = best(&|| selective_log_softmax(logits.clone(), targets.clone()));
     (2.0 * bytes / copy / 1e9, bytes / fwd / 1e9)
 }
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn bandwidth_table<B: SelectiveLogSoftmaxBackend>(
     name: &str,
     device: &B::Device,
+    dtypes: &[DType],
     max_bytes: usize,
 ) {
     println!("{name}: selective log-softmax forward bandwidth vs copy bandwidth");
     println!(
-        "{:>6} {:>7} | {:>10} {:>10} | fraction",
-        "N", "V", "copy GB/s", "fwd GB/s"
+        "{:>6} {:>7} {:>5} | {:>10} {:>10} | fraction",
+        "N", "V", "dtype", "copy GB/s", "fwd GB/s"
     );
-    for n in [1024, 8192] {
-        for v in [32_000, 128_256] {
-            if n * v * 4 > max_bytes {
-                continue;
+    for &dtype in dtypes {
+        for n in [1024, 8192] {
+            for v in [32_000, 128_256] {
+                if n * v * 4 > max_bytes {
+                    continue;
+                }
+                let (copy, fwd) = bandwidth::<B>(n, v, dtype, device);
+                println!(
+                    "{n:>6} {v:>7} {:>5} | {copy:>10.1} {fwd:>10.1} | {:.0} %",
+                    format!("{dtype:?}").to_lowercase(),
+                    100.0 * fwd / copy
+                );
             }
-            let (copy, fwd) = bandwidth::<B>(n, v, device);
-            println!(
-                "{n:>6} {v:>7} | {copy:>10.1} {fwd:>10.1} | {:.0} %",
-                100.0 * fwd / copy
-            );
         }
     }
 }
@@ -160,13 +180,15 @@ fn table<B: SelectiveLogSoftmaxBackend>(
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    table::<NdArray>(
-        "ndarray (tensor-op fallback)",
-        &Default::default(),
-        quick,
-        true,
-        usize::MAX,
-    );
+    if !args.iter().any(|a| a == "--device-only") {
+        table::<NdArray>(
+            "ndarray (tensor-op fallback)",
+            &Default::default(),
+            quick,
+            true,
+            usize::MAX,
+        );
+    }
     #[cfg(feature = "wgpu")]
     {
         let max_mb: usize = args
@@ -183,13 +205,13 @@ fn main() {
             false,
             max_mb * 1_000_000,
         );
-        bandwidth_table::<Wgpu>("wgpu", &device, max_mb * 1_000_000);
+        bandwidth_table::<Wgpu>("wgpu", &device, &[DType::F32], max_mb * 1_000_000);
     }
     #[cfg(feature = "cuda")]
     {
         let device = burn::backend::cuda::CudaDevice::new(0);
         type Cuda = burn::backend::Cuda;
         table::<Cuda>("cuda (CubeCL kernel)", &device, quick, false, usize::MAX);
-        bandwidth_table::<Cuda>("cuda", &device, usize::MAX);
+        bandwidth_table::<Cuda>("cuda", &device, &[DType::F32, DType::BF16], usize::MAX);
     }
 }
