@@ -18,6 +18,14 @@ pub fn rounded(xs: &[f32], dtype: burn::tensor::DType) -> Vec<f32> {
     }
 }
 
+/// Whether this backend's f32 matmuls run as TF32 (inputs rounded to 10 mantissa bits, f32
+/// accumulation): CubeCL picks tensor-core TF32 for f32 operands on CUDA devices that have it
+/// (Ampere and later; seen on an H200), as PyTorch does with `allow_tf32`. Tests judge f32
+/// products there at TF32's precision. `name` is the backend name the test macro passes.
+pub fn f32_matmul_is_tf32(name: &str) -> bool {
+    name.starts_with("cuda")
+}
+
 /// A float tensor of `dtype` holding `xs` (already [`rounded`] to it).
 pub fn tensor<B: burn::tensor::backend::Backend, const D: usize>(
     xs: &[f32],
