@@ -49,9 +49,11 @@ fn bench<B: prefer::kernels::LayerBackend>(name: &str, device: B::Device) {
         max_new_tokens: 32,
         ..Default::default()
     };
-    generate(&model, &prompt, &sampling, &[], |_| true);
+    generate(&model, &prompt, &sampling, &[], |_| true).expect("warm-up generation");
     let t = Instant::now();
-    let n = generate(&model, &prompt, &sampling, &[], |_| true).len();
+    let n = generate(&model, &prompt, &sampling, &[], |_| true)
+        .expect("timed generation")
+        .len();
     let decode = n as f64 / t.elapsed().as_secs_f64();
     println!(
         "{name}: prefill {prefill:.0} tokens/s (batch {batch} × {len}), decode {decode:.1} tokens/s (KV cache, after a 32-token prompt)"

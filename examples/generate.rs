@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_new_tokens: 48,
         ..Default::default()
     };
-    let out = generate(&model, &ids, &config, &model.config.eos_token_ids, |_| true);
+    let out = generate(&model, &ids, &config, &model.config.eos_token_ids, |_| true)?;
     println!("{}", tokenizer.decode(&out, true)?);
     Ok(())
 }

@@ -63,7 +63,7 @@ impl Checker for HfParity {
             max_new_tokens: greedy["max_new_tokens"].as_u64().unwrap() as usize,
             ..Default::default()
         };
-        let out = generate(&model, &ids(&greedy["prompt"]), &config, &[], |_| true);
+        let out = generate(&model, &ids(&greedy["prompt"]), &config, &[], |_| true).unwrap();
         assert_eq!(out, ids(&greedy["output"]), "{name}: greedy continuation");
     }
 }

@@ -54,7 +54,7 @@ impl Checker for DeviceDequant {
                 "{shape:?} block {blocksize}: device dequantisation differs from the host"
             );
             assert_eq!(
-                layer.to_weight(),
+                layer.to_weight().unwrap(),
                 w,
                 "{shape:?}: codes and scales round-trip through the device"
             );
@@ -92,7 +92,7 @@ impl Checker for Nf4Model {
             mem.insert(name.clone(), src.weights.take(&name).unwrap().unwrap());
         }
         for (site, layer) in model.projections() {
-            let w = layer.to_weight();
+            let w = layer.to_weight().unwrap();
             mem.insert(
                 format!("{}.weight", site.hf_path()),
                 HostTensor::new(w.shape.to_vec(), w.dequantize()),

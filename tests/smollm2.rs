@@ -41,7 +41,7 @@ fn smollm2_knows_the_capital_of_france() {
         max_new_tokens: 24,
         ..Default::default()
     };
-    let out = generate(&model, &ids, &config, &stops, |_| true);
+    let out = generate(&model, &ids, &config, &stops, |_| true).unwrap();
     let answer = tok.decode(&out, true).unwrap();
     assert!(answer.contains("Paris"), "{answer}");
 }

@@ -112,7 +112,7 @@ impl GenerateJob {
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), args.num_return_sequences))
             .collect();
-        let completions = generate_batch(model, &rows, &config, &stops);
+        let completions = generate_batch(model, &rows, &config, &stops)?;
         let mut out = std::io::stdout().lock();
         for (i, mut tokens) in completions.into_iter().enumerate() {
             tokens.retain(|t| !stops.contains(t));
@@ -159,7 +159,7 @@ fn stream<B: prefer::kernels::LayerBackend, L: LinearLayer<B>>(
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0;
     let mut failure = None;
-    generate(model, ids, config, stops, |token| {
+    let generation = generate(model, ids, config, stops, |token| {
         if stops.contains(&token) {
             return false;
         }
@@ -185,9 +185,11 @@ fn stream<B: prefer::kernels::LayerBackend, L: LinearLayer<B>>(
         }
         true
     });
+    // A failure to print stopped generation first; otherwise a failed device read is the error.
     if let Some(e) = failure {
         return Err(e);
     }
+    generation?;
     // What was held back as an incomplete UTF-8 tail is printed as the decoder gives it.
     let text = tokenizer.decode(&generated, true)?;
     writeln!(out, "{}", text.get(printed..).unwrap_or_default())?;

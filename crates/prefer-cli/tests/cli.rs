@@ -105,7 +105,7 @@ fn greedy_generation_streams_what_the_library_generates() {
         ..Default::default()
     };
     let stops = [tok.token_id("<|im_end|>").unwrap()];
-    let mut out = generate(&model, &ids, &config, &stops, |_| true);
+    let mut out = generate(&model, &ids, &config, &stops, |_| true).unwrap();
     out.retain(|t| !stops.contains(t));
     let expected = tok.decode(&out, true).unwrap();
     assert!(!expected.is_empty());

@@ -5,7 +5,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 use prefer_kernels::LayerBackend;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::{linear::LinearLayer, model::LlamaModel};
+use crate::{
+    host::{DeviceReadError, read},
+    linear::LinearLayer,
+    model::LlamaModel,
+};
 
 /// How to pick each next token.
 #[derive(Debug, Clone)]
@@ -100,18 +104,18 @@ pub fn argmax(x: &[f32]) -> u32 {
 fn last_logits<B: LayerBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     hidden: Tensor<B, 3>,
-) -> Vec<Vec<f32>> {
-    let [b, len, _] = hidden.dims();
-    let vocab = model.config.vocab_size;
-    let logits: Vec<f32> = model
-        .logits(hidden.narrow(1, len - 1, 1))
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .unwrap_or_else(|e| panic!("generate: reading logits from the device failed: {e:?}"));
-    (0..b)
-        .map(|r| logits[r * vocab..(r + 1) * vocab].to_vec())
-        .collect()
+) -> Result<Vec<Vec<f32>>, DeviceReadError> {
+    let [_, len, _] = hidden.dims();
+    let logits: Vec<f32> = read(
+        model.logits(hidden.narrow(1, len - 1, 1)),
+        "the next-token logits of generation",
+    )?;
+    Ok(rows(logits, model.config.vocab_size))
+}
+
+/// `values` cut into rows of `width`.
+fn rows(values: Vec<f32>, width: usize) -> Vec<Vec<f32>> {
+    values.chunks(width.max(1)).map(<[f32]>::to_vec).collect()
 }
 
 /// Stop tokens may not be sampled before `min_new_tokens`.
@@ -125,13 +129,17 @@ fn forbid_stops(logits: &mut [f32], stop_tokens: &[u32]) {
 
 /// Generates up to `config.max_new_tokens` tokens after `prompt`, calling `on_token` with each new
 /// token; stops after any of `stop_tokens` (which is included) or when `on_token` returns false.
+///
+/// # Errors
+/// If the logits of a step cannot be read back from the device (the tokens given to `on_token`
+/// so far stand; nothing after them is guessed).
 pub fn generate<B: LayerBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     prompt: &[u32],
     config: &SamplingConfig,
     stop_tokens: &[u32],
     mut on_token: impl FnMut(u32) -> bool,
-) -> Vec<u32> {
+) -> Result<Vec<u32>, DeviceReadError> {
     let device = model.embed_tokens.weight.device();
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(config.clone());
@@ -148,7 +156,7 @@ pub fn generate<B: LayerBackend, L: LinearLayer<B>>(
             None,
             Some(&mut cache),
         );
-        let mut logits = last_logits(model, hidden).remove(0);
+        let mut logits = last_logits(model, hidden)?.remove(0);
         if out.len() < config.min_new_tokens {
             forbid_stops(&mut logits, stop_tokens);
         }
@@ -159,30 +167,34 @@ pub fn generate<B: LayerBackend, L: LinearLayer<B>>(
         }
         input = vec![next];
     }
-    out
+    Ok(out)
 }
 
 /// Generates after each of `prompts` in one batch (left-padded, one forward per step for all rows):
 /// every row samples from the same seeded generator in row order, stops at its first stop token
 /// (included) or after `config.max_new_tokens`. Returns each row's new tokens.
+///
+/// # Errors
+/// If the logits of a step cannot be read back from the device.
 pub fn generate_batch<B: LayerBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     prompts: &[Vec<u32>],
     config: &SamplingConfig,
     stop_tokens: &[u32],
-) -> Vec<Vec<u32>> {
+) -> Result<Vec<Vec<u32>>, DeviceReadError> {
     let b = prompts.len();
     if b == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let device = model.embed_tokens.weight.device();
     let pad = stop_tokens.first().copied().unwrap_or(0) as i64;
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    // Left padding: every row's last prompt token sits in the last column.
+    // Left padding: every row's last prompt token sits in the last column. The cache is told
+    // each row's padding here, so decoding never reads the mask back to count it.
     let mut ids = Vec::with_capacity(b * width);
     let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
-    for p in prompts {
-        let pads = width - p.len();
+    let left_padding: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    for (p, &pads) in prompts.iter().zip(&left_padding) {
         ids.extend(std::iter::repeat_n(pad, pads).chain(p.iter().map(|&t| t as i64)));
         mask.push(
             std::iter::repeat_n(0, pads)
@@ -194,7 +206,7 @@ pub fn generate_batch<B: LayerBackend, L: LinearLayer<B>>(
         let keys = mask[0].len();
         Tensor::<B, 2, Int>::from_data(TensorData::new(mask.concat(), [b, keys]), &device)
     };
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_left_padded(left_padding);
     let mut sampler = Sampler::new(config.clone());
     let mut out = vec![Vec::new(); b];
     let mut done = vec![false; b];
@@ -202,7 +214,7 @@ pub fn generate_batch<B: LayerBackend, L: LinearLayer<B>>(
     for step in 0..config.max_new_tokens {
         let hidden = model.forward_hidden(input, Some(upload_mask(&mask)), Some(&mut cache));
         let mut next = Vec::with_capacity(b);
-        for (r, mut logits) in last_logits(model, hidden).into_iter().enumerate() {
+        for (r, mut logits) in last_logits(model, hidden)?.into_iter().enumerate() {
             if done[r] {
                 next.push(pad);
                 continue;
@@ -223,7 +235,7 @@ pub fn generate_batch<B: LayerBackend, L: LinearLayer<B>>(
         }
         input = Tensor::from_data(TensorData::new(next, [b, 1]), &device);
     }
-    out
+    Ok(out)
 }
 
 #[cfg(all(test, feature = "ndarray"))]
@@ -250,13 +262,16 @@ mod tests {
         };
         let one_by_one: Vec<Vec<u32>> = prompts
             .iter()
-            .map(|p| generate(&model, p, &greedy, &[], |_| true))
+            .map(|p| generate(&model, p, &greedy, &[], |_| true).unwrap())
             .collect();
-        assert_eq!(generate_batch(&model, &prompts, &greedy, &[]), one_by_one);
+        assert_eq!(
+            generate_batch(&model, &prompts, &greedy, &[]).unwrap(),
+            one_by_one
+        );
 
         // A stop token: a row ends at it, the others go on.
         let stop = one_by_one[1][2];
-        let stopped = generate_batch(&model, &prompts, &greedy, &[stop]);
+        let stopped = generate_batch(&model, &prompts, &greedy, &[stop]).unwrap();
         for (row, full) in stopped.iter().zip(&one_by_one) {
             let end = full
                 .iter()
@@ -269,9 +284,27 @@ mod tests {
             min_new_tokens: 6,
             ..greedy.clone()
         };
-        for row in generate_batch(&model, &prompts, &min, &[stop]) {
+        for row in generate_batch(&model, &prompts, &min, &[stop]).unwrap() {
             assert_eq!(row.len(), 6);
             assert!(!row.contains(&stop));
         }
+    }
+
+    /// The cached forward takes each row's left padding from the cache, built on the host with
+    /// the batch, not from the attention mask read back at every step; a mask with a cache that
+    /// does not know the padding is refused rather than given positions that count the padding.
+    #[test]
+    #[should_panic(expected = "needs a cache made by new_cache_left_padded")]
+    fn a_masked_cached_forward_needs_the_rows_left_padding() {
+        let config = crate::test_util::tiny_config();
+        let mut weights = MemoryWeights::random(&config, 0.5, 7);
+        let device = Default::default();
+        let model: crate::DenseLlama<NdArray> =
+            LlamaModel::from_weights(&config, &mut weights, &DenseFactory, &device).unwrap();
+        let ids =
+            Tensor::<NdArray, 2, Int>::from_data(TensorData::new(vec![0i64, 5], [1, 2]), &device);
+        let mask =
+            Tensor::<NdArray, 2, Int>::from_data(TensorData::new(vec![0i64, 1], [1, 2]), &device);
+        model.forward_hidden(ids, Some(mask), Some(&mut model.new_cache()));
     }
 }

@@ -9,6 +9,7 @@ pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod host;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
@@ -25,6 +26,7 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{LoadError, Result};
 pub use generate::{SamplingConfig, generate, generate_batch};
+pub use host::DeviceReadError;
 pub use linear::{
     DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection,
 };

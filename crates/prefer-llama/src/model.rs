@@ -176,10 +176,13 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
     /// `attention_mask` `[batch, len]` (1 for real tokens, 0 for padding) is only checked for that.
     /// With a `cache` (generation), rows may be left-padded: `attention_mask` `[batch, keys]` covers
     /// the cached positions plus the new ones, padding is masked out and positions count real
-    /// tokens; the new positions are appended to the cache.
+    /// tokens (each row's left padding is the cache's, see [`Self::new_cache_left_padded`]); the
+    /// new positions are appended to the cache.
     ///
     /// # Panics
-    /// Without a cache, if `attention_mask` marks padding before a real token (left padding).
+    /// Without a cache, if `attention_mask` marks padding before a real token (left padding) or
+    /// cannot be read back to be checked. With a cache and an `attention_mask`, if the cache does
+    /// not hold the left padding of each row.
     pub fn forward_hidden(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -223,6 +226,8 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
 
     /// Generation: `input_ids` `[batch, len]` after the cached positions; rows may be left-padded
     /// (`attention_mask` 0 for a row's leading padding), their positions then count real tokens.
+    /// Each row's padding comes from the cache (set on the host when the batch was built): the
+    /// mask stays on the device, where it only hides keys.
     fn forward_cached(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -232,21 +237,8 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
         let device = input_ids.device();
         let [batch, len] = input_ids.dims();
         let start = cache.len;
+        let pads = cached_left_padding(cache, batch, attention_mask.is_some());
         // Left padding: a row's positions count its real tokens only.
-        let pads: Vec<usize> = match &attention_mask {
-            Some(mask) => {
-                let m: Vec<i64> = mask
-                    .clone()
-                    .into_data()
-                    .convert::<i64>()
-                    .into_vec()
-                    .unwrap_or_else(|e| panic!("reading attention_mask failed: {e:?}"));
-                m.chunks((start + len).max(1))
-                    .map(|row| row.iter().filter(|&&v| v == 0).count())
-                    .collect()
-            }
-            None => vec![0; batch],
-        };
         let positions: Vec<usize> = pads
             .iter()
             .flat_map(|&p| (start..start + len).map(move |i| i.saturating_sub(p)))
@@ -347,6 +339,31 @@ impl<B: Backend, L> LlamaModel<B, L> {
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())
     }
+
+    /// A fresh cache for a left-padded batch whose row `r` starts with `left_padding[r]` padding
+    /// tokens (the zeros that lead row `r` of the attention mask passed with it).
+    pub fn new_cache_left_padded(&self, left_padding: Vec<usize>) -> KvCache<B> {
+        KvCache::left_padded(self.layers.len(), left_padding)
+    }
+}
+
+/// Each row's left padding for a cached forward of `batch` rows.
+///
+/// # Panics
+/// If the cache declares padding for another number of rows, or a mask comes with a cache that
+/// declares none: the positions would silently count the padding as tokens.
+fn cached_left_padding<B: Backend>(cache: &KvCache<B>, batch: usize, masked: bool) -> Vec<usize> {
+    if cache.left_padding.is_empty() && !masked {
+        return vec![0; batch];
+    }
+    assert_eq!(
+        cache.left_padding.len(),
+        batch,
+        "forward_hidden: a batch of {batch} rows with an attention_mask needs a cache made by \
+         new_cache_left_padded with each row's left padding ({} rows given)",
+        cache.left_padding.len()
+    );
+    cache.left_padding.clone()
 }
 
 /// Additive attention bias `[batch, 1, len, keys]`: 0 where allowed, `f32::MIN` where a query would
@@ -378,14 +395,12 @@ fn attention_bias<B: Backend>(
     Some(masked.float() * f32::MIN)
 }
 
-/// Panics unless every row of `mask` is its real tokens (1) followed by padding (0).
+/// Panics unless every row of `mask` is its real tokens (1) followed by padding (0). A mask that
+/// cannot be read back panics too, rather than passing a check it was never put to.
 fn assert_right_padded<B: Backend>(mask: Tensor<B, 2, Int>) {
     let [_, len] = mask.dims();
-    let values: Vec<i64> = mask
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .unwrap_or_default();
+    let values: Vec<i64> =
+        crate::host::read(mask, "attention_mask").unwrap_or_else(|e| panic!("forward_hidden: {e}"));
     for (r, row) in values.chunks(len.max(1)).enumerate() {
         let real = row.iter().take_while(|&&m| m != 0).count();
         assert!(

@@ -7,10 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::backend::Backend;
 use prefer_llama::{
-    HostTensor, LinearLayer, LinearSite, LlamaModel, Projection, loader::SafetensorsSource,
-    weights::WeightSource,
+    HostTensor, LinearLayer, LinearSite, LlamaModel, Projection, host::read,
+    loader::SafetensorsSource, weights::WeightSource,
 };
 use safetensors::{Dtype, tensor::TensorView};
 
@@ -123,13 +123,12 @@ pub fn save_peft<B: Backend, L: LinearLayer<B>>(
         }
         for (factor, t) in [("A", ad.a.val().transpose()), ("B", ad.b.val().transpose())] {
             let shape = t.dims().to_vec();
-            let data: Vec<f32> = t
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .map_err(|e| file_err(dir, format!("{e:?}")))?;
+            let key = peft_key(&site, factor);
+            // Every tensor is read before any file is written: a failed read leaves no adapter.
+            let data: Vec<f32> = read(t, &key)
+                .map_err(|e| file_err(dir, format!("{e}; no adapter file was written")))?;
             tensors.push((
-                peft_key(&site, factor),
+                key,
                 shape,
                 data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ));
@@ -369,13 +368,4 @@ pub fn load_peft<B: Backend, L: LinearLayer<B>>(
     }
     set_active_adapter(model, Some(name));
     Ok(config)
-}
-
-/// Host copy of a 2-D tensor.
-pub fn to_host<B: Backend>(t: Tensor<B, 2>) -> HostTensor {
-    let shape = t.dims().to_vec();
-    HostTensor::new(
-        shape,
-        t.into_data().convert::<f32>().to_vec().unwrap_or_default(),
-    )
 }

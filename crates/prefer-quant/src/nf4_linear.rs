@@ -11,7 +11,8 @@ use burn::{
 };
 use prefer_kernels::{Nf4DequantBackend, nf4_dequantize};
 use prefer_llama::{
-    HostTensor, LinearFactory, LinearLayer, LinearSpec, LoadError, Result, WeightSource,
+    DeviceReadError, HostTensor, LinearFactory, LinearLayer, LinearSpec, LoadError, Result,
+    WeightSource, host::read,
 };
 
 use crate::{
@@ -160,35 +161,22 @@ impl<B: Backend> Nf4Linear<B> {
     }
 
     /// Downloads the codes and scales into bitsandbytes' layout.
-    pub fn to_weight(&self) -> Nf4Weight {
-        let words: Vec<i32> = self
-            .codes
-            .val()
-            .into_data()
-            .convert::<i32>()
-            .to_vec()
-            .unwrap_or_default();
+    ///
+    /// # Errors
+    /// If the codes or scales cannot be read back from the device: a partial weight would be
+    /// wrong codes, not a smaller weight.
+    pub fn to_weight(&self) -> std::result::Result<Nf4Weight, DeviceReadError> {
+        let words: Vec<i32> = read(self.codes.val(), "the NF4 codes")?;
         let n = self.shape[0] * self.shape[1];
         let code = |i: usize| ((words[i / 8] as u32 >> (4 * (i % 8))) & 15) as u8;
         let packed = (0..n.div_ceil(2))
             .map(|j| (code(2 * j) << 4) | if 2 * j + 1 < n { code(2 * j + 1) } else { 7 })
             .collect();
-        let scales: Vec<f32> = self
-            .scales
-            .val()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_default();
+        let scales: Vec<f32> = read(self.scales.val(), "the NF4 block scales")?;
         let absmax = match &self.scale_codes {
             None => Absmax::Plain(scales),
             Some(c) => {
-                let words: Vec<i32> = c
-                    .val()
-                    .into_data()
-                    .convert::<i32>()
-                    .to_vec()
-                    .unwrap_or_default();
+                let words: Vec<i32> = read(c.val(), "the NF4 double-quantised scale codes")?;
                 let codes = (0..self.n_blocks())
                     .map(|i| ((words[i / 4] as u32 >> (8 * (i % 4))) & 255) as u8)
                     .collect();
@@ -199,12 +187,12 @@ impl<B: Backend> Nf4Linear<B> {
                 }
             }
         };
-        Nf4Weight {
+        Ok(Nf4Weight {
             shape: self.shape,
             blocksize: self.blocksize,
             packed,
             absmax,
-        }
+        })
     }
 }
 

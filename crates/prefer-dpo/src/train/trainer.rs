@@ -17,7 +17,7 @@ use burn::{
     train::TrainStep,
 };
 use prefer_llama::LlamaModel;
-use prefer_lora::{LoraLinear, snapshot_adapter};
+use prefer_lora::{LoraConfig, LoraLinear, snapshot_adapter};
 use rand::{SeedableRng, seq::SliceRandom};
 
 use super::{
@@ -169,8 +169,8 @@ fn mix(seed: u64, salt: u64) -> u64 {
 /// when its `adapter_name` is `"default"`, or one loaded with `load_peft`).
 ///
 /// The run reads top to bottom: check the inputs, set up the policy and its reference, plan the
-/// steps, resume, then optimiser steps — each followed by logging, evaluation, early stopping and
-/// checkpointing when due — and finally the adapter.
+/// steps, start fresh or resume, then optimiser steps — each followed by logging, evaluation,
+/// checkpointing and the early-stopping check when due — and finally the adapter.
 pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     model: LoraLlama<B, L>,
     run: TrainRun,
@@ -180,160 +180,34 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     config.validate()?;
     check_inputs(&model, &run)?;
     let lora = config.lora()?;
-    let out = config.output_dir.clone();
-    std::fs::create_dir_all(&out).map_err(|e| TrainError::Checkpoint {
-        path: out.clone(),
-        message: e.to_string(),
-    })?;
+    let out = create_output_dir(&config.output_dir)?;
     let device = model.embed_tokens.weight.device();
     let mut policy = policy_with_reference(model, &run.reference, config);
     let precomputed = reference_logps(&policy, &run, config, observer)?;
-
-    let plan = StepPlan::new(config, run.train.len());
-    let mut schedule = LrSchedule {
-        kind: config.lr_scheduler_type,
-        peak: config.learning_rate,
-        warmup: plan.warmup_steps,
-        total: plan.total_steps,
-        step: 0,
-    };
-    let mut optim: DpoOptimizer<B, L> = AdamWConfig::new()
-        .with_beta_1(config.adam_beta1 as f32)
-        .with_beta_2(config.adam_beta2 as f32)
-        .with_epsilon(config.adam_epsilon as f32)
-        .with_weight_decay(config.weight_decay as f32)
-        .init();
-    let mut state = TrainerState {
-        global_step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        total_steps: plan.total_steps,
-        seed: config.seed,
-        best_metric: None,
-        evals_without_improvement: 0,
-    };
-    if let Some(resume) = &run.resume {
-        let dir = resume_dir(resume, &out)?;
-        (optim, state) = resume_from(&dir, &mut policy, optim, config, plan)?;
-        schedule.step = state.global_step;
-        observer.on_message(&format!(
-            "resumed from {} at step {}",
-            dir.display(),
-            state.global_step
-        ));
-    }
-    remove_unfinished_checkpoints(&out);
-    let log = MetricsLog::open(&out, state.global_step)?;
-    let mut history = log.read()?;
-    let mut last_checkpoint = latest_checkpoint(&out);
     let inputs = Inputs {
         run: &run,
         config,
         device,
         precomputed: precomputed.as_ref(),
     };
-    let early_stopping = EarlyStopping::from_config(config);
 
-    if config.eval_on_start && state.global_step == 0 && !run.eval.is_empty() {
-        let record = evaluate(&policy, &inputs, 0, 0.0)?;
-        log.append(&record)?;
-        observer.on_log(&record);
-        history.push(record);
-    }
-    observer.on_start(state.global_step, plan.total_steps);
+    let plan = StepPlan::new(config, run.train.len());
+    let (optim, state) = optimiser_and_state(&mut policy, &run, config, plan, &out, observer)?;
+    remove_unfinished_checkpoints(&out);
+    let mut steps = StepLoop::open(inputs, plan, optim, state, &out, &lora, observer)?;
+    steps.evaluate_on_start(&policy)?;
+
+    steps.announce_start();
     let started = Instant::now();
-    let mut epoch_order = inputs.order(state.epoch);
-    let mut window = Window::default();
-    let mut totals = Throughput::default();
-    let mut final_eval = None;
     let mut stopped_early = false;
-    let eval_every = config.eval_every();
-
-    while state.global_step < plan.total_steps {
-        let step_started = Instant::now();
-        if state.batch_in_epoch >= plan.batches_per_epoch {
-            state.epoch += 1;
-            state.batch_in_epoch = 0;
-            epoch_order = inputs.order(state.epoch);
-        }
-        let step = state.global_step + 1;
-        let group = plan.group(state.batch_in_epoch);
-        let StepResult {
-            grads,
-            loss,
-            grad_norm,
-            tokens,
-            computed_tokens,
-        } = micro_batches(&policy, &inputs, &plan, &state, &epoch_order, &mut window)?;
-        for (metric, value) in [("loss", loss), ("grad_norm", grad_norm)] {
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    metric: metric.into(),
-                    value,
-                    last_checkpoint: last_checkpoint.clone(),
-                });
-            }
-        }
-        let lr = burn::optim::lr_scheduler::LrScheduler::step(&mut schedule);
-        policy = TrainStep::optimize(policy, &mut optim, lr, grads);
-        let seconds = step_started.elapsed().as_secs_f64();
-        window.finish_step(seconds, grad_norm, lr);
-        totals.steps += 1;
-        totals.seconds += seconds;
-        totals.tokens += tokens;
-        totals.computed_tokens += computed_tokens;
-        state.global_step = step;
-        state.batch_in_epoch += group;
-        observer.on_step(step, plan.total_steps);
-        let epoch =
-            state.epoch as f64 + state.batch_in_epoch as f64 / plan.batches_per_epoch as f64;
-        let last = step == plan.total_steps;
-
-        // Logging.
-        if step.is_multiple_of(config.logging_steps) || last {
-            let record = window.take(step, epoch, config.beta);
-            log.append(&record)?;
-            observer.on_log(&record);
-            history.push(record);
-        }
-        // Evaluation and early stopping.
-        let mut stop = false;
-        if !run.eval.is_empty() && ((eval_every > 0 && step.is_multiple_of(eval_every)) || last) {
-            let record = evaluate(&policy, &inputs, step, epoch)?;
-            log.append(&record)?;
-            observer.on_log(&record);
-            if let Some(rule) = &early_stopping {
-                let mut progress = Progress {
-                    best: state.best_metric,
-                    without_improvement: state.evals_without_improvement,
-                };
-                stop = rule.update(&mut progress, &record)?;
-                state.best_metric = progress.best;
-                state.evals_without_improvement = progress.without_improvement;
-            }
-            history.push(record.clone());
-            final_eval = Some(record);
-        }
-        // Checkpointing.
-        if config.save_steps > 0 && step.is_multiple_of(config.save_steps) {
-            let dir = save_checkpoint(
-                &out,
-                &policy,
-                &optim,
-                &state,
-                &lora,
-                run.base_model.as_deref(),
-                config.save_total_limit,
-            )?;
-            observer.on_message(&format!("saved {}", dir.display()));
-            last_checkpoint = Some(dir);
-        }
+    while !steps.finished() {
+        let at;
+        (policy, at) = steps.optimiser_step(policy)?;
+        steps.log_window_if_due(at)?;
+        let stop = steps.evaluate_if_due(&policy, at)?;
+        steps.checkpoint_if_due(&policy, at)?;
         if stop {
-            observer.on_message(&format!(
-                "early stopping at step {step}: {} did not improve for {} evaluations",
-                config.metric_for_best_model, state.evals_without_improvement
-            ));
+            steps.announce_early_stop(at);
             stopped_early = true;
             break;
         }
@@ -348,14 +222,303 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
         &adapter_dir,
     )?;
     Ok(TrainSummary {
-        steps: state.global_step,
+        steps: steps.state.global_step,
         adapter_dir,
-        history,
-        final_eval,
+        history: steps.history,
+        final_eval: steps.final_eval,
         stopped_early,
         seconds: started.elapsed().as_secs_f64(),
-        throughput: totals,
+        throughput: steps.totals,
     })
+}
+
+/// The output directory, created if needed.
+fn create_output_dir(out: &Path) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Checkpoint {
+        path: out.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(out.to_path_buf())
+}
+
+/// A fresh AdamW and trainer state, or those of the checkpoint `run.resume` names (whose adapter
+/// is loaded into `policy`).
+fn optimiser_and_state<B: TrainBackend, L: BaseLayer<B>>(
+    policy: &mut DpoPolicy<B, L>,
+    run: &TrainRun,
+    config: &TrainConfig,
+    plan: StepPlan,
+    out: &Path,
+    observer: &mut dyn TrainObserver,
+) -> Result<(DpoOptimizer<B, L>, TrainerState), TrainError> {
+    let optim: DpoOptimizer<B, L> = AdamWConfig::new()
+        .with_beta_1(config.adam_beta1 as f32)
+        .with_beta_2(config.adam_beta2 as f32)
+        .with_epsilon(config.adam_epsilon as f32)
+        .with_weight_decay(config.weight_decay as f32)
+        .init();
+    let state = TrainerState {
+        global_step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        total_steps: plan.total_steps,
+        seed: config.seed,
+        best_metric: None,
+        evals_without_improvement: 0,
+    };
+    let Some(resume) = &run.resume else {
+        return Ok((optim, state));
+    };
+    let dir = resume_dir(resume, out)?;
+    let (optim, state) = resume_from(&dir, policy, optim, config, plan)?;
+    observer.on_message(&format!(
+        "resumed from {} at step {}",
+        dir.display(),
+        state.global_step
+    ));
+    Ok((optim, state))
+}
+
+/// Where an optimiser step left the run: its number (from 1), the fractional epoch TRL logs, and
+/// whether it was the plan's last.
+#[derive(Debug, Clone, Copy)]
+struct StepAt {
+    step: usize,
+    epoch: f64,
+    last: bool,
+}
+
+/// Everything the loop carries from one optimiser step to the next except the policy, which the
+/// optimiser takes by value and gives back: the optimiser and its schedule, the trainer state that
+/// checkpoints save, the metrics log, the current log window and the run's totals.
+struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
+    inputs: Inputs<'a, B>,
+    plan: StepPlan,
+    out: &'a Path,
+    lora: &'a LoraConfig,
+    optim: DpoOptimizer<B, L>,
+    schedule: LrSchedule,
+    state: TrainerState,
+    early_stopping: Option<EarlyStopping>,
+    log: MetricsLog,
+    /// Every logged row, those of the run before a resume included.
+    history: Vec<LogRecord>,
+    /// Named in the error when a step's loss or gradient norm is not finite.
+    last_checkpoint: Option<PathBuf>,
+    /// The seeded order of the current epoch's pairs.
+    epoch_order: Vec<usize>,
+    /// Training metrics since the last logged row.
+    window: Window,
+    totals: Throughput,
+    final_eval: Option<LogRecord>,
+    observer: &'a mut dyn TrainObserver,
+}
+
+impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
+    /// The loop at `state` (fresh or resumed): its schedule at the same step, and the metrics log
+    /// truncated to the rows up to that step.
+    fn open(
+        inputs: Inputs<'a, B>,
+        plan: StepPlan,
+        optim: DpoOptimizer<B, L>,
+        state: TrainerState,
+        out: &'a Path,
+        lora: &'a LoraConfig,
+        observer: &'a mut dyn TrainObserver,
+    ) -> Result<Self, TrainError> {
+        let config = inputs.config;
+        let schedule = LrSchedule {
+            kind: config.lr_scheduler_type,
+            peak: config.learning_rate,
+            warmup: plan.warmup_steps,
+            total: plan.total_steps,
+            step: state.global_step,
+        };
+        let log = MetricsLog::open(out, state.global_step)?;
+        let history = log.read()?;
+        Ok(Self {
+            epoch_order: inputs.order(state.epoch),
+            early_stopping: EarlyStopping::from_config(config),
+            last_checkpoint: latest_checkpoint(out),
+            inputs,
+            plan,
+            out,
+            lora,
+            optim,
+            schedule,
+            state,
+            log,
+            history,
+            window: Window::default(),
+            totals: Throughput::default(),
+            final_eval: None,
+            observer,
+        })
+    }
+
+    /// Tells the observer from which step of how many the loop starts.
+    fn announce_start(&mut self) {
+        self.observer
+            .on_start(self.state.global_step, self.plan.total_steps);
+    }
+
+    /// Whether the plan's steps are all taken.
+    fn finished(&self) -> bool {
+        self.state.global_step >= self.plan.total_steps
+    }
+
+    /// `eval_on_start`: one evaluation before the first step of a fresh run.
+    fn evaluate_on_start(&mut self, policy: &DpoPolicy<B, L>) -> Result<(), TrainError> {
+        let eval_pairs = !self.inputs.run.eval.is_empty();
+        if self.inputs.config.eval_on_start && self.state.global_step == 0 && eval_pairs {
+            let record = evaluate(policy, &self.inputs, 0, 0.0)?;
+            self.record(record)?;
+        }
+        Ok(())
+    }
+
+    /// One optimiser step: its micro-batches, a refusal of a non-finite loss or gradient norm, the
+    /// learning rate's step and the parameter update; the step's time and tokens are counted.
+    fn optimiser_step(
+        &mut self,
+        policy: DpoPolicy<B, L>,
+    ) -> Result<(DpoPolicy<B, L>, StepAt), TrainError> {
+        let step_started = Instant::now();
+        let (plan, state) = (self.plan, &mut self.state);
+        if state.batch_in_epoch >= plan.batches_per_epoch {
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            self.epoch_order = self.inputs.order(state.epoch);
+        }
+        let step = state.global_step + 1;
+        let group = plan.group(state.batch_in_epoch);
+        let StepResult {
+            grads,
+            loss,
+            grad_norm,
+            tokens,
+            computed_tokens,
+        } = micro_batches(
+            &policy,
+            &self.inputs,
+            &plan,
+            state,
+            &self.epoch_order,
+            &mut self.window,
+        )?;
+        for (metric, value) in [("loss", loss), ("grad_norm", grad_norm)] {
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    metric: metric.into(),
+                    value,
+                    last_checkpoint: self.last_checkpoint.clone(),
+                });
+            }
+        }
+        let lr = burn::optim::lr_scheduler::LrScheduler::step(&mut self.schedule);
+        let policy = TrainStep::optimize(policy, &mut self.optim, lr, grads);
+        let seconds = step_started.elapsed().as_secs_f64();
+        self.window.finish_step(seconds, grad_norm, lr);
+        let totals = &mut self.totals;
+        totals.steps += 1;
+        totals.seconds += seconds;
+        totals.tokens += tokens;
+        totals.computed_tokens += computed_tokens;
+        state.global_step = step;
+        state.batch_in_epoch += group;
+        self.observer.on_step(step, plan.total_steps);
+        let epoch =
+            state.epoch as f64 + state.batch_in_epoch as f64 / plan.batches_per_epoch as f64;
+        let last = step == plan.total_steps;
+        Ok((policy, StepAt { step, epoch, last }))
+    }
+
+    /// Every `logging_steps` steps and after the last: the window's training metrics as one row.
+    fn log_window_if_due(&mut self, at: StepAt) -> Result<(), TrainError> {
+        if at.step.is_multiple_of(self.inputs.config.logging_steps) || at.last {
+            let record = self.window.take(at.step, at.epoch, self.inputs.config.beta);
+            self.record(record)?;
+        }
+        Ok(())
+    }
+
+    /// Every `eval_steps` steps and after the last, when there are held-out pairs: one evaluation,
+    /// logged and fed to early stopping. Returns whether early stopping ends the run.
+    fn evaluate_if_due(
+        &mut self,
+        policy: &DpoPolicy<B, L>,
+        at: StepAt,
+    ) -> Result<bool, TrainError> {
+        let every = self.inputs.config.eval_every();
+        let due = (every > 0 && at.step.is_multiple_of(every)) || at.last;
+        if self.inputs.run.eval.is_empty() || !due {
+            return Ok(false);
+        }
+        let record = evaluate(policy, &self.inputs, at.step, at.epoch)?;
+        self.record(record.clone())?;
+        let stop = self.early_stopping_says_stop(&record)?;
+        self.final_eval = Some(record);
+        Ok(stop)
+    }
+
+    /// Feeds an evaluation to early stopping (when configured), keeping its progress in the
+    /// trainer state so a checkpoint carries it; true when patience has run out.
+    fn early_stopping_says_stop(&mut self, record: &LogRecord) -> Result<bool, TrainError> {
+        let Some(rule) = &self.early_stopping else {
+            return Ok(false);
+        };
+        let mut progress = Progress {
+            best: self.state.best_metric,
+            without_improvement: self.state.evals_without_improvement,
+        };
+        let stop = rule.update(&mut progress, record)?;
+        self.state.best_metric = progress.best;
+        self.state.evals_without_improvement = progress.without_improvement;
+        Ok(stop)
+    }
+
+    /// Every `save_steps` steps: adapter, optimiser and trainer state in `checkpoint-<step>`
+    /// (after the evaluation, so the saved state holds its early-stopping progress).
+    fn checkpoint_if_due(
+        &mut self,
+        policy: &DpoPolicy<B, L>,
+        at: StepAt,
+    ) -> Result<(), TrainError> {
+        let config = self.inputs.config;
+        if config.save_steps == 0 || !at.step.is_multiple_of(config.save_steps) {
+            return Ok(());
+        }
+        let dir = save_checkpoint(
+            self.out,
+            policy,
+            &self.optim,
+            &self.state,
+            self.lora,
+            self.inputs.run.base_model.as_deref(),
+            config.save_total_limit,
+        )?;
+        self.observer
+            .on_message(&format!("saved {}", dir.display()));
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// Says why the run ends before its last step.
+    fn announce_early_stop(&mut self, at: StepAt) {
+        self.observer.on_message(&format!(
+            "early stopping at step {}: {} did not improve for {} evaluations",
+            at.step, self.inputs.config.metric_for_best_model, self.state.evals_without_improvement
+        ));
+    }
+
+    /// A row into the metrics file, the observer and the history.
+    fn record(&mut self, record: LogRecord) -> Result<(), TrainError> {
+        self.log.append(&record)?;
+        self.observer.on_log(&record);
+        self.history.push(record);
+        Ok(())
+    }
 }
 
 /// The pairs must be there, fit the model's vocabulary, and the model must carry the adapter to
