@@ -13,6 +13,7 @@ mod cpu;
 mod cube_grid;
 pub mod device_probe;
 pub mod dpo_loss;
+pub mod frozen_matmul;
 #[cfg(feature = "cube")]
 mod fusion_op;
 pub mod lm_head;
@@ -26,6 +27,7 @@ pub mod swiglu;
 
 pub use attention::{AttentionBackend, HeadShape, varlen_attention};
 pub use dpo_loss::{DpoLossBackend, DpoLossOutput, dpo_sigmoid_loss};
+pub use frozen_matmul::{FrozenMatmulBackend, frozen_matmul};
 pub use lm_head::{DEFAULT_CHUNK, FusedLmHeadBackend, LmHeadOutput, fused_lm_head};
 pub use lora::{LoraBackend, LoraGrads, lora_update};
 pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
@@ -36,9 +38,15 @@ pub use seq_layout::SeqLayout;
 pub use swiglu::{SwiGluBackend, swiglu};
 
 /// The operations of a decoder layer: what the model puts on its backend.
-pub trait LayerBackend: AttentionBackend + RmsNormBackend + RopeBackend + SwiGluBackend {}
+pub trait LayerBackend:
+    AttentionBackend + FrozenMatmulBackend + RmsNormBackend + RopeBackend + SwiGluBackend
+{
+}
 
-impl<B> LayerBackend for B where B: AttentionBackend + RmsNormBackend + RopeBackend + SwiGluBackend {}
+impl<B> LayerBackend for B where
+    B: AttentionBackend + FrozenMatmulBackend + RmsNormBackend + RopeBackend + SwiGluBackend
+{
+}
 
 /// Every extension prefer needs: the bound training code puts on its backend.
 pub trait PreferBackend:

@@ -1,5 +1,5 @@
 //! The decoder-layer operations — RMSNorm, SwiGLU, rotary embedding, variable-length causal
-//! attention and the LoRA update — values and gradients under Autodiff against the formulas in f64 on the host, on
+//! attention, the LoRA update and the frozen-weight product — values and gradients under Autodiff against the formulas in f64 on the host, on
 //! random inputs: packed sequences of odd lengths (1, an empty one, lengths across the 64-row block
 //! of the CPU attention loop), grouped-query heads, and a padded (uniform) batch. On every backend
 //! compiled in (the burn-flex CPU fast paths in f32; tensor operations elsewhere), f32, f16, bf16.
@@ -9,8 +9,8 @@ mod common;
 use burn::{backend::Autodiff, tensor::DType};
 use common::{host, rounded, tensor};
 use prefer_kernels::{
-    AttentionBackend, HeadShape, LoraBackend, RmsNormBackend, RopeBackend, SeqLayout,
-    SwiGluBackend, lora_update, rms_norm, rope, swiglu, varlen_attention,
+    AttentionBackend, FrozenMatmulBackend, HeadShape, LoraBackend, RmsNormBackend, RopeBackend,
+    SeqLayout, SwiGluBackend, frozen_matmul, lora_update, rms_norm, rope, swiglu, varlen_attention,
 };
 
 fn random(n: usize, seed: u64, scale: f64) -> Vec<f32> {
@@ -450,7 +450,88 @@ fn check_lora<B: LoraBackend>(name: &str, device: &B::Device, dtype: DType) {
     );
 }
 
-fn check<B: AttentionBackend + LoraBackend + RmsNormBackend + RopeBackend + SwiGluBackend>(
+fn check_frozen_matmul<B: FrozenMatmulBackend>(name: &str, device: &B::Device, dtype: DType) {
+    let (batch, rows, d_in, d_out) = (2, 35, 40, 29);
+    let n = batch * rows;
+    let x = rounded(&random(n * d_in, 41, 2.0), dtype);
+    // The weight as the model holds it, `[out, in]`, used through its transposed view as the NF4
+    // layer does, and stored `[in, out]` as the dense layer does.
+    let w_out_in = rounded(&random(d_out * d_in, 42, 1.0), dtype);
+    let w_in_out: Vec<f32> = (0..d_in * d_out)
+        .map(|i| w_out_in[(i % d_out) * d_in + i / d_out])
+        .collect();
+    let g = rounded(&random(n * d_out, 43, 1.0), dtype);
+    let w = |i: usize, o: usize| w_out_in[o * d_in + i] as f64;
+    let y: Vec<f64> = (0..n * d_out)
+        .map(|e| {
+            let (r, o) = (e / d_out, e % d_out);
+            (0..d_in).map(|i| x[r * d_in + i] as f64 * w(i, o)).sum()
+        })
+        .collect();
+    let dx: Vec<f64> = (0..n * d_in)
+        .map(|e| {
+            let (r, i) = (e / d_in, e % d_in);
+            (0..d_out).map(|o| g[r * d_out + o] as f64 * w(i, o)).sum()
+        })
+        .collect();
+    let dw: Vec<f64> = (0..d_in * d_out)
+        .map(|e| {
+            let (i, o) = (e / d_out, e % d_out);
+            (0..n)
+                .map(|r| x[r * d_in + i] as f64 * g[r * d_out + o] as f64)
+                .sum()
+        })
+        .collect();
+    let tol = matmul_tol(name, dtype);
+    for transposed in [false, true] {
+        for trains in [false, true] {
+            let what =
+                format!("frozen_matmul {name} {dtype:?} transposed={transposed} trains={trains}");
+            let xt =
+                tensor::<Autodiff<B>, 3>(&x, [batch, rows, d_in], dtype, device).require_grad();
+            let wt = if transposed {
+                tensor::<Autodiff<B>, 2>(&w_out_in, [d_out, d_in], dtype, device)
+            } else {
+                tensor::<Autodiff<B>, 2>(&w_in_out, [d_in, d_out], dtype, device)
+            };
+            let wt = if trains { wt.require_grad() } else { wt };
+            let view = if transposed {
+                wt.clone().transpose()
+            } else {
+                wt.clone()
+            };
+            let out = frozen_matmul(xt.clone(), view);
+            assert_eq!(out.dims(), [batch, rows, d_out], "{what}");
+            close(&format!("{what} y"), &host(out.clone()), &y, tol);
+            let grads = (out * tensor::<Autodiff<B>, 3>(&g, [batch, rows, d_out], dtype, device))
+                .sum()
+                .backward();
+            close(
+                &format!("{what} dx"),
+                &host(xt.grad(&grads).unwrap()),
+                &dx,
+                tol,
+            );
+            match (trains, wt.grad(&grads)) {
+                (false, None) => {}
+                (true, Some(gw)) => {
+                    let gw = if transposed { gw.transpose() } else { gw };
+                    close(&format!("{what} dw"), &host(gw), &dw, tol)
+                }
+                (_, got) => panic!("{what}: weight gradient {:?}", got.map(|t| t.dims())),
+            }
+        }
+    }
+}
+
+fn check<
+    B: AttentionBackend
+        + FrozenMatmulBackend
+        + LoraBackend
+        + RmsNormBackend
+        + RopeBackend
+        + SwiGluBackend,
+>(
     name: &str,
     device: &B::Device,
     dtype: DType,
@@ -461,6 +542,7 @@ fn check<B: AttentionBackend + LoraBackend + RmsNormBackend + RopeBackend + SwiG
     check_attention::<B>(name, device, dtype);
     check_attention_inference::<B>(name, device, dtype);
     check_lora::<B>(name, device, dtype);
+    check_frozen_matmul::<B>(name, device, dtype);
 }
 
 on_every_backend!(check);

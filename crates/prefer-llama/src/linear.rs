@@ -6,6 +6,8 @@ use burn::{
     tensor::{Tensor, backend::Backend},
 };
 
+use prefer_kernels::{FrozenMatmulBackend, frozen_matmul};
+
 use crate::{
     error::Result,
     weights::{HostTensor, WeightSource, fetch},
@@ -168,9 +170,9 @@ impl<B: Backend> DenseLinear<B> {
     }
 }
 
-impl<B: Backend> LinearLayer<B> for DenseLinear<B> {
+impl<B: FrozenMatmulBackend> LinearLayer<B> for DenseLinear<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = x.matmul(self.weight.val().unsqueeze());
+        let y = frozen_matmul(x, self.weight.val());
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -195,7 +197,7 @@ impl<B: Backend> LinearLayer<B> for DenseLinear<B> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DenseFactory;
 
-impl<B: Backend> LinearFactory<B> for DenseFactory {
+impl<B: FrozenMatmulBackend> LinearFactory<B> for DenseFactory {
     type Layer = DenseLinear<B>;
     fn build(
         &self,

@@ -9,7 +9,7 @@ use burn::{
     module::{Module, Param, ParamId},
     tensor::{DType, ElementConversion, Int, Tensor, TensorData, backend::Backend},
 };
-use prefer_kernels::{Nf4DequantBackend, nf4_dequantize};
+use prefer_kernels::{FrozenMatmulBackend, Nf4DequantBackend, frozen_matmul, nf4_dequantize};
 use prefer_llama::{
     DeviceReadError, HostTensor, LinearFactory, LinearLayer, LinearSpec, LoadError, Result,
     WeightSource, host::read,
@@ -196,9 +196,9 @@ impl<B: Backend> Nf4Linear<B> {
     }
 }
 
-impl<B: Nf4DequantBackend> LinearLayer<B> for Nf4Linear<B> {
+impl<B: Nf4DequantBackend + FrozenMatmulBackend> LinearLayer<B> for Nf4Linear<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = x.matmul(self.dequantize().transpose().unsqueeze());
+        let y = frozen_matmul(x, self.dequantize().transpose());
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -236,7 +236,7 @@ impl Default for Nf4Factory {
     }
 }
 
-impl<B: Nf4DequantBackend> LinearFactory<B> for Nf4Factory {
+impl<B: Nf4DequantBackend + FrozenMatmulBackend> LinearFactory<B> for Nf4Factory {
     type Layer = Nf4Linear<B>;
 
     /// Reads a pre-quantised bitsandbytes weight when the checkpoint has one; otherwise quantises

@@ -86,7 +86,7 @@ impl Checkpoint {
 }
 
 /// Loads a full-precision model and its tokenizer.
-pub fn load_dense<B: Backend>(
+pub fn load_dense<B: prefer_kernels::FrozenMatmulBackend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<(crate::model::DenseLlama<B>, Option<ChatTokenizer>)> {
