@@ -149,7 +149,7 @@ impl From<&mut [f32]> for Dst {
 }
 
 /// The largest offset a `rows × cols` matrix with strides (`rs`, `cs`) touches, plus one.
-fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+pub(crate) fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {
         0
     } else {

@@ -97,7 +97,7 @@ mod flex {
     use burn_flex::{Flex, FlexTensor};
 
     use super::FrozenMatmulBackend;
-    use crate::cpu::f32_tensor;
+    use crate::cpu::{extent, f32_tensor};
 
     /// `(storage, start offset, row stride, column stride)` of a 2-D f32 tensor with non-negative
     /// strides; `None` for anything else.
@@ -125,13 +125,6 @@ mod flex {
                 return Self::float_matmul(x, w);
             };
             assert_eq!(k, k2, "frozen_matmul: [{m}, {k}] · [{k2}, {n}]");
-            let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-                if rows == 0 || cols == 0 {
-                    0
-                } else {
-                    (rows - 1) * rs + (cols - 1) * cs + 1
-                }
-            };
             assert!(
                 xo + extent(m, k, x_rs, x_cs) <= xs.len(),
                 "frozen_matmul: x out of bounds"
