@@ -6,10 +6,13 @@
 
 pub mod allocator;
 pub mod backend;
+pub mod config_file;
 pub mod run_config;
 pub mod training;
+pub mod trl_keys;
 
-pub use run_config::RunConfig;
+pub use config_file::ConfigFile;
+pub use run_config::{Loaded, RunConfig};
 
 pub use prefer_dpo as dpo;
 pub use prefer_kernels as kernels;

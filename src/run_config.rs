@@ -12,15 +12,23 @@ use prefer_dpo::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _, ser::Error as _};
 use serde_json::{Map, Value};
 
-use crate::backend::BackendKind;
+use prefer_llama::hub_cache::{self, RepoKind, is_hub_id};
+
+use crate::{
+    backend::BackendKind,
+    trl_keys::{KeyError, Source, translate},
+};
 
 /// A training run: its inputs and backend, and the DPO options, read from and written to one flat
 /// table. Unknown keys are rejected ([`RunConfig::keys`] lists the valid ones); an unknown value of
 /// an option with fixed choices is an error listing them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
-    /// The base model: a Hugging Face directory or a `.gguf` file.
+    /// The base model: a Hugging Face directory, a `.gguf` file, or a Hub id in the local Hugging
+    /// Face cache (`model_name_or_path` in TRL's recipes).
     pub model: Option<PathBuf>,
+    /// The revision of a Hub id `model`: a branch, tag or commit.
+    pub model_revision: String,
     /// Training pairs (TRL standard/conversational/implicit JSON Lines or JSON, or ShareGPT).
     pub data: Option<PathBuf>,
     /// Held-out pairs; without them `eval_ratio` of `data` is held out.
@@ -43,6 +51,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             model: None,
+            model_revision: "main".into(),
             data: None,
             eval_data: None,
             eval_ratio: 0.1,
@@ -60,6 +69,7 @@ impl Default for RunConfig {
 #[serde(default, deny_unknown_fields)]
 struct RunKeys {
     model: Option<PathBuf>,
+    model_revision: String,
     data: Option<PathBuf>,
     eval_data: Option<PathBuf>,
     eval_ratio: f64,
@@ -74,6 +84,7 @@ impl Default for RunKeys {
         let d = RunConfig::default();
         Self {
             model: d.model,
+            model_revision: d.model_revision,
             data: d.data,
             eval_data: d.eval_data,
             eval_ratio: d.eval_ratio,
@@ -85,8 +96,9 @@ impl Default for RunKeys {
     }
 }
 
-const RUN_KEYS: [&str; 8] = [
+const RUN_KEYS: [&str; 9] = [
     "model",
+    "model_revision",
     "data",
     "eval_data",
     "eval_ratio",
@@ -117,8 +129,21 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.eval_ratio) {
             return Err(bad("eval_ratio", "must be in [0, 1)"));
         }
+        // A model that is not on disk may be a Hub id in the local cache.
+        if let Some(m) = &self.model
+            && let Some(id) = m.to_str().filter(|s| !m.exists() && is_hub_id(s))
+        {
+            hub_cache::resolve(id, RepoKind::Model, &self.model_revision)
+                .map_err(|e| bad("model", e.to_string()))?;
+        } else if let Some(m) = &self.model
+            && !m.exists()
+        {
+            return Err(bad(
+                "model",
+                format!("{}: no such file or directory", m.display()),
+            ));
+        }
         for (key, path) in [
-            ("model", &self.model),
             ("data", &self.data),
             ("eval_data", &self.eval_data),
             ("adapter", &self.adapter),
@@ -139,6 +164,7 @@ impl RunConfig {
     fn run_keys(&self) -> RunKeys {
         RunKeys {
             model: self.model.clone(),
+            model_revision: self.model_revision.clone(),
             data: self.data.clone(),
             eval_data: self.eval_data.clone(),
             eval_ratio: self.eval_ratio,
@@ -150,18 +176,66 @@ impl RunConfig {
     }
 }
 
+/// A config read from a table of prefer's and TRL's keys, with one warning line for each key set to
+/// something that changes nothing here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The run.
+    pub config: RunConfig,
+    /// Keys accepted without effect, one line each.
+    pub warnings: Vec<String>,
+}
+
+impl RunConfig {
+    /// Reads a table of prefer's keys and TRL's ([`crate::trl_keys`]): each TRL key is taken with
+    /// TRL's meaning, renamed, accepted with a warning because it changes nothing here, or refused
+    /// with what prefer offers instead; what the table leaves out takes `source`'s defaults. The
+    /// error names the key.
+    pub fn from_table(table: Map<String, Value>, source: Source) -> Result<Loaded, KeyError> {
+        let translated = translate(table, source, &Self::keys_and_nullability())?;
+        let config =
+            from_map::<RunConfig>(translated.table).map_err(|(key, message)| KeyError {
+                key: key.unwrap_or_default(),
+                message,
+            })?;
+        Ok(Loaded {
+            config,
+            warnings: translated.warnings,
+        })
+    }
+
+    /// Every key, and whether it takes null (unset) as a value.
+    pub fn keys_and_nullability() -> Vec<(String, bool)> {
+        Self::keys()
+            .into_iter()
+            .map(|k| {
+                let null = Map::from_iter([(k.clone(), Value::Null)]);
+                let nullable = serde_json::from_value::<RunConfig>(Value::Object(null)).is_ok();
+                (k, nullable)
+            })
+            .collect()
+    }
+}
+
 /// Deserialises `T` from `map`; on failure, names the first key whose value alone fails.
-fn from_map<T: serde::de::DeserializeOwned>(map: Map<String, Value>) -> Result<T, String> {
+fn from_map<T: serde::de::DeserializeOwned>(
+    map: Map<String, Value>,
+) -> Result<T, (Option<String>, String)> {
     serde_json::from_value::<T>(Value::Object(map.clone())).map_err(|e| {
         let culprit = map.iter().find(|(k, v)| {
             let one = Map::from_iter([(k.to_string(), (*v).clone())]);
             serde_json::from_value::<T>(Value::Object(one)).is_err()
         });
-        match culprit {
-            Some((key, _)) => format!("`{key}`: {e}"),
-            None => e.to_string(),
-        }
+        (culprit.map(|(k, _)| k.clone()), e.to_string())
     })
+}
+
+/// `from_map`'s error as one message.
+fn named((key, message): (Option<String>, String)) -> String {
+    match key {
+        Some(key) => format!("`{key}`: {message}"),
+        None => message,
+    }
 }
 
 impl<'de> Deserialize<'de> for RunConfig {
@@ -171,10 +245,11 @@ impl<'de> Deserialize<'de> for RunConfig {
             .iter()
             .filter_map(|k| map.remove(*k).map(|v| (k.to_string(), v)))
             .collect();
-        let run: RunKeys = from_map(own).map_err(D::Error::custom)?;
-        let train: TrainConfig = from_map(map).map_err(D::Error::custom)?;
+        let run: RunKeys = from_map(own).map_err(|e| D::Error::custom(named(e)))?;
+        let train: TrainConfig = from_map(map).map_err(|e| D::Error::custom(named(e)))?;
         Ok(Self {
             model: run.model,
+            model_revision: run.model_revision,
             data: run.data,
             eval_data: run.eval_data,
             eval_ratio: run.eval_ratio,

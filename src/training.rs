@@ -166,7 +166,7 @@ impl BackendJob for TrainJob<'_> {
             .model
             .as_ref()
             .ok_or_else(|| TrainingError::Data("config: `model` is not set".into()))?;
-        let mut ckpt = Checkpoint::open(model)?;
+        let mut ckpt = Checkpoint::open_revision(model, &c.model_revision)?;
         let tokenizer = ckpt.tokenizer.clone().ok_or_else(|| {
             TrainingError::Data(format!("{}: the model has no tokenizer", model.display()))
         })?;
@@ -315,7 +315,11 @@ where
         eval: data.eval,
         pad_id: data.pad_id,
         reference,
-        base_model: Some(ckpt.path.display().to_string()),
+        // A Hub id stays an id in the adapter's config, as PEFT writes it.
+        base_model: Some(match &run_config.model {
+            Some(m) if !m.exists() => m.display().to_string(),
+            _ => ckpt.path.display().to_string(),
+        }),
         model_fingerprint: fingerprint,
         resume: job.resume,
     };

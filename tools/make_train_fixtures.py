@@ -15,21 +15,45 @@ os.makedirs(OUT, exist_ok=True)
 
 # --- schedules: the rate used by optimiser step s (0-based), as Trainer steps LambdaLR after each step
 schedules = []
+
+
+def schedule(kind, total, warmup, specific=None):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=3e-4)
+    sched = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total,
+                          scheduler_specific_kwargs=specific)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    case = {"kind": kind, "total": total, "warmup": warmup if kind != "constant" else 0,
+            "peak": 3e-4, "lrs": lrs}
+    if specific:
+        case["lr_scheduler_kwargs"] = specific
+    schedules.append(case)
+
+
 for kind in ["linear", "cosine", "constant", "constant_with_warmup"]:
     for total, warmup in [(10, 0), (10, 3), (7, 2), (1, 0)]:
-        p = torch.nn.Parameter(torch.zeros(1))
-        opt = torch.optim.AdamW([p], lr=3e-4)
-        kwargs = {} if kind == "constant" else {"num_warmup_steps": warmup}
-        if kind in ("linear", "cosine"):
-            kwargs["num_training_steps"] = total
-        sched = get_scheduler(kind, opt, **kwargs)
-        lrs = []
-        for _ in range(total):
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        schedules.append({"kind": kind, "total": total, "warmup": warmup if kind != "constant" else 0,
-                          "peak": 3e-4, "lrs": lrs})
+        schedule(kind, total, warmup)
+# The schedules that take `lr_scheduler_kwargs`, with their defaults and with other values.
+for total, warmup in [(12, 0), (12, 3), (7, 2)]:
+    schedule("cosine", total, warmup, {"num_cycles": 1.5})
+    schedule("cosine_with_restarts", total, warmup)
+    schedule("cosine_with_restarts", total, warmup, {"num_cycles": 3})
+    schedule("polynomial", total, warmup)
+    schedule("polynomial", total, warmup, {"lr_end": 1e-5, "power": 2.0})
+    schedule("inverse_sqrt", total, warmup)
+    schedule("inverse_sqrt", total, warmup, {"timescale": 5})
+    schedule("cosine_with_min_lr", total, warmup, {"min_lr": 3e-5})
+    schedule("cosine_with_min_lr", total, warmup, {"min_lr_rate": 0.2, "num_cycles": 0.75})
+    schedule("warmup_stable_decay", total, warmup, {"num_decay_steps": 4})
+    schedule("warmup_stable_decay", total, warmup,
+             {"num_decay_steps": 3, "num_stable_steps": 2, "warmup_type": "cosine",
+              "decay_type": "1-sqrt", "min_lr_ratio": 0.1})
+    schedule("warmup_stable_decay", total, warmup,
+             {"num_decay_steps": 5, "warmup_type": "1-sqrt", "decay_type": "linear"})
 json.dump(schedules, open(os.path.join(OUT, "schedules.json"), "w"), indent=1)
 
 # --- AdamW with averaged accumulation and global-norm clipping

@@ -11,9 +11,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use prefer::{
-    RunConfig,
+    ConfigFile, Loaded, RunConfig,
+    config_file::one_line,
     dpo::train::{LogRecord, Resume, Throughput, TrainObserver},
     training::{TrainingOutcome, train_from_config},
+    trl_keys::{Source, TRL_KEYS, UNSET_BOOLS, nearest_key, prefer_name},
 };
 
 pub const EXAMPLES: &str =
@@ -78,7 +80,7 @@ pub struct TrainArgs {
 pub type Overrides = Vec<(String, String)>;
 
 pub fn split_overrides(args: Vec<String>) -> Result<(Vec<String>, Overrides)> {
-    let keys = RunConfig::keys();
+    let keys = known_keys();
     let bools = bool_keys();
     let mut rest = Vec::new();
     let mut overrides = Vec::new();
@@ -98,7 +100,13 @@ pub fn split_overrides(args: Vec<String>) -> Result<(Vec<String>, Overrides)> {
         }
         let key = name.replace('-', "_");
         if !keys.contains(&key) {
-            bail!("unknown option `--{name}`{}", suggestion(&key, &keys, "--"));
+            match nearest_key(&key, &RunConfig::keys_and_nullability()) {
+                Some(k) => bail!(
+                    "unknown option `--{name}`; did you mean `--{}`?",
+                    k.replace('_', "-")
+                ),
+                None => bail!("unknown option `--{name}`"),
+            }
         }
         let value = match inline {
             Some(v) => v,
@@ -114,94 +122,40 @@ pub fn split_overrides(args: Vec<String>) -> Result<(Vec<String>, Overrides)> {
     Ok((rest, overrides))
 }
 
+/// prefer's keys and TRL's: all are flags.
+fn known_keys() -> Vec<String> {
+    let mut keys = RunConfig::keys();
+    keys.extend(TRL_KEYS.iter().map(|k| k.name.to_string()));
+    keys
+}
+
+/// Keys that take a boolean, so that `--key` alone means `true`.
 fn bool_keys() -> Vec<String> {
-    match serde_json::to_value(RunConfig::default()) {
+    let mut keys: Vec<String> = match serde_json::to_value(RunConfig::default()) {
         Ok(serde_json::Value::Object(m)) => m
             .into_iter()
             .filter(|(_, v)| v.is_boolean())
             .map(|(k, _)| k)
             .collect(),
         _ => Vec::new(),
-    }
+    };
+    keys.extend(
+        TRL_KEYS
+            .iter()
+            .filter(|k| k.default_value().is_boolean() || UNSET_BOOLS.contains(&k.name))
+            .map(|k| k.name.to_string()),
+    );
+    keys
 }
 
-/// `; did you mean `x`?` for the valid key nearest to `key`, if one is near.
-fn suggestion(key: &str, keys: &[String], prefix: &str) -> String {
-    let best = keys
-        .iter()
-        .map(|k| (edit_distance(key, k), k))
-        .min_by_key(|(d, _)| *d);
-    match best {
-        Some((d, k)) if d <= key.len().max(3) / 2 => {
-            let shown = if prefix == "--" {
-                k.replace('_', "-")
-            } else {
-                k.clone()
-            };
-            format!("; did you mean `{prefix}{shown}`?")
-        }
-        _ => String::new(),
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-/// A flag's text as a TOML value: numbers, booleans and arrays as TOML reads them, anything else as
-/// a string.
-fn toml_value(text: &str) -> toml::Value {
+/// A flag's text as a value: numbers, booleans and arrays as TOML reads them, anything else as a
+/// string.
+fn flag_value(text: &str) -> serde_json::Value {
     toml::from_str::<toml::Table>(&format!("v = {text}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(text.to_string()))
-}
-
-/// Reads a config file, rejecting unknown keys with the file, the line and the nearest valid key.
-fn read_config_file(path: &Path) -> Result<toml::Table> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the config", path.display()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map_or(String::new(), |s| {
-            format!(":{}", text[..s.start].lines().count().max(1))
-        });
-        anyhow::anyhow!("{}{line}: {}", path.display(), one_line(e.message()))
-    })?;
-    let keys = RunConfig::keys();
-    for key in table.keys() {
-        if !keys.contains(key) {
-            let line = text
-                .lines()
-                .position(|l| l.trim_start().starts_with(key.as_str()))
-                .map_or(String::new(), |i| format!(":{}", i + 1));
-            bail!(
-                "{}{line}: unknown key `{key}`{}",
-                path.display(),
-                suggestion(key, &keys, "")
-            );
-        }
-    }
-    Ok(table)
-}
-
-/// A multi-line parser message as one line.
-fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+        .and_then(|v| serde_json::to_value(v).ok())
+        .unwrap_or_else(|| serde_json::Value::String(text.to_string()))
 }
 
 /// The built-in job's files, compiled into the binary.
@@ -225,15 +179,28 @@ fn is_builtin(args: &TrainArgs) -> bool {
             .any(|(k, _)| k == "model" || k == "data")
 }
 
-/// The effective config: defaults, then the file (or the built-in job's), then the flags.
-pub fn effective_config(args: &TrainArgs) -> Result<RunConfig> {
-    let mut table = match &args.config {
-        Some(path) => read_config_file(path)?,
-        None if is_builtin(args) => toml::from_str(builtin::CONFIG)?,
-        None => toml::Table::new(),
+/// The effective config — defaults, then the file (or the built-in job's), then the flags — and
+/// one warning line per key that changes nothing here.
+pub fn effective_config(args: &TrainArgs) -> Result<Loaded> {
+    let file = match &args.config {
+        Some(path) => Some(ConfigFile::read(path)?),
+        None => None,
+    };
+    let (mut table, source) = match &file {
+        Some(f) => (f.table.clone(), f.source),
+        None if is_builtin(args) => {
+            let builtin: serde_json::Value = toml::from_str(builtin::CONFIG)?;
+            match builtin {
+                serde_json::Value::Object(m) => (m, Source::Prefer),
+                _ => bail!("the built-in job's config is not a table"),
+            }
+        }
+        None => (serde_json::Map::new(), Source::Prefer),
     };
     for (key, value) in &args.overrides {
-        table.insert(key.clone(), toml_value(value));
+        // A flag wins over the file whichever name (prefer's or TRL's) either uses.
+        table.retain(|k, _| prefer_name(k) != prefer_name(key));
+        table.insert(key.clone(), flag_value(value));
     }
     let paths = [
         ("model", &args.model),
@@ -243,20 +210,26 @@ pub fn effective_config(args: &TrainArgs) -> Result<RunConfig> {
     ];
     for (key, path) in paths {
         if let Some(p) = path {
-            table.insert(key.into(), toml::Value::String(p.display().to_string()));
+            table.insert(key.into(), p.display().to_string().into());
         }
     }
     if let Some(b) = &args.backend {
-        table.insert("backend".into(), toml::Value::String(b.clone()));
+        table.insert("backend".into(), b.clone().into());
     }
-    let source = args
-        .config
-        .as_ref()
-        .map_or("command line".to_string(), |p| p.display().to_string());
-    let config: RunConfig = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", one_line(&e.to_string())))?;
-    Ok(config)
+    RunConfig::from_table(table, source).map_err(|e| {
+        let from_flags = args.overrides.iter().any(|(k, _)| *k == e.key)
+            || matches!(
+                e.key.as_str(),
+                "model" | "data" | "eval_data" | "output_dir" | "backend"
+            );
+        match &file {
+            Some(f) if !from_flags => {
+                let line = f.line_of(&e.key).map_or(String::new(), |l| format!(":{l}"));
+                anyhow::anyhow!("{}{line}: {}", f.path.display(), one_line(&e.to_string()))
+            }
+            _ => anyhow::anyhow!("command line: {}", one_line(&e.to_string())),
+        }
+    })
 }
 
 /// Writes the built-in model (random weights from a fixed seed) and data under `dir`.
@@ -385,7 +358,13 @@ impl TrainObserver for Console {
 pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> {
     args.overrides = overrides;
     let builtin = is_builtin(&args);
-    let mut config = effective_config(&args)?;
+    let Loaded {
+        mut config,
+        warnings,
+    } = effective_config(&args)?;
+    for line in &warnings {
+        eprintln!("warning: {line}");
+    }
     if args.print_config {
         print!("{}", toml::to_string(&config)?);
         return Ok(());

@@ -467,3 +467,66 @@ fn every_command_has_examples_in_its_help() {
         );
     }
 }
+
+/// A Hub id is read from the local Hugging Face cache (`HF_HUB_CACHE`), offline; one that is not
+/// there says where it looked and how to fetch it.
+#[test]
+fn hub_ids_resolve_in_the_local_cache() {
+    let cache = std::env::temp_dir().join(format!("prefer-hub-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = cache.join("models--Org--tiny-llama");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for e in std::fs::read_dir(tiny_model()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snapshot.join(e.file_name())).unwrap();
+    }
+    let generate = |id: &str| {
+        prefer()
+            .env("HF_HUB_CACHE", &cache)
+            .current_dir(&cache)
+            .args([
+                "generate",
+                "--model",
+                id,
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "0",
+            ])
+            .args(["--max-new-tokens", "4"])
+            .output()
+            .unwrap()
+    };
+    let from_id = generate("Org/tiny-llama");
+    assert!(from_id.status.success(), "{}", stderr(&from_id));
+    let from_path = prefer()
+        .arg("generate")
+        .arg("--model")
+        .arg(tiny_model())
+        .args([
+            "--prompt",
+            "Hi",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(from_id.stdout, from_path.stdout);
+    let missing = generate("Org/absent");
+    assert_eq!(missing.status.code(), Some(1));
+    let err = stderr(&missing);
+    assert!(
+        err.contains("`Org/absent` is neither a local path nor in the Hugging Face cache")
+            && err.contains(&format!("looked in {}", cache.display()))
+            && err.contains("hf download Org/absent"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(&cache).unwrap();
+}

@@ -99,6 +99,57 @@ fn flags_override_the_file_and_print_config_shows_the_result() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A TRL recipe in YAML runs as it is: its keys under prefer's names, ModelConfig's defaults for
+/// what it leaves out, one warning per key that changes nothing here; TRL's names work as flags.
+#[test]
+fn a_trl_recipe_reads_unchanged_and_its_keys_are_flags() {
+    let recipe =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/recipes/dpo_qlora.yaml");
+    let out = prefer()
+        .args(["train", "--config"])
+        .arg(&recipe)
+        .args([
+            "--print-config",
+            "--lora-alpha",
+            "64",
+            "--use-bnb-nested-quant=false",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(cfg["model"].as_str(), Some("runs/smol"));
+    assert_eq!(cfg["r"].as_integer(), Some(32));
+    assert_eq!(cfg["lora_alpha"].as_float(), Some(64.0));
+    assert_eq!(cfg["lora_dropout"].as_float(), Some(0.05));
+    assert_eq!(cfg["bnb_4bit_use_double_quant"].as_bool(), Some(false));
+    assert_eq!(cfg["eval_strategy"].as_str(), Some("steps"));
+    let err = stderr(&out);
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("warning: `"))
+        .collect();
+    assert_eq!(warnings.len(), 5, "{err}");
+    assert!(
+        err.contains("warning: `optim = \"paged_adamw_8bit\"`: AdamW keeps its state in f32"),
+        "{err}"
+    );
+    // A TRL key prefer cannot honour is refused as a flag too, naming it.
+    let out = prefer()
+        .args(["train", "--config"])
+        .arg(&recipe)
+        .args(["--print-config", "--bf16"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: command line: `bf16`: prefer computes in float32"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 #[test]
 fn unknown_keys_suggest_the_nearest() {
     let out = prefer()
@@ -122,8 +173,8 @@ fn unknown_keys_suggest_the_nearest() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("dpo.toml:2: unknown key `per_device_batch_size`; did you mean `per_device_eval_batch_size`?")
-            || err.contains("dpo.toml:2: unknown key `per_device_batch_size`; did you mean `per_device_train_batch_size`?"),
+        err.contains("dpo.toml:2: `per_device_batch_size`: unknown key; did you mean `per_device_eval_batch_size`?")
+            || err.contains("dpo.toml:2: `per_device_batch_size`: unknown key; did you mean `per_device_train_batch_size`?"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");

@@ -12,8 +12,9 @@ use burn::{
 use prefer_dpo::{
     data::TokenizedPair,
     train::{
-        LrSchedule, LrSchedulerType, ReferenceSource, Resume, Silent, TrainConfig, TrainError,
-        TrainRun, TrainSummary, clip::average_and_clip, list_checkpoints, train,
+        IntervalStrategy, LrSchedule, LrSchedulerType, ReferenceSource, Resume, SaveStrategy,
+        Silent, TrainConfig, TrainError, TrainRun, TrainSummary, clip::average_and_clip,
+        list_checkpoints, train,
     },
 };
 use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights};
@@ -42,8 +43,13 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 fn schedules_match_hugging_face() {
     for case in fixture("schedules.json").as_array().unwrap() {
         let kind: LrSchedulerType = serde_json::from_value(case["kind"].clone()).unwrap();
+        let kwargs = case
+            .get("lr_scheduler_kwargs")
+            .map(|k| serde_json::from_value(k.clone()).unwrap())
+            .unwrap_or_default();
         let s = LrSchedule {
             kind,
+            kwargs,
             peak: case["peak"].as_f64().unwrap(),
             warmup: case["warmup"].as_u64().unwrap() as usize,
             total: case["total"].as_u64().unwrap() as usize,
@@ -328,6 +334,7 @@ fn resume_is_bit_identical_with_accumulation_and_dropout() {
         gradient_accumulation_steps: 2,
         per_device_train_batch_size: 4,
         lora_dropout: 0.1,
+        disable_dropout: false,
         lr_scheduler_type: LrSchedulerType::Linear,
         warmup_steps: 2,
         save_steps: 3,
@@ -608,6 +615,31 @@ fn bad_options_are_named_before_any_work() {
             },
             "target_modules",
         ),
+        (
+            TrainConfig {
+                load_best_model_at_end: true,
+                eval_strategy: Some(IntervalStrategy::No),
+                ..base_config(&out)
+            },
+            "load_best_model_at_end",
+        ),
+        (
+            TrainConfig {
+                load_best_model_at_end: true,
+                eval_steps: Some(4),
+                save_steps: 6,
+                ..base_config(&out)
+            },
+            "load_best_model_at_end",
+        ),
+        (
+            TrainConfig {
+                save_strategy: SaveStrategy::Best,
+                eval_strategy: Some(IntervalStrategy::No),
+                ..base_config(&out)
+            },
+            "save_strategy",
+        ),
     ] {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.key, key, "{err}");
@@ -641,6 +673,7 @@ fn the_policy_plugs_into_burn_trains_learner() {
         .val();
     let schedule = LrSchedule {
         kind: LrSchedulerType::Constant,
+        kwargs: Default::default(),
         peak: 1e-2,
         warmup: 0,
         total: 1,
@@ -706,4 +739,105 @@ fn early_stopping_ends_a_run_that_stops_improving() {
     assert_eq!(s.steps, 3);
     assert!(out.join("adapter/adapter_model.safetensors").is_file());
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Epoch strategies, the best checkpoint and `load_best_model_at_end`, as transformers does them.
+/// Ranking by the *highest* eval loss makes the first evaluation the best one: the policy learns.
+#[test]
+fn epoch_strategies_keep_and_adopt_the_best_checkpoint() {
+    let out = scratch("best");
+    // 64 pairs in micro-batches of 8: 8 steps an epoch, 3 epochs.
+    let config = TrainConfig {
+        num_train_epochs: 3.0,
+        logging_strategy: IntervalStrategy::Epoch,
+        logging_first_step: true,
+        eval_strategy: Some(IntervalStrategy::Epoch),
+        save_strategy: SaveStrategy::Epoch,
+        save_total_limit: Some(1),
+        load_best_model_at_end: true,
+        metric_for_best_model: "loss".into(),
+        greater_is_better: Some(true),
+        ..base_config(&out)
+    };
+    let s = run(&config, None, ReferenceSource::Snapshot).unwrap();
+    assert_eq!(s.steps, 24);
+    let rows = prefer_dpo::train::read_jsonl(&out.join("metrics.jsonl")).unwrap();
+    let steps = |eval: bool| -> Vec<usize> {
+        rows.iter()
+            .filter(|r| r.is_eval() == eval)
+            .map(|r| r.step)
+            .collect()
+    };
+    assert_eq!(
+        steps(false),
+        vec![1, 8, 16, 24],
+        "first step, then each epoch"
+    );
+    assert_eq!(steps(true), vec![8, 16, 24]);
+    let losses: Vec<f64> = rows.iter().filter_map(|r| r.get("eval_loss")).collect();
+    assert!(losses[0] > losses[1] && losses[0] > losses[2], "{losses:?}");
+    // save_total_limit 1 keeps the newest checkpoint and spares the best.
+    let kept: Vec<usize> = list_checkpoints(&out).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![8, 24]);
+    assert_eq!(
+        adapter_bytes(&s.adapter_dir),
+        adapter_bytes(&out.join("checkpoint-8/adapter")),
+        "the final adapter is the best checkpoint's"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // save_strategy "best": a checkpoint only when the metric improves (here, only the first).
+    let out = scratch("save-best");
+    let best_only = TrainConfig {
+        output_dir: out.clone(),
+        num_train_epochs: 2.0,
+        save_strategy: SaveStrategy::Best,
+        save_total_limit: None,
+        ..config
+    };
+    let s = run(&best_only, None, ReferenceSource::Snapshot).unwrap();
+    let kept: Vec<usize> = list_checkpoints(&out).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![8]);
+    assert_eq!(
+        adapter_bytes(&s.adapter_dir),
+        adapter_bytes(&out.join("checkpoint-8/adapter"))
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// `disable_dropout` (TRL's default) switches the adapters' dropout off in training, so a run
+/// with `lora_dropout` 0.5 trains exactly as one without dropout; the saved config keeps 0.5.
+#[test]
+fn disable_dropout_trains_as_without_dropout() {
+    let (a, b) = (scratch("dropout-off"), scratch("dropout-none"));
+    let cfg = |out: &Path, p: f64| TrainConfig {
+        max_steps: 3,
+        lora_dropout: p,
+        ..base_config(out)
+    };
+    let off = run(&cfg(&a, 0.5), None, ReferenceSource::Snapshot).unwrap();
+    let none = run(&cfg(&b, 0.0), None, ReferenceSource::Snapshot).unwrap();
+    assert_eq!(
+        adapter_bytes(&off.adapter_dir),
+        adapter_bytes(&none.adapter_dir)
+    );
+    let saved = std::fs::read_to_string(off.adapter_dir.join("adapter_config.json")).unwrap();
+    assert!(saved.contains("\"lora_dropout\": 0.5"), "{saved}");
+    // With dropout left on, the same run differs.
+    let on = run(
+        &TrainConfig {
+            disable_dropout: false,
+            ..cfg(&a, 0.5)
+        },
+        None,
+        ReferenceSource::Snapshot,
+    )
+    .unwrap();
+    assert_ne!(
+        adapter_bytes(&on.adapter_dir),
+        adapter_bytes(&none.adapter_dir)
+    );
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }

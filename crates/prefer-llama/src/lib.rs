@@ -30,7 +30,7 @@ pub use host::DeviceReadError;
 pub use linear::{
     DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection,
 };
-pub use loader::{Checkpoint, load_dense};
+pub use loader::{Checkpoint, hub_cache, load_dense};
 pub use model::{DenseLlama, LlamaModel};
 pub use tokenizer::ChatTokenizer;
 pub use weights::{HostTensor, MemoryWeights, RawTensor, WeightSource, fetch};

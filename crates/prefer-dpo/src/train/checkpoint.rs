@@ -44,6 +44,20 @@ pub struct TrainerState {
     pub best_metric: Option<f64>,
     /// Evaluations since it last improved.
     pub evals_without_improvement: usize,
+    /// The checkpoint with the best `metric_for_best_model` so far (its step) and that value, kept
+    /// for `load_best_model_at_end` and `save_strategy = "best"` (transformers'
+    /// `best_model_checkpoint`); absent in checkpoints written before they existed.
+    #[serde(default)]
+    pub best_model: Option<BestModel>,
+}
+
+/// The best checkpoint so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestModel {
+    /// Its optimiser step (`checkpoint-<step>`).
+    pub step: usize,
+    /// Its value of `metric_for_best_model`.
+    pub value: f64,
 }
 
 /// The optimiser the trainer uses.
@@ -78,7 +92,8 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
 }
 
 /// Writes `checkpoint-{global_step}` under `out` atomically and removes the oldest ones beyond
-/// `keep`. Returns the checkpoint's path.
+/// `keep`, never the best one (`state.best_model`): with it, `keep` counts it too but the newest
+/// always stays, as transformers rotates. Returns the checkpoint's path.
 #[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint<B: AutodiffBackend, L: LinearLayer<B>>(
     out: &Path,
@@ -136,12 +151,29 @@ where
     }
     std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
     if let Some(keep) = keep {
-        let all = list_checkpoints(out);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
-        }
+        rotate_checkpoints(out, keep, state.best_model.map(|b| b.step))?;
     }
     Ok(dir)
+}
+
+/// Removes the oldest checkpoints beyond `keep`, sparing `best` (and always the newest).
+fn rotate_checkpoints(out: &Path, keep: usize, best: Option<usize>) -> Result<(), TrainError> {
+    let all = list_checkpoints(out);
+    let has_best = best.is_some_and(|b| all.iter().any(|(s, _)| *s == b));
+    let others: Vec<&PathBuf> = all
+        .iter()
+        .filter(|(s, _)| Some(*s) != best)
+        .map(|(_, p)| p)
+        .collect();
+    let room = if has_best {
+        keep.saturating_sub(1).max(1)
+    } else {
+        keep
+    };
+    for old in others.iter().take(others.len().saturating_sub(room)) {
+        std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+    }
+    Ok(())
 }
 
 /// Complete checkpoints under `out`, oldest first.

@@ -12,18 +12,169 @@ use crate::{
     loss::{LossConfig, LossType},
 };
 
-/// The learning-rate schedule (`lr_scheduler_type`).
+/// The learning-rate schedule (`lr_scheduler_type`): Hugging Face's `SchedulerType` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedulerType {
     /// Warm up, then decay linearly to 0 (Hugging Face's default).
     Linear,
-    /// Warm up, then half a cosine down to 0.
+    /// Warm up, then a cosine down to 0 (`num_cycles` waves, half a wave by default).
     Cosine,
+    /// Warm up, then `num_cycles` (1) cosines from the peak to 0, each restarting at the peak.
+    CosineWithRestarts,
+    /// Warm up, then a polynomial of `power` (1) from the peak down to `lr_end` (1e-7).
+    Polynomial,
     /// The peak rate throughout (no warm-up).
     Constant,
     /// Warm up, then the peak rate.
     ConstantWithWarmup,
+    /// Warm up, then the peak × 1/√((step + timescale − warmup) / timescale).
+    InverseSqrt,
+    /// Warm up, then a cosine down to `min_lr` (or `min_lr_rate` × the peak).
+    CosineWithMinLr,
+    /// Warm up, hold the peak, then decay over `num_decay_steps` to `min_lr_ratio` × the peak.
+    WarmupStableDecay,
+}
+
+/// The shape of a `warmup_stable_decay` warm-up or decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WsdShape {
+    /// A straight line.
+    #[serde(rename = "linear")]
+    Linear,
+    /// Half a cosine.
+    #[serde(rename = "cosine")]
+    Cosine,
+    /// 1 − √progress.
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
+
+/// The schedule's own arguments (`lr_scheduler_kwargs`), as `get_scheduler` takes them; each
+/// schedule reads its own and refuses the others.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrSchedulerKwargs {
+    /// Cosine waves: `cosine`, `cosine_with_min_lr`, `warmup_stable_decay` (0.5),
+    /// `cosine_with_restarts` (1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_cycles: Option<f64>,
+    /// `cosine_with_min_lr`: the rate it ends at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    /// `cosine_with_min_lr`: the rate it ends at, as a fraction of the peak.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr_rate: Option<f64>,
+    /// `polynomial`: the rate it ends at (1e-7).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_end: Option<f64>,
+    /// `polynomial`: the power (1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power: Option<f64>,
+    /// `inverse_sqrt`: the time scale (default: the warm-up steps, or 10 000 without warm-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timescale: Option<f64>,
+    /// `warmup_stable_decay`: steps of the decay (required).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_decay_steps: Option<usize>,
+    /// `warmup_stable_decay`: steps at the peak (default: what warm-up and decay leave).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_stable_steps: Option<usize>,
+    /// `warmup_stable_decay`: the warm-up's shape (linear).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_type: Option<WsdShape>,
+    /// `warmup_stable_decay`: the decay's shape (cosine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decay_type: Option<WsdShape>,
+    /// `warmup_stable_decay`: the floor, as a fraction of the peak (0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr_ratio: Option<f64>,
+}
+
+impl LrSchedulerKwargs {
+    /// The keys that are set.
+    fn set_keys(&self) -> Vec<String> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks that `kind` takes every key that is set, and the values it needs.
+    pub fn check(&self, kind: LrSchedulerType) -> Result<(), String> {
+        use LrSchedulerType as K;
+        let takes: &[&str] = match kind {
+            K::Linear | K::Constant | K::ConstantWithWarmup => &[],
+            K::Cosine | K::CosineWithRestarts => &["num_cycles"],
+            K::Polynomial => &["lr_end", "power"],
+            K::InverseSqrt => &["timescale"],
+            K::CosineWithMinLr => &["num_cycles", "min_lr", "min_lr_rate"],
+            K::WarmupStableDecay => &[
+                "num_cycles",
+                "num_decay_steps",
+                "num_stable_steps",
+                "warmup_type",
+                "decay_type",
+                "min_lr_ratio",
+            ],
+        };
+        if let Some(extra) = self
+            .set_keys()
+            .into_iter()
+            .find(|k| !takes.contains(&k.as_str()))
+        {
+            let name = serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from));
+            return Err(format!(
+                "`{extra}` is not an argument of the {} schedule (it takes {})",
+                name.unwrap_or_default(),
+                if takes.is_empty() {
+                    "none".to_string()
+                } else {
+                    takes.join(", ")
+                }
+            ));
+        }
+        match kind {
+            K::CosineWithMinLr if self.min_lr.is_some() == self.min_lr_rate.is_some() => {
+                Err("cosine_with_min_lr needs one of min_lr and min_lr_rate".into())
+            }
+            K::WarmupStableDecay if self.num_decay_steps.is_none() => {
+                Err("warmup_stable_decay needs num_decay_steps".into())
+            }
+            K::InverseSqrt if self.timescale.is_some_and(|t| t <= 0.0) => {
+                Err("timescale must be positive".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// When something happens (`eval_strategy`, `logging_strategy`): transformers' `IntervalStrategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalStrategy {
+    /// Never.
+    No,
+    /// Every N optimiser steps (`eval_steps`, `logging_steps`) and after the last.
+    Steps,
+    /// At the end of each epoch.
+    Epoch,
+}
+
+/// When checkpoints are written (`save_strategy`): transformers' `SaveStrategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveStrategy {
+    /// Never (the final adapter is still written).
+    No,
+    /// Every `save_steps` optimiser steps.
+    Steps,
+    /// At the end of each epoch.
+    Epoch,
+    /// After each evaluation that improves `metric_for_best_model`.
+    Best,
 }
 
 /// The 4-bit data type (`bnb_4bit_quant_type`).
@@ -86,6 +237,11 @@ pub struct TrainConfig {
     pub loss_weights: Option<Vec<f64>>,
     /// Label smoothing ε (conservative DPO).
     pub label_smoothing: f64,
+    /// Temperature of the `discopop` loss's blend.
+    pub discopop_tau: f64,
+    /// RPO: add alpha × the chosen completion's mean NLL to the loss (TRL 0.x's `rpo_alpha`; the
+    /// same as appending `sft` to `loss_type` with weight alpha, TRL 1.x's spelling).
+    pub rpo_alpha: Option<f64>,
     /// Compute the reference's log-probs once before training and cache them on disk.
     pub precompute_ref_log_probs: bool,
     /// Longest prompt + completion, in tokens.
@@ -116,6 +272,8 @@ pub struct TrainConfig {
     pub gradient_accumulation_steps: usize,
     /// Schedule shape.
     pub lr_scheduler_type: LrSchedulerType,
+    /// The schedule's own arguments (`num_cycles`, `min_lr`, `lr_end`, `power`, …).
+    pub lr_scheduler_kwargs: LrSchedulerKwargs,
     /// Warm-up optimiser steps (wins over `warmup_ratio` when > 0).
     pub warmup_steps: usize,
     /// Warm-up as a fraction of all optimiser steps.
@@ -130,18 +288,33 @@ pub struct TrainConfig {
     pub adam_epsilon: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f64,
+    /// When training metrics are logged: `steps` (every `logging_steps` and after the last),
+    /// `epoch` or `no`.
+    pub logging_strategy: IntervalStrategy,
     /// Log every N optimiser steps.
     pub logging_steps: usize,
+    /// Also log after the first optimiser step.
+    pub logging_first_step: bool,
+    /// When to evaluate: `no`, `steps` (every `eval_steps` and after the last) or `epoch`. Unset:
+    /// `steps` when there are held-out pairs (TRL's default is `no`, which evaluates never).
+    pub eval_strategy: Option<IntervalStrategy>,
     /// Evaluate every N optimiser steps (default: `logging_steps`); 0 evaluates only at the end.
     pub eval_steps: Option<usize>,
     /// Evaluate once before the first step (logged as step 0).
     pub eval_on_start: bool,
+    /// When to write checkpoints: `steps` (every `save_steps`), `epoch`, `best` (when an
+    /// evaluation improves `metric_for_best_model`) or `no`.
+    pub save_strategy: SaveStrategy,
     /// Save a checkpoint every N optimiser steps (0: only the final adapter).
     pub save_steps: usize,
     /// Keep only the last N checkpoints.
     pub save_total_limit: Option<usize>,
     /// Seeds the adapter initialisation, dropout and the data order.
     pub seed: u64,
+    /// Write the adapter of the checkpoint with the best `metric_for_best_model` as the final one
+    /// (checkpoints must be saved at evaluations: the same strategy, save steps a multiple of eval
+    /// steps); that checkpoint is never rotated out by `save_total_limit`.
+    pub load_best_model_at_end: bool,
     /// Stop after this many evaluations without improvement of `metric_for_best_model`.
     pub early_stopping_patience: Option<usize>,
     /// Improvements smaller than this do not count.
@@ -156,8 +329,11 @@ pub struct TrainConfig {
     pub r: usize,
     /// Scaling numerator (`lora_alpha / r`).
     pub lora_alpha: f64,
-    /// Dropout on the adapter input.
+    /// Dropout on the adapter input (saved in the adapter's config; off in training while
+    /// `disable_dropout` is set, as in TRL).
     pub lora_dropout: f64,
+    /// Switch every dropout off while training (TRL's default).
+    pub disable_dropout: bool,
     /// Projections with an adapter (`q_proj`, …, or `all-linear`).
     #[serde(deserialize_with = "list_of")]
     pub target_modules: Vec<String>,
@@ -183,6 +359,8 @@ impl Default for TrainConfig {
             loss_type: vec![LossType::Sigmoid],
             loss_weights: None,
             label_smoothing: 0.0,
+            discopop_tau: 0.05,
+            rpo_alpha: None,
             precompute_ref_log_probs: false,
             max_length: Some(1024),
             max_prompt_length: None,
@@ -196,6 +374,7 @@ impl Default for TrainConfig {
             per_device_eval_batch_size: 8,
             gradient_accumulation_steps: 1,
             lr_scheduler_type: LrSchedulerType::Linear,
+            lr_scheduler_kwargs: LrSchedulerKwargs::default(),
             warmup_steps: 0,
             warmup_ratio: 0.0,
             max_grad_norm: 1.0,
@@ -203,12 +382,17 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             weight_decay: 0.0,
+            logging_strategy: IntervalStrategy::Steps,
             logging_steps: 10,
+            logging_first_step: false,
+            eval_strategy: None,
             eval_steps: None,
             eval_on_start: false,
+            save_strategy: SaveStrategy::Steps,
             save_steps: 500,
             save_total_limit: None,
             seed: 42,
+            load_best_model_at_end: false,
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
             metric_for_best_model: "eval_loss".into(),
@@ -216,6 +400,7 @@ impl Default for TrainConfig {
             r: 8,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
+            disable_dropout: true,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             use_rslora: false,
             load_in_4bit: true,
@@ -254,11 +439,21 @@ impl TrainConfig {
 
     /// The loss options.
     pub fn loss(&self) -> LossConfig {
+        let (mut loss_types, mut loss_weights) =
+            (self.loss_type.clone(), self.loss_weights.clone());
+        // RPO (TRL 0.x's `rpo_alpha`): the NLL of the chosen completion, weighted by alpha, on top.
+        if let Some(alpha) = self.rpo_alpha {
+            let mut weights = loss_weights.unwrap_or_else(|| vec![1.0; loss_types.len()]);
+            weights.push(alpha);
+            loss_types.push(LossType::Sft);
+            loss_weights = Some(weights);
+        }
         LossConfig {
             beta: self.beta,
-            loss_types: self.loss_type.clone(),
-            loss_weights: self.loss_weights.clone(),
+            loss_types,
+            loss_weights,
             label_smoothing: self.label_smoothing,
+            discopop_tau: self.discopop_tau,
             ..Default::default()
         }
     }
@@ -326,6 +521,17 @@ impl TrainConfig {
                 "must be positive when max_steps is not set",
             ));
         }
+        self.lr_scheduler_kwargs
+            .check(self.lr_scheduler_type)
+            .map_err(|m| bad("lr_scheduler_kwargs", m))?;
+        if self.lr_scheduler_type == LrSchedulerType::Polynomial
+            && self.lr_scheduler_kwargs.lr_end.unwrap_or(1e-7) >= self.learning_rate
+        {
+            return Err(bad(
+                "lr_scheduler_kwargs",
+                "polynomial: lr_end must be below learning_rate",
+            ));
+        }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(bad("warmup_ratio", "must be in [0, 1)"));
         }
@@ -383,15 +589,83 @@ impl TrainConfig {
                 "must be at least 1 when set",
             ));
         }
-        if self.early_stopping_patience.is_some()
-            && !self.metric_for_best_model.starts_with("eval_")
+        if let Some(alpha) = self.rpo_alpha {
+            if !(alpha >= 0.0 && alpha.is_finite()) {
+                return Err(bad("rpo_alpha", "must be a non-negative number"));
+            }
+            if self.loss_type.contains(&LossType::Sft) {
+                return Err(bad(
+                    "rpo_alpha",
+                    "`sft` is already in loss_type: weight it with loss_weights instead",
+                ));
+            }
+        }
+        if !(self.discopop_tau > 0.0 && self.discopop_tau.is_finite()) {
+            return Err(bad("discopop_tau", "must be positive"));
+        }
+        self.validate_best_model()
+    }
+
+    /// `load_best_model_at_end` and `save_strategy = "best"` need evaluations, and checkpoints
+    /// written where they happen (transformers' rules).
+    fn validate_best_model(&self) -> Result<(), ConfigError> {
+        let eval = self.eval_strategy();
+        if self.save_strategy == SaveStrategy::Best && eval == IntervalStrategy::No {
+            return Err(bad(
+                "save_strategy",
+                "`best` needs evaluations: set eval_strategy to `steps` or `epoch`",
+            ));
+        }
+        if !self.load_best_model_at_end || self.save_strategy == SaveStrategy::Best {
+            return Ok(());
+        }
+        let save = match self.save_strategy {
+            SaveStrategy::No => IntervalStrategy::No,
+            SaveStrategy::Steps => IntervalStrategy::Steps,
+            SaveStrategy::Epoch => IntervalStrategy::Epoch,
+            SaveStrategy::Best => unreachable!("returned above"),
+        };
+        if eval == IntervalStrategy::No || save != eval {
+            return Err(bad(
+                "load_best_model_at_end",
+                format!(
+                    "needs save_strategy and eval_strategy to match and not be `no` (save_strategy {save:?}, eval_strategy {eval:?}), or save_strategy `best`"
+                ),
+            ));
+        }
+        let every = self.eval_every();
+        if save == IntervalStrategy::Steps && (every == 0 || !self.save_steps.is_multiple_of(every))
         {
             return Err(bad(
-                "metric_for_best_model",
-                "must name an eval metric (eval_loss, eval_rewards/accuracies, …)",
+                "load_best_model_at_end",
+                format!(
+                    "save_steps ({}) must be a multiple of eval_steps ({every}) so the best evaluation has a checkpoint",
+                    self.save_steps
+                ),
             ));
         }
         Ok(())
+    }
+
+    /// When to evaluate: `eval_strategy`, or `steps` when unset.
+    pub fn eval_strategy(&self) -> IntervalStrategy {
+        self.eval_strategy.unwrap_or(IntervalStrategy::Steps)
+    }
+
+    /// The eval metric that ranks checkpoints and early stopping watches: `metric_for_best_model`
+    /// with `eval_` put in front when missing, as transformers does (`loss` → `eval_loss`).
+    pub fn best_metric(&self) -> String {
+        let m = &self.metric_for_best_model;
+        if m.starts_with("eval_") {
+            m.clone()
+        } else {
+            format!("eval_{m}")
+        }
+    }
+
+    /// Whether checkpoints are ranked by `metric_for_best_model`.
+    pub fn tracks_best_model(&self) -> bool {
+        self.load_best_model_at_end || self.save_strategy == SaveStrategy::Best
     }
 
     /// Whether a larger value of `metric_for_best_model` is better.
@@ -436,4 +710,36 @@ where
 
 fn names_of<S: Serializer>(types: &[LossType], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(types.iter().map(|t| t.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rpo_alpha` is TRL 0.x's RPO: the loss plus alpha × the chosen NLL, which TRL 1.x writes as
+    /// `loss_type = ["sigmoid", "sft"]` with `loss_weights = [1, alpha]`.
+    #[test]
+    fn rpo_alpha_is_sft_weighted_by_alpha() {
+        let rpo = TrainConfig {
+            rpo_alpha: Some(0.4),
+            ..Default::default()
+        };
+        let spelled = TrainConfig {
+            loss_type: vec![LossType::Sigmoid, LossType::Sft],
+            loss_weights: Some(vec![1.0, 0.4]),
+            ..Default::default()
+        };
+        assert_eq!(rpo.loss(), spelled.loss());
+        rpo.validate().unwrap();
+        let both = TrainConfig {
+            loss_type: vec![LossType::Sft],
+            ..rpo.clone()
+        };
+        assert_eq!(both.validate().unwrap_err().key, "rpo_alpha");
+        let negative = TrainConfig {
+            rpo_alpha: Some(-1.0),
+            ..rpo
+        };
+        assert_eq!(negative.validate().unwrap_err().key, "rpo_alpha");
+    }
 }

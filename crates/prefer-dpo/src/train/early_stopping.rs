@@ -31,7 +31,7 @@ impl EarlyStopping {
     /// The rule `config` asks for, or `None` without `early_stopping_patience`.
     pub fn from_config(config: &TrainConfig) -> Option<Self> {
         config.early_stopping_patience.map(|patience| Self {
-            metric: config.metric_for_best_model.clone(),
+            metric: config.best_metric(),
             greater_is_better: config.greater_is_better(),
             threshold: config.early_stopping_threshold,
             patience,

@@ -19,9 +19,12 @@ use std::path::PathBuf;
 
 pub use bounds::{BaseLayer, TrainBackend};
 pub use checkpoint::{
-    POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState, latest_checkpoint, list_checkpoints,
+    BestModel, POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState, latest_checkpoint, list_checkpoints,
 };
-pub use config::{ComputeDtype, ConfigError, LrSchedulerType, QuantType, TrainConfig};
+pub use config::{
+    ComputeDtype, ConfigError, IntervalStrategy, LrSchedulerKwargs, LrSchedulerType, QuantType,
+    SaveStrategy, TrainConfig, WsdShape,
+};
 pub use early_stopping::{EarlyStopping, Progress};
 pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
 pub use plan::StepPlan;

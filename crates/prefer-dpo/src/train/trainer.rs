@@ -24,11 +24,11 @@ use super::{
     TrainError,
     bounds::{BaseLayer, TrainBackend},
     checkpoint::{
-        DpoOptimizer, POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState, latest_checkpoint,
-        load_checkpoint, save_checkpoint,
+        BestModel, DpoOptimizer, POLICY_ADAPTER, REFERENCE_ADAPTER, TrainerState,
+        latest_checkpoint, load_checkpoint, save_checkpoint,
     },
     clip::average_and_clip,
-    config::TrainConfig,
+    config::{IntervalStrategy, SaveStrategy, TrainConfig},
     early_stopping::{EarlyStopping, Progress},
     metrics_log::{LogRecord, MetricsLog},
     plan::StepPlan,
@@ -178,7 +178,7 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary, TrainError> {
     config.validate()?;
-    check_inputs(&model, &run)?;
+    check_inputs(&model, &run, config)?;
     let lora = config.lora()?;
     let out = create_output_dir(&config.output_dir)?;
     let device = model.embed_tokens.weight.device();
@@ -214,13 +214,16 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     }
 
     let adapter_dir = out.join("adapter");
-    prefer_lora::save_peft(
-        &policy.model,
-        POLICY_ADAPTER,
-        &lora,
-        run.base_model.as_deref(),
-        &adapter_dir,
-    )?;
+    match steps.best_checkpoint_to_keep() {
+        Some(best) => steps.adopt_best_checkpoint(best, &adapter_dir)?,
+        None => prefer_lora::save_peft(
+            &policy.model,
+            POLICY_ADAPTER,
+            &lora,
+            run.base_model.as_deref(),
+            &adapter_dir,
+        )?,
+    }
     Ok(TrainSummary {
         steps: steps.state.global_step,
         adapter_dir,
@@ -265,6 +268,7 @@ fn optimiser_and_state<B: TrainBackend, L: BaseLayer<B>>(
         seed: config.seed,
         best_metric: None,
         evals_without_improvement: 0,
+        best_model: None,
     };
     let Some(resume) = &run.resume else {
         return Ok((optim, state));
@@ -279,13 +283,26 @@ fn optimiser_and_state<B: TrainBackend, L: BaseLayer<B>>(
     Ok((optim, state))
 }
 
-/// Where an optimiser step left the run: its number (from 1), the fractional epoch TRL logs, and
-/// whether it was the plan's last.
+/// Where an optimiser step left the run: its number (from 1), the fractional epoch TRL logs,
+/// whether it ended an epoch and whether it was the plan's last.
 #[derive(Debug, Clone, Copy)]
 struct StepAt {
     step: usize,
     epoch: f64,
+    epoch_end: bool,
     last: bool,
+}
+
+impl StepAt {
+    /// Whether `strategy` (with its every-N-steps interval) falls due after this step; `steps`
+    /// and `epoch` are also due after the last step.
+    fn due(&self, strategy: IntervalStrategy, every: usize) -> bool {
+        match strategy {
+            IntervalStrategy::No => false,
+            IntervalStrategy::Steps => (every > 0 && self.step.is_multiple_of(every)) || self.last,
+            IntervalStrategy::Epoch => self.epoch_end || self.last,
+        }
+    }
 }
 
 /// Everything the loop carries from one optimiser step to the next except the policy, which the
@@ -311,6 +328,9 @@ struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
     window: Window,
     totals: Throughput,
     final_eval: Option<LogRecord>,
+    /// The value of `metric_for_best_model` of this step's evaluation when it beats the best
+    /// checkpoint's (it becomes the best when this step is saved).
+    new_best: Option<(usize, f64)>,
     observer: &'a mut dyn TrainObserver,
 }
 
@@ -329,6 +349,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         let config = inputs.config;
         let schedule = LrSchedule {
             kind: config.lr_scheduler_type,
+            kwargs: config.lr_scheduler_kwargs.clone(),
             peak: config.learning_rate,
             warmup: plan.warmup_steps,
             total: plan.total_steps,
@@ -352,6 +373,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             window: Window::default(),
             totals: Throughput::default(),
             final_eval: None,
+            new_best: None,
             observer,
         })
     }
@@ -430,36 +452,67 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         self.observer.on_step(step, plan.total_steps);
         let epoch =
             state.epoch as f64 + state.batch_in_epoch as f64 / plan.batches_per_epoch as f64;
-        let last = step == plan.total_steps;
-        Ok((policy, StepAt { step, epoch, last }))
+        let at = StepAt {
+            step,
+            epoch,
+            epoch_end: state.batch_in_epoch >= plan.batches_per_epoch,
+            last: step == plan.total_steps,
+        };
+        Ok((policy, at))
     }
 
-    /// Every `logging_steps` steps and after the last: the window's training metrics as one row.
+    /// When `logging_strategy` falls due (and after the first step with `logging_first_step`):
+    /// the window's training metrics as one row.
     fn log_window_if_due(&mut self, at: StepAt) -> Result<(), TrainError> {
-        if at.step.is_multiple_of(self.inputs.config.logging_steps) || at.last {
+        let config = self.inputs.config;
+        let first = config.logging_first_step && at.step == 1;
+        if first || at.due(config.logging_strategy, config.logging_steps) {
             let record = self.window.take(at.step, at.epoch, self.inputs.config.beta);
             self.record(record)?;
         }
         Ok(())
     }
 
-    /// Every `eval_steps` steps and after the last, when there are held-out pairs: one evaluation,
-    /// logged and fed to early stopping. Returns whether early stopping ends the run.
+    /// When `eval_strategy` falls due and there are held-out pairs: one evaluation, logged, fed to
+    /// early stopping and compared with the best checkpoint's. Returns whether early stopping ends
+    /// the run.
     fn evaluate_if_due(
         &mut self,
         policy: &DpoPolicy<B, L>,
         at: StepAt,
     ) -> Result<bool, TrainError> {
-        let every = self.inputs.config.eval_every();
-        let due = (every > 0 && at.step.is_multiple_of(every)) || at.last;
-        if self.inputs.run.eval.is_empty() || !due {
+        let config = self.inputs.config;
+        self.new_best = None;
+        if self.inputs.run.eval.is_empty() || !at.due(config.eval_strategy(), config.eval_every()) {
             return Ok(false);
         }
         let record = evaluate(policy, &self.inputs, at.step, at.epoch)?;
         self.record(record.clone())?;
         let stop = self.early_stopping_says_stop(&record)?;
+        if config.tracks_best_model() {
+            self.new_best = self.beats_best(&record)?.map(|v| (at.step, v));
+        }
         self.final_eval = Some(record);
         Ok(stop)
+    }
+
+    /// The value of `metric_for_best_model` in `record` when it beats the best checkpoint's.
+    fn beats_best(&self, record: &LogRecord) -> Result<Option<f64>, TrainError> {
+        let config = self.inputs.config;
+        let metric = config.best_metric();
+        let value = record.get(&metric).ok_or_else(|| {
+            TrainError::Data(format!("metric_for_best_model `{metric}` is not logged"))
+        })?;
+        let sign = if config.greater_is_better() {
+            1.0
+        } else {
+            -1.0
+        };
+        let better = self
+            .state
+            .best_model
+            .is_none_or(|best| sign * (value - best.value) > 0.0);
+        Ok(better.then_some(value))
     }
 
     /// Feeds an evaluation to early stopping (when configured), keeping its progress in the
@@ -478,16 +531,28 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         Ok(stop)
     }
 
-    /// Every `save_steps` steps: adapter, optimiser and trainer state in `checkpoint-<step>`
-    /// (after the evaluation, so the saved state holds its early-stopping progress).
+    /// When `save_strategy` falls due: adapter, optimiser and trainer state in
+    /// `checkpoint-<step>` (after the evaluation, so the saved state holds its early-stopping
+    /// progress and, when this step's evaluation is the best so far, marks itself the best).
     fn checkpoint_if_due(
         &mut self,
         policy: &DpoPolicy<B, L>,
         at: StepAt,
     ) -> Result<(), TrainError> {
         let config = self.inputs.config;
-        if config.save_steps == 0 || !at.step.is_multiple_of(config.save_steps) {
+        let due = match config.save_strategy {
+            SaveStrategy::No => false,
+            SaveStrategy::Steps => {
+                config.save_steps > 0 && at.step.is_multiple_of(config.save_steps)
+            }
+            SaveStrategy::Epoch => at.epoch_end,
+            SaveStrategy::Best => self.new_best.is_some(),
+        };
+        if !due {
             return Ok(());
+        }
+        if let Some((step, value)) = self.new_best.take() {
+            self.state.best_model = Some(BestModel { step, value });
         }
         let dir = save_checkpoint(
             self.out,
@@ -501,6 +566,35 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         self.observer
             .on_message(&format!("saved {}", dir.display()));
         self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// With `load_best_model_at_end`: the best checkpoint, unless the final evaluation beat it
+    /// (then the final policy is the best).
+    fn best_checkpoint_to_keep(&self) -> Option<BestModel> {
+        if !self.inputs.config.load_best_model_at_end || self.new_best.is_some() {
+            return None;
+        }
+        self.state.best_model
+    }
+
+    /// Makes the best checkpoint's adapter the final one (copied whole, then renamed into place).
+    fn adopt_best_checkpoint(
+        &mut self,
+        best: BestModel,
+        adapter_dir: &Path,
+    ) -> Result<(), TrainError> {
+        let from = self
+            .out
+            .join(format!("checkpoint-{}", best.step))
+            .join("adapter");
+        copy_dir_atomically(&from, adapter_dir)?;
+        self.observer.on_message(&format!(
+            "load_best_model_at_end: the final adapter is checkpoint-{}'s ({} {})",
+            best.step,
+            self.inputs.config.best_metric(),
+            best.value
+        ));
         Ok(())
     }
 
@@ -526,9 +620,15 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
 fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
     model: &LoraLlama<B, L>,
     run: &TrainRun,
+    config: &TrainConfig,
 ) -> Result<(), TrainError> {
     if run.train.is_empty() {
         return Err(TrainError::Data("no training pairs".into()));
+    }
+    if config.tracks_best_model() && run.eval.is_empty() {
+        return Err(TrainError::Data(
+            "load_best_model_at_end and save_strategy = \"best\" need held-out pairs (eval_data or eval_ratio)".into(),
+        ));
     }
     let vocab = model.config.vocab_size;
     for pairs in [&run.train, &run.eval] {
@@ -553,6 +653,11 @@ fn policy_with_reference<B: TrainBackend, L: BaseLayer<B>>(
     source: &ReferenceSource,
     config: &TrainConfig,
 ) -> DpoPolicy<B, L> {
+    if config.disable_dropout {
+        for (_, layer) in model.projections_mut() {
+            layer.dropout = burn::nn::DropoutConfig::new(0.0).init();
+        }
+    }
     let reference = match source {
         ReferenceSource::Snapshot => {
             snapshot_adapter(&mut model, POLICY_ADAPTER, REFERENCE_ADAPTER);
@@ -836,6 +941,28 @@ fn precompute<B: TrainBackend, L: BaseLayer<B>>(
     }
     let (train, eval) = all.split_at(run.train.len());
     Ok((train.to_vec(), eval.to_vec()))
+}
+
+/// Copies the files of directory `from` into `to` through a temporary sibling renamed into place.
+fn copy_dir_atomically(from: &Path, to: &Path) -> Result<(), TrainError> {
+    let err = |path: &Path, e: std::io::Error| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let tmp = to.with_extension(format!("tmp{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| err(from, e))? {
+        let entry = entry.map_err(|e| err(from, e))?;
+        let target = tmp.join(entry.file_name());
+        std::fs::copy(entry.path(), &target).map_err(|e| err(&entry.path(), e))?;
+    }
+    if to.exists() {
+        std::fs::remove_dir_all(to).map_err(|e| err(to, e))?;
+    }
+    std::fs::rename(&tmp, to).map_err(|e| err(to, e))
 }
 
 /// Whether `path` looks like a checkpoint directory.

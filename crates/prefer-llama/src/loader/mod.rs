@@ -4,6 +4,7 @@ mod ggml_quants;
 mod gguf;
 mod gguf_file;
 mod hf;
+pub mod hub_cache;
 mod safetensors_source;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,19 @@ impl Checkpoint {
 impl Checkpoint {
     /// Opens a Hugging Face model directory or a `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_revision(path, "main")
+    }
+
+    /// Opens a Hugging Face directory, a `.gguf` file, or a Hub id (`org/name`) from the local
+    /// Hugging Face cache at `revision` (a branch, tag or commit), offline. A path that exists is
+    /// always a path.
+    pub fn open_revision(path: &Path, revision: &str) -> Result<Self> {
+        if !path.exists()
+            && let Some(id) = path.to_str().filter(|s| hub_cache::is_hub_id(s))
+        {
+            let snapshot = hub_cache::resolve(id, hub_cache::RepoKind::Model, revision)?;
+            return Self::open_revision(&snapshot, revision);
+        }
         if path.is_dir() {
             hf::open(path)
         } else if path.is_file() {
