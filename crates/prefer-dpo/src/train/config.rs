@@ -454,7 +454,6 @@ impl TrainConfig {
             loss_weights,
             label_smoothing: self.label_smoothing,
             discopop_tau: self.discopop_tau,
-            ..Default::default()
         }
     }
 
