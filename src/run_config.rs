@@ -16,6 +16,7 @@ use prefer_llama::hub_cache::{self, RepoKind, is_hub_id};
 
 use crate::{
     backend::BackendKind,
+    data_source::data_files,
     trl_keys::{KeyError, Source, translate},
 };
 
@@ -29,12 +30,21 @@ pub struct RunConfig {
     pub model: Option<PathBuf>,
     /// The revision of a Hub id `model`: a branch, tag or commit.
     pub model_revision: String,
-    /// Training pairs (TRL standard/conversational/implicit JSON Lines or JSON, or ShareGPT).
+    /// Training pairs (TRL standard/conversational/implicit or ShareGPT rows; JSON Lines, JSON or
+    /// Parquet): a file, a dataset folder, or a Hub dataset id in the local Hugging Face cache
+    /// (`dataset_name` in TRL's recipes).
     pub data: Option<PathBuf>,
-    /// Held-out pairs; without them `eval_ratio` of `data` is held out.
+    /// Held-out pairs, as `data`; without them a dataset's test split, else `eval_ratio` of
+    /// `data`, is held out.
     pub eval_data: Option<PathBuf>,
-    /// Fraction of `data` held out for evaluation when `eval_data` is not given.
+    /// Fraction of `data` held out for evaluation when neither `eval_data` nor a test split is there.
     pub eval_ratio: f64,
+    /// The config folder of a dataset with several.
+    pub dataset_config: Option<String>,
+    /// The split of a dataset folder or Hub id trained on.
+    pub dataset_train_split: String,
+    /// The split of a dataset folder or Hub id evaluated on, when it has one.
+    pub dataset_test_split: String,
     /// A PEFT adapter to start from (and, by default, the reference).
     pub adapter: Option<PathBuf>,
     /// A separate reference model (its log-probs are computed once, before training).
@@ -55,6 +65,9 @@ impl Default for RunConfig {
             data: None,
             eval_data: None,
             eval_ratio: 0.1,
+            dataset_config: None,
+            dataset_train_split: "train".into(),
+            dataset_test_split: "test".into(),
             adapter: None,
             ref_model: None,
             on_bad_row: OnBadRow::Error,
@@ -73,6 +86,9 @@ struct RunKeys {
     data: Option<PathBuf>,
     eval_data: Option<PathBuf>,
     eval_ratio: f64,
+    dataset_config: Option<String>,
+    dataset_train_split: String,
+    dataset_test_split: String,
     adapter: Option<PathBuf>,
     ref_model: Option<PathBuf>,
     on_bad_row: OnBadRow,
@@ -88,6 +104,9 @@ impl Default for RunKeys {
             data: d.data,
             eval_data: d.eval_data,
             eval_ratio: d.eval_ratio,
+            dataset_config: d.dataset_config,
+            dataset_train_split: d.dataset_train_split,
+            dataset_test_split: d.dataset_test_split,
             adapter: d.adapter,
             ref_model: d.ref_model,
             on_bad_row: d.on_bad_row,
@@ -96,12 +115,15 @@ impl Default for RunKeys {
     }
 }
 
-const RUN_KEYS: [&str; 9] = [
+const RUN_KEYS: [&str; 12] = [
     "model",
     "model_revision",
     "data",
     "eval_data",
     "eval_ratio",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
     "adapter",
     "ref_model",
     "on_bad_row",
@@ -143,12 +165,15 @@ impl RunConfig {
                 format!("{}: no such file or directory", m.display()),
             ));
         }
-        for (key, path) in [
-            ("data", &self.data),
-            ("eval_data", &self.eval_data),
-            ("adapter", &self.adapter),
-            ("ref_model", &self.ref_model),
+        for (key, path, split) in [
+            ("data", &self.data, &self.dataset_train_split),
+            ("eval_data", &self.eval_data, &self.dataset_test_split),
         ] {
+            if let Some(p) = path {
+                data_files(p, self.dataset_config.as_deref(), split).map_err(|e| bad(key, e))?;
+            }
+        }
+        for (key, path) in [("adapter", &self.adapter), ("ref_model", &self.ref_model)] {
             if let Some(p) = path
                 && !p.exists()
             {
@@ -168,6 +193,9 @@ impl RunConfig {
             data: self.data.clone(),
             eval_data: self.eval_data.clone(),
             eval_ratio: self.eval_ratio,
+            dataset_config: self.dataset_config.clone(),
+            dataset_train_split: self.dataset_train_split.clone(),
+            dataset_test_split: self.dataset_test_split.clone(),
             adapter: self.adapter.clone(),
             ref_model: self.ref_model.clone(),
             on_bad_row: self.on_bad_row,
@@ -253,6 +281,9 @@ impl<'de> Deserialize<'de> for RunConfig {
             data: run.data,
             eval_data: run.eval_data,
             eval_ratio: run.eval_ratio,
+            dataset_config: run.dataset_config,
+            dataset_train_split: run.dataset_train_split,
+            dataset_test_split: run.dataset_test_split,
             adapter: run.adapter,
             ref_model: run.ref_model,
             on_bad_row: run.on_bad_row,

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use burn::{backend::Autodiff, module::AutodiffModule, tensor::backend::Backend};
 use prefer_dpo::{
     data::{
-        OnBadRow, TokenizeOptions, TokenizedPair, drop_truncated_away, load_file, split_train_eval,
-        tokenize_rows,
+        OnBadRow, TokenizeOptions, TokenizedPair, drop_truncated_away, load_files,
+        split_train_eval, tokenize_rows,
     },
     train::{
         BaseLayer, Fingerprint, LogRecord, ReferenceSource, Resume, TrainConfig, TrainError,
@@ -22,6 +22,7 @@ use prefer_quant::Nf4Factory;
 
 use crate::{
     backend::{BackendError, BackendJob, BackendKind, run_on},
+    data_source::{data_files, has_dataset_split},
     run_config::RunConfig,
 };
 
@@ -61,8 +62,9 @@ pub struct PreparedData {
     pub pad_id: u32,
 }
 
-/// Loads `data` (and `eval_data`, or holds out `eval_ratio` of `data`) and tokenises it with the
-/// checkpoint's tokenizer; bad rows stop the run or are skipped as `on_bad_row` says.
+/// Loads `data` (its train split when it is a dataset) and the held-out pairs — `eval_data`, else
+/// the dataset's test split, else `eval_ratio` of `data` — and tokenises them with the checkpoint's
+/// tokenizer; bad rows stop the run or are skipped as `on_bad_row` says.
 pub fn prepare_data(
     config: &RunConfig,
     tokenizer: &ChatTokenizer,
@@ -80,8 +82,10 @@ pub fn prepare_data(
     };
     let mode = t.truncation_mode;
     let mut skipped = 0;
-    let mut load = |path: &PathBuf| -> Result<Vec<TokenizedPair>, TrainingError> {
-        let loaded = load_file(path, None)
+    let dataset_config = config.dataset_config.as_deref();
+    let mut load = |path: &PathBuf, split: &str| -> Result<Vec<TokenizedPair>, TrainingError> {
+        let files = data_files(path, dataset_config, split).map_err(TrainingError::Data)?;
+        let loaded = load_files(&files, None)
             .and_then(|l| l.check(policy))
             .map_err(|e| TrainingError::Data(e.to_string()))?;
         skipped += loaded.bad.len();
@@ -94,9 +98,13 @@ pub fn prepare_data(
         skipped += bad.len();
         Ok(pairs)
     };
-    let all = load(data)?;
+    let (train_split, test_split) = (&config.dataset_train_split, &config.dataset_test_split);
+    let all = load(data, train_split)?;
     let (train, eval) = match &config.eval_data {
-        Some(path) => (all, load(path)?),
+        Some(path) => (all, load(path, test_split)?),
+        None if has_dataset_split(data, dataset_config, test_split) => {
+            (all, load(data, test_split)?)
+        }
         None if config.eval_ratio > 0.0 => split_train_eval(&all, config.eval_ratio, t.seed),
         None => (all, Vec::new()),
     };
@@ -271,7 +279,6 @@ where
         Some(path) => {
             let mut rckpt = Checkpoint::open(path)?;
             fingerprint = fingerprint.path(path);
-            let mode = c.truncation_mode;
             let bare = LoraFactory {
                 inner,
                 config: LoraConfig {
@@ -281,30 +288,12 @@ where
                 adapter_name: String::new(),
             };
             let reference = rckpt.build::<B, _>(&bare, &device)?;
-            let bs = c.per_device_eval_batch_size;
             job.observer.on_message(&format!(
                 "computing reference log-probs with {}",
                 path.display()
             ));
-            let packing = c.packing();
-            let train = compute_ref_logps(
-                &reference,
-                &data.train,
-                data.pad_id,
-                c.max_length,
-                mode,
-                bs,
-                packing,
-            )?;
-            let eval = compute_ref_logps(
-                &reference,
-                &data.eval,
-                data.pad_id,
-                c.max_length,
-                mode,
-                bs,
-                packing,
-            )?;
+            let train = compute_ref_logps(&reference, &data.train, data.pad_id, c)?;
+            let eval = compute_ref_logps(&reference, &data.eval, data.pad_id, c)?;
             ReferenceSource::Precomputed { train, eval }
         }
         None => ReferenceSource::Snapshot,

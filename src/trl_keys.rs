@@ -70,10 +70,10 @@ const CHECKPOINTING: &str = "activations are kept for the backward, not recomput
 #[rustfmt::skip]
 pub const TRL_KEYS: &[TrlKey] = &[
     // --- ScriptArguments ---
-    key("dataset_name", "null", Refused("give the files with `data` and `eval_data`; Hub dataset ids are not resolved yet")),
-    key("dataset_config", "null", Refused("give the files with `data` and `eval_data`")),
-    key("dataset_train_split", "\"train\"", Inert("only with a Hub `dataset_name`")),
-    key("dataset_test_split", "\"test\"", Inert("only with a Hub `dataset_name`")),
+    key("dataset_name", "null", Alias("data")),
+    key("dataset_config", "null", Same),
+    key("dataset_train_split", "\"train\"", Same),
+    key("dataset_test_split", "\"test\"", Same),
     key("dataset_streaming", "false", Inert(LOADER)),
     key("ignore_bias_buffers", "false", Inert(ONE_DEVICE)),
     // --- TrainingArguments, as DPOConfig sets them ---
@@ -205,9 +205,9 @@ pub const TRL_KEYS: &[TrlKey] = &[
     key("precompute_ref_batch_size", "null", Inert("the reference is precomputed per_device_eval_batch_size pairs at a time: the same values")),
     key("loss_type", "[\"sigmoid\"]", Same),
     key("loss_weights", "null", Same),
-    key("ld_alpha", "null", Refused("LD-DPO's length weighting is not implemented yet")),
-    key("f_divergence_type", "\"reverse_kl\"", Refused("only the reverse KL divergence (standard DPO) is implemented yet")),
-    key("f_alpha_divergence_coef", "0.5", Inert("only with f_divergence_type = \"alpha_divergence\"")),
+    key("ld_alpha", "null", Same),
+    key("f_divergence_type", "\"reverse_kl\"", Same),
+    key("f_alpha_divergence_coef", "0.5", Same),
     key("label_smoothing", "0.0", Same),
     key("beta", "0.1", Same),
     key("use_weighting", "false", Refused("WPO's weighting is not implemented yet")),
@@ -451,13 +451,17 @@ pub enum Source {
     TrlRecipe,
 }
 
-/// `ModelConfig`'s defaults where they differ from prefer's (PEFT's `LoraConfig` and a 4-bit base).
-const MODEL_CONFIG_DEFAULTS: [(&str, &str); 5] = [
+/// TRL's defaults where they differ from prefer's, for a recipe that leaves them out: `ModelConfig`'s
+/// (PEFT's `LoraConfig` and a 4-bit base), no evaluation unless asked for, and the whole train
+/// split trained on (`trl dpo` evaluates only the test split).
+const RECIPE_DEFAULTS: [(&str, &str); 7] = [
     ("r", "16"),
     ("lora_alpha", "32"),
     ("lora_dropout", "0.05"),
     ("load_in_4bit", "false"),
     ("bnb_4bit_use_double_quant", "false"),
+    ("eval_strategy", "\"no\""),
+    ("eval_ratio", "0.0"),
 ];
 
 /// A table in prefer's own keys, with the warning lines for keys that change nothing here.
@@ -527,7 +531,7 @@ pub fn translate(
         out.table.insert(to, value);
     }
     if source == Source::TrlRecipe {
-        for (k, v) in MODEL_CONFIG_DEFAULTS {
+        for (k, v) in RECIPE_DEFAULTS {
             if !out.table.contains_key(k) {
                 out.table
                     .insert(k.into(), serde_json::from_str(v).unwrap_or(Value::Null));

@@ -299,7 +299,8 @@ fn toml_and_yaml_give_the_same_run() {
     std::fs::write(
         &toml,
         "model = \"m\"\nbeta = 0.2\nr = 16\nlora_alpha = 32\nlora_dropout = 0.05\n\
-         load_in_4bit = false\nbnb_4bit_use_double_quant = false\nloss_type = [\"ipo\"]\n",
+         load_in_4bit = false\nbnb_4bit_use_double_quant = false\nloss_type = [\"ipo\"]\n\
+         eval_strategy = \"no\"\neval_ratio = 0.0\n",
     )
     .unwrap();
     let yaml = dir.join("run.yaml");

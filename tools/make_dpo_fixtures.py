@@ -32,8 +32,8 @@ tests/fixtures/dpo/
                           the collated batch, per-pair log-prob sums (policy = base+adapter,
                           reference = base with the adapter disabled), token counts, mean logits,
                           loss + logged metrics for every DPO loss_type (label_smoothing 0.1 and 0.0),
-                          the multi-loss ["sigmoid","sft"] with weights [1.0,0.5], ld_alpha and
-                          use_weighting variants, CPOTrainer (sigmoid/CPO, SimPO), ORPOTrainer and
+                          the multi-loss ["sigmoid","sft"] with weights [1.0,0.5], ld_alpha,
+                          use_weighting and f_divergence_type variants, CPOTrainer (sigmoid/CPO, SimPO), ORPOTrainer and
                           KTOTrainer on the same data.
   sigmoid_grads.safetensors  d(sigmoid loss, beta 0.1, no label smoothing)/d(every LoRA parameter),
                           keys as in adapter_model.safetensors (lora_A [r,in], lora_B [out,r]).
@@ -566,9 +566,23 @@ def make_dpo_losses(adapter_sd):
     extras = {}
     for nm, cfg in [("sigmoid_ld_alpha_0.5", dict(ld_alpha=0.5)),
                     ("sigmoid_use_weighting", dict(use_weighting=True)),
-                    ("sigmoid_beta_0.5", dict(beta=0.5))]:
+                    ("sigmoid_beta_0.5", dict(beta=0.5)),
+                    # LD-DPO with SFT: the SFT term keeps the plain per-token mean
+                    ("sigmoid_sft_ld_alpha_0.3", dict(ld_alpha=0.3, loss_type=["sigmoid", "sft"])),
+                    # f-DPO: the log-ratios go through f'(exp(.)) before the loss
+                    ("sigmoid_forward_kl", dict(f_divergence_type="forward_kl")),
+                    ("sigmoid_js_divergence", dict(f_divergence_type="js_divergence")),
+                    ("sigmoid_alpha_divergence_0.5", dict(f_divergence_type="alpha_divergence")),
+                    ("hinge_alpha_divergence_0.3", dict(f_divergence_type="alpha_divergence",
+                                                        f_alpha_divergence_coef=0.3, loss_type=["hinge"])),
+                    ("ipo_js_divergence", dict(f_divergence_type="js_divergence", loss_type=["ipo"])),
+                    ("sigmoid_norm_forward_kl", dict(f_divergence_type="forward_kl", loss_type=["sigmoid_norm"])),
+                    ("robust_js_divergence", dict(f_divergence_type="js_divergence", loss_type=["robust"],
+                                                  label_smoothing=0.1))]:
         cfg.setdefault("beta", 0.1)
-        _, _, l, m, _ = run_dpo(rows, adapter_sd, loss_type=["sigmoid"], label_smoothing=0.0, **cfg)
+        cfg.setdefault("loss_type", ["sigmoid"])
+        cfg.setdefault("label_smoothing", 0.0)
+        _, _, l, m, _ = run_dpo(rows, adapter_sd, **cfg)
         extras[nm] = {"config": cfg, "loss": f32(l), "metrics": m}
     res["extras"] = extras
 

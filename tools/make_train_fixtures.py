@@ -2,7 +2,7 @@
 step sequence (averaged micro-batch gradients, global-norm clipping, torch AdamW).
 
 Run by hand: python tools/make_train_fixtures.py  (torch, transformers)
-Writes tests/fixtures/train/{schedules,adamw_clip}.json.
+Writes tests/fixtures/train/{schedules,plateaus,adamw_clip}.json.
 """
 import json
 import os
@@ -55,6 +55,28 @@ for total, warmup in [(12, 0), (12, 3), (7, 2)]:
     schedule("warmup_stable_decay", total, warmup,
              {"num_decay_steps": 5, "warmup_type": "1-sqrt", "decay_type": "linear"})
 json.dump(schedules, open(os.path.join(OUT, "schedules.json"), "w"), indent=1)
+
+# --- reduce_lr_on_plateau: the rate after each evaluation's metric, as Trainer steps torch's
+# ReduceLROnPlateau with `metrics[metric_for_best_model]` after every evaluation.
+plateaus = []
+rng = torch.Generator().manual_seed(11)
+# A noisy loss that falls, stalls, falls again and stalls, so every rule has plateaus to find.
+trend = torch.cat([torch.linspace(0.7, 0.5, 10), torch.full((12,), 0.5), torch.linspace(0.5, 0.3, 6),
+                   torch.full((12,), 0.3)])
+metrics = (trend + 0.01 * torch.randn(len(trend), generator=rng, dtype=torch.float64)).tolist()
+for specific in [{}, {"patience": 2}, {"patience": 1, "factor": 0.5, "cooldown": 2},
+                 {"mode": "max", "patience": 2, "threshold": 0.01},
+                 {"threshold_mode": "abs", "threshold": 0.005, "patience": 1, "min_lr": 1e-5},
+                 {"patience": 0, "factor": 0.5, "eps": 1e-5}]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=3e-4)
+    sched = get_scheduler("reduce_lr_on_plateau", opt, scheduler_specific_kwargs=specific)
+    lrs = []
+    for m in metrics:
+        sched.step(m)
+        lrs.append(opt.param_groups[0]["lr"])
+    plateaus.append({"lr_scheduler_kwargs": specific, "peak": 3e-4, "metrics": metrics, "lrs": lrs})
+json.dump(plateaus, open(os.path.join(OUT, "plateaus.json"), "w"), indent=1)
 
 # --- AdamW with averaged accumulation and global-norm clipping
 g = torch.Generator().manual_seed(7)

@@ -51,7 +51,8 @@ pub struct TrainArgs {
     /// The base model: a Hugging Face directory or a .gguf file (`model`).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Training pairs: TRL standard/conversational/implicit or ShareGPT, JSON Lines or JSON (`data`).
+    /// Training pairs (`data`): TRL standard/conversational/implicit or ShareGPT rows in a JSON
+    /// Lines, JSON or Parquet file, a dataset folder, or a Hub dataset id in the local cache.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out pairs (`eval_data`); without them `eval_ratio` of the data is held out.

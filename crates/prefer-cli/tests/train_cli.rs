@@ -353,3 +353,53 @@ fn a_separate_reference_model_is_precomputed() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// A Hub dataset id (TRL's `dataset_name`) is read from the local Hugging Face cache, offline: the
+/// Parquet shards of its train split are trained on and its test split is held out. A split it does
+/// not have is an error listing the ones it has.
+#[test]
+fn a_hub_dataset_trains_on_its_train_split_and_holds_out_its_test_split() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let cache = scratch("hub-dataset");
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let repo = cache.join("datasets--Org--prefs");
+    let data = repo.join("snapshots").join(commit).join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for e in std::fs::read_dir(fixtures.join("dpo/parquet/hub/data")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), data.join(e.file_name())).unwrap();
+    }
+    let train = |extra: &[&str]| {
+        prefer()
+            .env("HF_HUB_CACHE", &cache)
+            .args(["train", "--model"])
+            .arg(fixtures.join("llama/gqa_f32"))
+            .args(["--dataset-name", "Org/prefs", "--max-steps", "1"])
+            .args(["--eval-strategy", "steps", "--eval-steps", "1"])
+            .arg("--output")
+            .arg(cache.join("out"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = train(&[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("5 training pairs, 2 held out"), "{stdout}");
+    assert!(
+        rows(&cache.join("out"))
+            .iter()
+            .any(|r| r.get("eval_loss").is_some())
+    );
+
+    let run = train(&["--dataset-train-split", "validation"]);
+    assert_eq!(run.status.code(), Some(1));
+    let err = stderr(&run);
+    assert!(
+        err.contains("`data`") && err.contains("no `validation` split; it has test, train"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&cache).unwrap();
+}

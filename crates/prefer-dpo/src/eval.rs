@@ -7,7 +7,7 @@ use crate::{
     data::{BadRow, DpoBatch, Packing, check_vocab},
     host::{DeviceReadError, read, values},
     logps::{SequenceLogps, sequence_logps},
-    loss::{LossConfig, PairLogps, dpo_loss},
+    loss::{FDivergenceType, LossConfig, PairLogps, dpo_loss},
     metrics::PairRecords,
 };
 
@@ -29,7 +29,9 @@ pub fn evaluate_batch<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     reference: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
-    let ref_sums = sequence_logps(reference, batch).sums.detach();
+    let ref_sums = sequence_logps(reference, batch)
+        .logps(config.ld_alpha)
+        .detach();
     evaluate_batch_with(config, policy, ref_sums, batch)
 }
 
@@ -42,7 +44,8 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
     let pol = sequence_logps(policy, batch);
-    let (chosen, rejected) = SequenceLogps::split(pol.sums.clone());
+    let (chosen, rejected) = SequenceLogps::split(pol.logps(config.ld_alpha));
+    let (chosen_unweighted, _) = SequenceLogps::split(pol.sums.clone());
     let ref_sums_all = ref_sums.clone();
     let (ref_chosen, ref_rejected) = SequenceLogps::split(ref_sums);
     let (chosen_tokens, rejected_tokens) = SequenceLogps::split(pol.tokens.clone());
@@ -53,11 +56,13 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         ref_rejected,
         chosen_tokens,
         rejected_tokens,
+        chosen_unweighted,
     };
     // The plain sigmoid loss (TRL's default) runs as one fused kernel from the token log-probs.
+    let plain = config.ld_alpha.is_none() && config.f_divergence.kind == FDivergenceType::ReverseKl;
     let mut losses = config.weighted();
     let loss = match (losses.next(), losses.next()) {
-        (Some((crate::loss::LossType::Sigmoid, weight)), None) => {
+        (Some((crate::loss::LossType::Sigmoid, weight)), None) if plain => {
             prefer_kernels::dpo_sigmoid_loss(
                 pol.token_logps.clone(),
                 pol.mask.clone(),

@@ -25,6 +25,27 @@ pub struct SequenceLogps<B: Backend> {
 }
 
 impl<B: Backend> SequenceLogps<B> {
+    /// The sequence log-probs the losses take: the plain sums, or with LD-DPO's `ld_alpha` (Liu et
+    /// al. 2024, "Length Desensitization") each pair's tokens past its shorter completion weighted
+    /// by alpha, so a longer answer earns no log-prob for its length alone. Rows are
+    /// `[chosen.., rejected..]`.
+    pub fn logps(&self, ld_alpha: Option<f64>) -> Tensor<B, 1> {
+        let Some(alpha) = ld_alpha else {
+            return self.sums.clone();
+        };
+        let [n, t] = self.mask.dims();
+        // The position of each completion token within its completion, from 1.
+        let position = self.mask.clone().cumsum(1);
+        let (chosen_len, rejected_len) = Self::split(self.tokens.clone());
+        let shared = chosen_len.min_pair(rejected_len);
+        let shared = Tensor::cat(vec![shared.clone(), shared], 0)
+            .reshape([n, 1])
+            .expand([n, t]);
+        let tail = position.greater(shared).float();
+        let weights = tail * (alpha - 1.0) + 1.0;
+        (self.token_logps.clone() * weights).sum_dim(1).reshape([n])
+    }
+
     /// Splits `[chosen.., rejected..]` rows into the two halves.
     pub fn split(t: Tensor<B, 1>) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let n = t.dims()[0] / 2;

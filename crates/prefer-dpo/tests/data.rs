@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use prefer_dpo::data::{
     DataFormat, OnBadRow, TokenizeOptions, TokenizedPair, TruncationMode, check_vocab, collate,
-    drop_truncated_away, load_file, parse_rows, tokenize_rows,
+    drop_truncated_away, load_file, load_files, parse_rows, tokenize_rows,
 };
 use prefer_llama::{ChatTokenizer, Checkpoint};
 use serde_json::Value;
@@ -351,4 +351,92 @@ fn train_eval_split_and_length_grouping_are_seeded_and_complete() {
                 || lens.iter().filter(|&&l| l == a).count() > 1
         );
     }
+}
+
+/// Parquet files written by `datasets` (as the Hub's are; `tools/make_parquet_fixtures.py`) give
+/// the rows of their JSON Lines form, so TRL's token ids, in every row format and codec; bad rows
+/// are located as `file: row N`.
+#[test]
+fn parquet_rows_are_their_json_lines_rows() {
+    let tok = tokenizer();
+    for (parquet, jsonl) in [
+        ("standard.parquet", "standard.jsonl"),
+        ("standard_zstd.parquet", "standard.jsonl"),
+        ("conversational.parquet", "conversational.jsonl"),
+        ("implicit.parquet", "implicit.jsonl"),
+    ] {
+        let path = root().join("dpo/parquet").join(parquet);
+        let from_parquet = load_file(&path, None).unwrap();
+        let from_json = load_file(&root().join("dpo").join(jsonl), None).unwrap();
+        assert!(
+            from_parquet.bad.is_empty(),
+            "{parquet}: {:?}",
+            from_parquet.bad
+        );
+        assert_eq!(from_parquet.format, from_json.format, "{parquet}");
+        let rows = |l: &prefer_dpo::data::Loaded| -> Vec<_> {
+            l.rows.iter().map(|(_, r)| r.clone()).collect()
+        };
+        assert_eq!(rows(&from_parquet), rows(&from_json), "{parquet}");
+        assert!(
+            from_parquet.rows[2]
+                .0
+                .ends_with(&format!("{parquet}: row 3")),
+            "{}",
+            from_parquet.rows[2].0
+        );
+        let ids = |l: &prefer_dpo::data::Loaded| -> Vec<_> {
+            let (pairs, _) = tokenize_rows(&tok, &l.rows, TokenizeOptions::default());
+            pairs
+                .into_iter()
+                .map(|p| (p.prompt, p.chosen, p.rejected))
+                .collect()
+        };
+        assert_eq!(ids(&from_parquet), ids(&from_json), "{parquet}");
+    }
+
+    let bad = load_file(&root().join("dpo/parquet/bad_rows.parquet"), None).unwrap();
+    let found: Vec<(String, String)> = bad
+        .bad
+        .iter()
+        .map(|b| {
+            (
+                b.location.rsplit('/').next().unwrap().to_string(),
+                b.reason.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "bad_rows.parquet: row 2".to_string(),
+                "`chosen` is empty".to_string()
+            ),
+            (
+                "bad_rows.parquet: row 4".to_string(),
+                "`rejected` must be a string, found null".to_string()
+            ),
+        ]
+    );
+    assert_eq!(bad.rows.len(), 3);
+
+    // Shards of one split read as one file; a file that is not Parquet says so.
+    let shards: Vec<PathBuf> = ["00000", "00001"]
+        .iter()
+        .map(|i| root().join(format!("dpo/parquet/hub/data/train-{i}-of-00002.parquet")))
+        .collect();
+    let both = load_files(&shards, None).unwrap();
+    let json = load_file(&root().join("dpo/conversational.jsonl"), None).unwrap();
+    assert_eq!(both.rows.len(), 5);
+    assert!(both.rows.iter().zip(&json.rows).all(|(a, b)| a.1 == b.1));
+    let not_parquet =
+        std::env::temp_dir().join(format!("prefer-not-{}.parquet", std::process::id()));
+    std::fs::write(&not_parquet, b"{\"prompt\": \"a\"}\n").unwrap();
+    let err = load_file(&not_parquet, None).unwrap_err();
+    assert!(
+        err.reason.starts_with("not a readable Parquet file"),
+        "{err}"
+    );
+    std::fs::remove_file(&not_parquet).unwrap();
 }

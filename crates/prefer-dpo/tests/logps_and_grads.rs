@@ -212,6 +212,57 @@ fn log_probs_losses_and_metrics_match_trl() {
     }
 }
 
+/// LD-DPO (`ld_alpha`: each pair's tokens past its shorter completion weighted, in the policy and
+/// the reference, not in the SFT term) and f-DPO (`f_divergence_type`: the log-ratios through
+/// `f'(exp(·))`) on the real forward pass: TRL's loss and metrics for each variant in the fixture.
+fn check_variants<B: prefer_kernels::PreferBackend>(packing: Packing) {
+    let device = Default::default();
+    let f = fixture();
+    let (policy, reference) = models::<B>(&device);
+    let batch = batch::<B>(&f, &device, packing);
+    let mut seen = 0;
+    for (name, case) in f["extras"].as_object().unwrap() {
+        let config = &case["config"];
+        if config.get("use_weighting").is_some() {
+            continue; // WPO: not implemented (refused by the config)
+        }
+        let train: prefer_dpo::train::TrainConfig =
+            serde_json::from_value(config.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let loss_config = train.loss();
+        let out = evaluate_batch(&loss_config, &policy, &reference, &batch);
+        let loss: f32 = out.loss.clone().into_scalar().elem();
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            (loss as f64 - want).abs() <= 1e-5 + 1e-5 * want.abs(),
+            "{packing:?} {name}: loss {loss} vs TRL {want}"
+        );
+        let metrics = out.records().unwrap().metrics(train.beta);
+        for m in [
+            "logps/chosen",
+            "logps/rejected",
+            "rewards/chosen",
+            "rewards/margins",
+            "rewards/accuracies",
+        ] {
+            let (g, w) = (metrics[m], case["metrics"][m].as_f64().unwrap());
+            assert!(
+                (g - w).abs() <= 1e-4 + 1e-5 * w.abs(),
+                "{packing:?} {name} {m}: {g} vs TRL {w}"
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 10);
+}
+
+#[test]
+fn ld_dpo_and_f_divergences_match_trl() {
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        check_variants::<NdArray>(packing);
+        check_variants::<Flex>(packing);
+    }
+}
+
 #[test]
 fn lora_gradients_match_trl() {
     for packing in [Packing::Padded, Packing::PaddingFree] {

@@ -39,6 +39,7 @@ fn pairs(f: &Value) -> PairLogps<B> {
         ref_rejected: t(v(&p["reference_rejected_logps"])),
         chosen_tokens: t(v(&p["chosen_token_counts"])),
         rejected_tokens: t(v(&p["rejected_token_counts"])),
+        chosen_unweighted: t(v(&p["policy_chosen_logps"])),
     }
 }
 
@@ -194,6 +195,29 @@ fn bad_options_name_the_option() {
     assert_eq!(
         cfg.validate().unwrap_err(),
         "loss_weights has 2 values but loss_type names 1 losses"
+    );
+    // TRL's rule: an f-divergence other than reverse KL only with the losses built on the scores.
+    let cfg = LossConfig {
+        loss_types: vec![LossType::Sigmoid, LossType::NcaPair],
+        f_divergence: prefer_dpo::loss::FDivergence {
+            kind: prefer_dpo::loss::FDivergenceType::JsDivergence,
+            alpha: 0.5,
+        },
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err();
+    assert!(
+        e.starts_with("f_divergence_type other than reverse_kl works with the sigmoid")
+            && e.ends_with("not `nca_pair`"),
+        "{e}"
+    );
+    let cfg = LossConfig {
+        ld_alpha: Some(1.5),
+        ..Default::default()
+    };
+    assert_eq!(
+        cfg.validate().unwrap_err(),
+        "ld_alpha must be in [0, 1] (got 1.5)"
     );
 }
 

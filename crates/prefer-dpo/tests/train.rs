@@ -12,9 +12,9 @@ use burn::{
 use prefer_dpo::{
     data::TokenizedPair,
     train::{
-        IntervalStrategy, LrSchedule, LrSchedulerType, ReferenceSource, Resume, SaveStrategy,
-        Silent, TrainConfig, TrainError, TrainRun, TrainSummary, clip::average_and_clip,
-        list_checkpoints, train,
+        IntervalStrategy, LrSchedule, LrSchedulerKwargs, LrSchedulerType, Plateau, PlateauOptions,
+        ReferenceSource, Resume, SaveStrategy, Silent, TrainConfig, TrainError, TrainRun,
+        TrainSummary, clip::average_and_clip, list_checkpoints, train,
     },
 };
 use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights};
@@ -61,6 +61,32 @@ fn schedules_match_hugging_face() {
             assert!(
                 (got - want).abs() <= 1e-12 * want.abs().max(1e-12),
                 "{case}: step {i}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn plateaus_match_torch() {
+    for case in fixture("plateaus.json").as_array().unwrap() {
+        let kwargs: LrSchedulerKwargs =
+            serde_json::from_value(case["lr_scheduler_kwargs"].clone()).unwrap();
+        kwargs.check(LrSchedulerType::ReduceLrOnPlateau).unwrap();
+        let options = PlateauOptions::from(&kwargs);
+        let mut plateau = Plateau::new(case["peak"].as_f64().unwrap());
+        let metrics = case["metrics"].as_array().unwrap();
+        for (i, (m, want)) in metrics
+            .iter()
+            .zip(case["lrs"].as_array().unwrap())
+            .enumerate()
+        {
+            plateau.observe(m.as_f64().unwrap(), &options);
+            let want = want.as_f64().unwrap();
+            assert!(
+                (plateau.lr - want).abs() <= 1e-12 * want,
+                "{}: evaluation {i}: {} vs {want}",
+                case["lr_scheduler_kwargs"],
+                plateau.lr
             );
         }
     }
@@ -836,6 +862,73 @@ fn disable_dropout_trains_as_without_dropout() {
     assert_ne!(
         adapter_bytes(&on.adapter_dir),
         adapter_bytes(&none.adapter_dir)
+    );
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// `reduce_lr_on_plateau` in a run: the rate of each step follows torch's rule over the evaluations
+/// before it (none on start), and a run resumed from a checkpoint goes on at the same rates.
+#[test]
+fn reduce_lr_on_plateau_follows_the_evaluations_and_resumes() {
+    let (a, b) = (scratch("plateau"), scratch("plateau-resumed"));
+    let cfg = |out: &Path| TrainConfig {
+        max_steps: 8,
+        // So small a rate that the eval loss cannot improve by the threshold: cuts at a plateau.
+        learning_rate: 1e-9,
+        lr_scheduler_type: LrSchedulerType::ReduceLrOnPlateau,
+        lr_scheduler_kwargs: serde_json::from_value(
+            // torch skips a cut smaller than eps (1e-8 by default): at this rate, every cut.
+            serde_json::json!({"patience": 1, "factor": 0.5, "eps": 1e-12}),
+        )
+        .unwrap(),
+        eval_steps: Some(1),
+        eval_on_start: true,
+        logging_steps: 1,
+        save_steps: 4,
+        ..base_config(out)
+    };
+    let straight = run(&cfg(&a), None, ReferenceSource::Snapshot).unwrap();
+    let rows = prefer_dpo::train::read_jsonl(&a.join("metrics.jsonl")).unwrap();
+    let options = PlateauOptions::from(&cfg(&a).lr_scheduler_kwargs);
+    let mut plateau = Plateau::new(1e-9);
+    let mut rates = Vec::new();
+    for r in &rows {
+        match (r.get("learning_rate"), r.get("eval_loss")) {
+            (Some(lr), _) => {
+                assert_eq!(lr, plateau.lr, "step {}", r.step);
+                rates.push(lr);
+            }
+            (None, Some(loss)) if r.step > 0 => plateau.observe(loss, &options),
+            _ => {}
+        }
+    }
+    assert_eq!(rates.len(), 8);
+    let losses: Vec<(usize, f64)> = rows
+        .iter()
+        .filter_map(|r| r.get("eval_loss").map(|l| (r.step, l)))
+        .collect();
+    assert!(rates[7] < rates[0], "no cut: {rates:?} {losses:?}");
+
+    run(&cfg(&b), None, ReferenceSource::Snapshot).unwrap();
+    let resumed = run(
+        &cfg(&b),
+        Some(Resume::From(b.join("checkpoint-4"))),
+        ReferenceSource::Snapshot,
+    )
+    .unwrap();
+    let lrs = |dir: &Path| -> Vec<(usize, f64)> {
+        prefer_dpo::train::read_jsonl(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.get("learning_rate").map(|lr| (r.step, lr)))
+            .collect()
+    };
+    assert_eq!(lrs(&a), lrs(&b));
+    assert_eq!(
+        adapter_bytes(&straight.adapter_dir),
+        adapter_bytes(&resumed.adapter_dir)
     );
     for d in [a, b] {
         std::fs::remove_dir_all(d).unwrap();

@@ -1,11 +1,16 @@
-//! Reading preference files (JSON Lines or a JSON array) and normalising every row to a prompt with
+//! Reading preference files (JSON Lines, a JSON array, or Parquet) and normalising every row to a prompt with
 //! a chosen and a rejected completion. Formats: TRL standard (strings), TRL conversational (message
 //! lists), implicit prompt (whole conversations sharing a prefix), and ShareGPT / LLaMA-Factory.
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use prefer_llama::ChatMessage;
 use serde_json::{Map, Value};
+
+use super::parquet_rows::{is_parquet, read_records};
 
 /// A prompt or completion: plain text or chat messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +85,7 @@ pub enum OnBadRow {
 /// A row that cannot be used, with where it is and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRow {
-    /// `file:line` (JSON Lines) or `file: row N` (JSON arrays).
+    /// `file:line` (JSON Lines) or `file: row N` (JSON arrays and Parquet).
     pub location: String,
     /// What is wrong.
     pub reason: String,
@@ -115,10 +120,17 @@ impl Loaded {
     }
 }
 
-/// Reads a JSON Lines file, or a JSON array (a file whose first non-blank character is `[`).
-/// A UTF-8 byte-order mark and CRLF line endings are accepted.
+/// One raw record of a file: its location and its JSON value (or why it has none).
+pub(crate) type Record = (String, Result<Value, String>);
+
+/// Reads a preference file: Parquet (by its `.parquet` extension), a JSON array (a file whose
+/// first non-blank character is `[`), or JSON Lines. A UTF-8 byte-order mark and CRLF line
+/// endings are accepted.
 pub fn load_file(path: &Path, format: Option<DataFormat>) -> Result<Loaded, BadRow> {
     let name = path.display().to_string();
+    if is_parquet(path) {
+        return rows_from_records(&name, read_records(path, &name)?, format);
+    }
     let bytes = std::fs::read(path).map_err(|e| BadRow {
         location: name.clone(),
         reason: e.to_string(),
@@ -126,11 +138,32 @@ pub fn load_file(path: &Path, format: Option<DataFormat>) -> Result<Loaded, BadR
     parse_rows(&name, &bytes, format)
 }
 
-/// Parses the bytes of a preference file named `name`.
+/// Reads the files of one dataset split (its shards, in order) as one: the format found in the
+/// first holds for the rest.
+pub fn load_files(paths: &[PathBuf], format: Option<DataFormat>) -> Result<Loaded, BadRow> {
+    let mut all = Loaded {
+        format,
+        ..Default::default()
+    };
+    for path in paths {
+        let loaded = load_file(path, all.format)?;
+        all.format = loaded.format;
+        all.rows.extend(loaded.rows);
+        all.bad.extend(loaded.bad);
+    }
+    Ok(all)
+}
+
+/// Parses the bytes of a JSON Lines or JSON preference file named `name`.
 pub fn parse_rows(name: &str, bytes: &[u8], format: Option<DataFormat>) -> Result<Loaded, BadRow> {
+    rows_from_records(name, json_records(name, bytes)?, format)
+}
+
+/// The records of a JSON array or a JSON Lines file, located by line (or by row in an array).
+fn json_records(name: &str, bytes: &[u8]) -> Result<Vec<Record>, BadRow> {
     let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    let mut raw: Vec<(String, Result<Value, String>)> = Vec::new();
+    let mut raw: Vec<Record> = Vec::new();
     if first == Some(&b'[') {
         let text = std::str::from_utf8(bytes).map_err(|e| {
             let line = bytes[..e.valid_up_to()]
@@ -166,11 +199,20 @@ pub fn parse_rows(name: &str, bytes: &[u8], format: Option<DataFormat>) -> Resul
             raw.push((location, parsed));
         }
     }
+    Ok(raw)
+}
+
+/// Detects the format (or checks the forced one) of each record and normalises it to a pair.
+fn rows_from_records(
+    name: &str,
+    records: Vec<Record>,
+    format: Option<DataFormat>,
+) -> Result<Loaded, BadRow> {
     let mut loaded = Loaded {
         format,
         ..Default::default()
     };
-    for (location, parsed) in raw {
+    for (location, parsed) in records {
         let result = parsed.and_then(|v| {
             let obj = v.as_object().ok_or("a row must be a JSON object")?;
             let detected = detect(obj)?;

@@ -1,6 +1,7 @@
 //! The DPO family of losses, each as TRL 1.16's `DPOTrainer` computes it from per-sequence
 //! log-probability sums of the policy and the reference; several can be combined with weights.
 
+pub mod f_divergence;
 pub mod kto;
 mod pairwise;
 pub mod reference_free;
@@ -9,6 +10,7 @@ use std::{fmt, str::FromStr};
 
 use burn::tensor::{Tensor, backend::Backend};
 
+pub use f_divergence::{FDivergence, FDivergenceType};
 pub use kto::{KtoConfig, kto_kl, kto_loss};
 pub use pairwise::per_pair_loss;
 pub use reference_free::{orpo_log_odds, orpo_loss, simpo_loss};
@@ -111,6 +113,11 @@ pub struct LossConfig {
     pub label_smoothing: f64,
     /// Temperature of DiscoPOP's blend (`discopop_tau`, 0.05).
     pub discopop_tau: f64,
+    /// The divergence to the reference (`f_divergence_type`, reverse KL: standard DPO).
+    pub f_divergence: FDivergence,
+    /// LD-DPO's weight of the completion tokens past the shorter completion of a pair
+    /// (`ld_alpha`; none: all tokens count fully).
+    pub ld_alpha: Option<f64>,
 }
 
 impl Default for LossConfig {
@@ -121,6 +128,11 @@ impl Default for LossConfig {
             loss_weights: None,
             label_smoothing: 0.0,
             discopop_tau: 0.05,
+            f_divergence: FDivergence {
+                kind: FDivergenceType::ReverseKl,
+                alpha: 0.5,
+            },
+            ld_alpha: None,
         }
     }
 }
@@ -154,6 +166,26 @@ impl LossConfig {
         if self.loss_types.contains(&LossType::ExoPair) && self.label_smoothing == 0.0 {
             return Err("loss_type exo_pair needs label_smoothing > 0".into());
         }
+        if self.f_divergence.kind != FDivergenceType::ReverseKl
+            && let Some(t) = self
+                .loss_types
+                .iter()
+                .find(|t| !FDivergence::applies_to(**t))
+        {
+            return Err(format!(
+                "f_divergence_type other than reverse_kl works with the sigmoid, sigmoid_norm, \
+                 hinge, ipo, exo_pair, robust, discopop and sft losses, not `{}`",
+                t.name()
+            ));
+        }
+        if !self.f_divergence.alpha.is_finite() {
+            return Err("f_alpha_divergence_coef must be a finite number".into());
+        }
+        if let Some(a) = self.ld_alpha
+            && !(0.0..=1.0).contains(&a)
+        {
+            return Err(format!("ld_alpha must be in [0, 1] (got {a})"));
+        }
         Ok(())
     }
 }
@@ -171,6 +203,9 @@ pub struct PairLogps<B: Backend> {
     pub ref_rejected: Tensor<B, 1>,
     /// Completion tokens of each chosen sequence (≥ 1), as floats.
     pub chosen_tokens: Tensor<B, 1>,
+    /// The policy's plain log-prob sum over the chosen completion: `chosen` unless `ld_alpha`
+    /// weights it (the SFT term is the plain mean).
+    pub chosen_unweighted: Tensor<B, 1>,
     /// Completion tokens of each rejected sequence (≥ 1), as floats.
     pub rejected_tokens: Tensor<B, 1>,
 }

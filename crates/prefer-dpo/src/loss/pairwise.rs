@@ -1,5 +1,6 @@
-//! The per-pair formulas. `c`/`r` are the chosen/rejected log-ratios (policy − reference sums),
-//! `h = c − r`, β the strength and ε the label smoothing, as in `trl/trainer/dpo_trainer.py`.
+//! The per-pair formulas. `c`/`r` are the chosen/rejected log-ratios (policy − reference sums) —
+//! through the f-divergence's `f'(exp(·))` for the losses it applies to — `h = c − r`, β the
+//! strength and ε the label smoothing, as in `trl/trainer/dpo_trainer.py`.
 
 use burn::tensor::{
     Tensor,
@@ -7,7 +8,7 @@ use burn::tensor::{
     backend::Backend,
 };
 
-use super::{LossConfig, LossType, PairLogps};
+use super::{FDivergence, LossConfig, LossType, PairLogps};
 
 /// `−(1−ε)·log σ(x) − ε·log σ(−x)`: the conservative (label-smoothed) logistic loss.
 fn smoothed_logistic<B: Backend>(x: Tensor<B, 1>, eps: f64) -> Tensor<B, 1> {
@@ -22,8 +23,13 @@ fn smoothed_logistic<B: Backend>(x: Tensor<B, 1>, eps: f64) -> Tensor<B, 1> {
 /// The loss of each pair, `[P]` (for `sft`, the batch value repeated).
 pub fn per_pair_loss<B: Backend>(t: LossType, cfg: &LossConfig, x: &PairLogps<B>) -> Tensor<B, 1> {
     let (beta, eps) = (cfg.beta, cfg.label_smoothing);
-    let c = x.chosen.clone() - x.ref_chosen.clone();
-    let r = x.rejected.clone() - x.ref_rejected.clone();
+    let (mut c, mut r) = (
+        x.chosen.clone() - x.ref_chosen.clone(),
+        x.rejected.clone() - x.ref_rejected.clone(),
+    );
+    if FDivergence::applies_to(t) {
+        (c, r) = (cfg.f_divergence.scores(c), cfg.f_divergence.scores(r));
+    }
     let h = c.clone() - r.clone();
     let length_normalised =
         || c.clone() / x.chosen_tokens.clone() - r.clone() / x.rejected_tokens.clone();
@@ -64,7 +70,7 @@ pub fn per_pair_loss<B: Backend>(t: LossType, cfg: &LossConfig, x: &PairLogps<B>
             log_sigmoid(z.clone()).neg() * (m.clone().neg() + 1.0) + z.neg().exp() * m
         }
         LossType::Sft => {
-            let nll = x.chosen.clone().sum().neg() / x.chosen_tokens.clone().sum();
+            let nll = x.chosen_unweighted.clone().sum().neg() / x.chosen_tokens.clone().sum();
             nll.expand([x.chosen.dims()[0]])
         }
         LossType::SigmoidNorm => log_sigmoid(length_normalised() * beta).neg(),

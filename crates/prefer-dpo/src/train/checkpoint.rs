@@ -20,7 +20,7 @@ use prefer_llama::LinearLayer;
 use prefer_lora::{LoraConfig, LoraLinear, load_peft, peft_key, save_peft};
 use serde::{Deserialize, Serialize};
 
-use super::{Fingerprint, TrainError, step::DpoPolicy};
+use super::{Fingerprint, TrainError, plateau::Plateau, step::DpoPolicy};
 
 /// Name of the trainable adapter inside the model.
 pub const POLICY_ADAPTER: &str = "default";
@@ -49,6 +49,9 @@ pub struct TrainerState {
     /// `best_model_checkpoint`); absent in checkpoints written before they existed.
     #[serde(default)]
     pub best_model: Option<BestModel>,
+    /// Where `reduce_lr_on_plateau` stands (with that schedule only).
+    #[serde(default)]
+    pub plateau: Option<Plateau>,
 }
 
 /// The best checkpoint so far.

@@ -7,9 +7,10 @@ use prefer_llama::Projection;
 use prefer_lora::LoraConfig;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::plateau::{PlateauMode, ThresholdMode};
 use crate::{
     data::{Packing, TruncationMode},
-    loss::{LossConfig, LossType},
+    loss::{FDivergence, FDivergenceType, LossConfig, LossType},
 };
 
 /// The learning-rate schedule (`lr_scheduler_type`): Hugging Face's `SchedulerType` names.
@@ -34,6 +35,9 @@ pub enum LrSchedulerType {
     CosineWithMinLr,
     /// Warm up, hold the peak, then decay over `num_decay_steps` to `min_lr_ratio` × the peak.
     WarmupStableDecay,
+    /// The peak (no warm-up), cut by `factor` whenever `metric_for_best_model` stops improving
+    /// for more than `patience` evaluations.
+    ReduceLrOnPlateau,
 }
 
 /// The shape of a `warmup_stable_decay` warm-up or decay.
@@ -59,7 +63,7 @@ pub struct LrSchedulerKwargs {
     /// `cosine_with_restarts` (1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_cycles: Option<f64>,
-    /// `cosine_with_min_lr`: the rate it ends at.
+    /// `cosine_with_min_lr`: the rate it ends at; `reduce_lr_on_plateau`: the lowest rate (0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_lr: Option<f64>,
     /// `cosine_with_min_lr`: the rate it ends at, as a fraction of the peak.
@@ -89,6 +93,27 @@ pub struct LrSchedulerKwargs {
     /// `warmup_stable_decay`: the floor, as a fraction of the peak (0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_lr_ratio: Option<f64>,
+    /// `reduce_lr_on_plateau`: `min` (lower is better, the default) or `max`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PlateauMode>,
+    /// `reduce_lr_on_plateau`: the rate's multiplier at a plateau (0.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    /// `reduce_lr_on_plateau`: evaluations without improvement tolerated (10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patience: Option<usize>,
+    /// `reduce_lr_on_plateau`: the least change that counts as an improvement (1e-4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// `reduce_lr_on_plateau`: `rel` (the default) or `abs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_mode: Option<ThresholdMode>,
+    /// `reduce_lr_on_plateau`: evaluations after a cut that are not counted (0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown: Option<usize>,
+    /// `reduce_lr_on_plateau`: the smallest cut made (1e-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
 }
 
 impl LrSchedulerKwargs {
@@ -116,6 +141,16 @@ impl LrSchedulerKwargs {
                 "warmup_type",
                 "decay_type",
                 "min_lr_ratio",
+            ],
+            K::ReduceLrOnPlateau => &[
+                "mode",
+                "factor",
+                "patience",
+                "threshold",
+                "threshold_mode",
+                "cooldown",
+                "min_lr",
+                "eps",
             ],
         };
         if let Some(extra) = self
@@ -145,6 +180,9 @@ impl LrSchedulerKwargs {
             }
             K::InverseSqrt if self.timescale.is_some_and(|t| t <= 0.0) => {
                 Err("timescale must be positive".into())
+            }
+            K::ReduceLrOnPlateau if self.factor.is_some_and(|f| !(0.0..1.0).contains(&f)) => {
+                Err("reduce_lr_on_plateau: factor must be in [0, 1)".into())
             }
             _ => Ok(()),
         }
@@ -242,6 +280,13 @@ pub struct TrainConfig {
     /// RPO: add alpha × the chosen completion's mean NLL to the loss (TRL 0.x's `rpo_alpha`; the
     /// same as appending `sft` to `loss_type` with weight alpha, TRL 1.x's spelling).
     pub rpo_alpha: Option<f64>,
+    /// LD-DPO: the weight of each pair's completion tokens past its shorter completion (in [0, 1];
+    /// unset: standard DPO).
+    pub ld_alpha: Option<f64>,
+    /// f-DPO's divergence to the reference (`reverse_kl`: standard DPO).
+    pub f_divergence_type: FDivergenceType,
+    /// α of `f_divergence_type = "alpha_divergence"`.
+    pub f_alpha_divergence_coef: f64,
     /// Compute the reference's log-probs once before training and cache them on disk.
     pub precompute_ref_log_probs: bool,
     /// Longest prompt + completion, in tokens.
@@ -361,6 +406,9 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             discopop_tau: 0.05,
             rpo_alpha: None,
+            ld_alpha: None,
+            f_divergence_type: FDivergenceType::ReverseKl,
+            f_alpha_divergence_coef: 0.5,
             precompute_ref_log_probs: false,
             max_length: Some(1024),
             max_prompt_length: None,
@@ -454,6 +502,11 @@ impl TrainConfig {
             loss_weights,
             label_smoothing: self.label_smoothing,
             discopop_tau: self.discopop_tau,
+            f_divergence: FDivergence {
+                kind: self.f_divergence_type,
+                alpha: self.f_alpha_divergence_coef,
+            },
+            ld_alpha: self.ld_alpha,
         }
     }
 
@@ -609,6 +662,14 @@ impl TrainConfig {
     /// written where they happen (transformers' rules).
     fn validate_best_model(&self) -> Result<(), ConfigError> {
         let eval = self.eval_strategy();
+        if self.lr_scheduler_type == LrSchedulerType::ReduceLrOnPlateau
+            && eval == IntervalStrategy::No
+        {
+            return Err(bad(
+                "lr_scheduler_type",
+                "reduce_lr_on_plateau needs evaluations: set eval_strategy to `steps` or `epoch`",
+            ));
+        }
         if self.save_strategy == SaveStrategy::Best && eval == IntervalStrategy::No {
             return Err(bad(
                 "save_strategy",
@@ -665,6 +726,11 @@ impl TrainConfig {
     /// Whether checkpoints are ranked by `metric_for_best_model`.
     pub fn tracks_best_model(&self) -> bool {
         self.load_best_model_at_end || self.save_strategy == SaveStrategy::Best
+    }
+
+    /// Whether the run needs held-out pairs: to rank checkpoints or to drive the schedule.
+    pub fn needs_eval_pairs(&self) -> bool {
+        self.tracks_best_model() || self.lr_scheduler_type == LrSchedulerType::ReduceLrOnPlateau
     }
 
     /// Whether a larger value of `metric_for_best_model` is better.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod early_stopping;
 pub mod metrics_log;
 pub mod plan;
+pub mod plateau;
 pub mod reference;
 pub mod schedule;
 pub mod step;
@@ -28,6 +29,7 @@ pub use config::{
 pub use early_stopping::{EarlyStopping, Progress};
 pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
 pub use plan::StepPlan;
+pub use plateau::{Plateau, PlateauMode, PlateauOptions, ThresholdMode};
 pub use reference::{CACHE_FORMAT_VERSION, Fingerprint, RefLogps, cache_key, compute_ref_logps};
 pub use schedule::LrSchedule;
 pub use step::{DpoInput, DpoOutput, DpoPolicy};

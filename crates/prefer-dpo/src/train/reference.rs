@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{TrainError, config::TrainConfig};
 use crate::{
-    data::{Packing, TokenizedPair, TruncationMode, check_vocab, collate},
+    data::{TokenizedPair, TruncationMode, check_vocab, collate},
     host::{DeviceReadError, read},
     logps::{SequenceLogps, sequence_logps},
 };
@@ -120,7 +120,7 @@ impl Fingerprint {
 /// model's identity with the reference adapter's factors mixed in), every option that changes a
 /// reference log-prob — quantisation (`load_in_4bit`, quant type, double quantisation), compute
 /// dtype, truncation (`max_length`, `max_prompt_length`, `max_completion_length`,
-/// `truncation_mode`), the batch layout — and the token ids of the train and eval pairs.
+/// `truncation_mode`), the batch layout, LD-DPO's `ld_alpha` — and the token ids of the train and eval pairs.
 ///
 /// The NF4 block size is not an option of [`TrainConfig`]: whoever builds the base mixes it into
 /// `reference` (the façade does).
@@ -133,7 +133,7 @@ pub fn cache_key(
     let settings = format!(
         "load_in_4bit={} bnb_4bit_quant_type={:?} bnb_4bit_use_double_quant={} \
          bnb_4bit_compute_dtype={:?} max_length={:?} max_prompt_length={:?} \
-         max_completion_length={:?} truncation_mode={:?} packing={:?}",
+         max_completion_length={:?} truncation_mode={:?} packing={:?} ld_alpha={:?}",
         config.load_in_4bit,
         config.bnb_4bit_quant_type,
         config.bnb_4bit_use_double_quant,
@@ -143,6 +143,7 @@ pub fn cache_key(
         config.max_completion_length,
         config.truncation_mode,
         config.packing(),
+        config.ld_alpha,
     );
     let mode = config.truncation_mode;
     Fingerprint::default()
@@ -153,17 +154,17 @@ pub fn cache_key(
         .pairs(eval, config.max_length, mode)
 }
 
-/// Runs `reference` over `pairs` in batches of `batch_size`; `(chosen, rejected)` sums per pair.
-/// A token id beyond the model's vocabulary or a failed device read is an error.
+/// Runs `reference` over `pairs` in batches of `per_device_eval_batch_size`, truncated and laid out
+/// as `config` says; `(chosen, rejected)` log-probs per pair (LD-DPO-weighted with `ld_alpha`). A
+/// token id beyond the model's vocabulary or a failed device read is an error.
 pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
     reference: &LlamaModel<B, L>,
     pairs: &[TokenizedPair],
     pad_id: u32,
-    max_length: Option<usize>,
-    mode: TruncationMode,
-    batch_size: usize,
-    packing: Packing,
+    config: &TrainConfig,
 ) -> Result<RefLogps, TrainError> {
+    let (max_length, mode) = (config.max_length, config.truncation_mode);
+    let (batch_size, packing) = (config.per_device_eval_batch_size, config.packing());
     check_vocab(pairs, pad_id, reference.config.vocab_size)
         .map_err(|b| TrainError::Data(b.to_string()))?;
     let device = reference.embed_tokens.weight.device();
@@ -171,7 +172,7 @@ pub fn compute_ref_logps<B: PreferBackend, L: LinearLayer<B>>(
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, max_length, mode).to_device::<B>(&device, packing);
-        let sums = sequence_logps(reference, &batch).sums;
+        let sums = sequence_logps(reference, &batch).logps(config.ld_alpha);
         let (c, r) = SequenceLogps::split(sums);
         let c: Vec<f32> = read(c, "reference log-probs")?;
         let r: Vec<f32> = read(r, "reference log-probs")?;

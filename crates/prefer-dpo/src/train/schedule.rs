@@ -36,7 +36,8 @@ impl LrSchedule {
         let progress = (s - w) / (t - w).max(1.0);
         let cosine = |cycles: f64, p: f64| 0.5 * (1.0 + (PI * cycles * 2.0 * p).cos());
         let factor = match self.kind {
-            LrSchedulerType::Constant => 1.0,
+            // Its rate follows the evaluations ([`super::plateau::Plateau`]); it starts at the peak.
+            LrSchedulerType::Constant | LrSchedulerType::ReduceLrOnPlateau => 1.0,
             LrSchedulerType::WarmupStableDecay => self.wsd(s),
             _ if s < w => s / w.max(1.0),
             LrSchedulerType::ConstantWithWarmup => 1.0,

@@ -82,7 +82,9 @@ where
                 for (_, layer) in reference.projections_mut() {
                     layer.dropout.prob = 0.0;
                 }
-                sequence_logps(&reference, &input.batch).sums.detach()
+                sequence_logps(&reference, &input.batch)
+                    .logps(self.loss.ld_alpha)
+                    .detach()
             }
         };
         evaluate_batch_with(&self.loss, &self.model, ref_sums, &input.batch)
@@ -121,7 +123,7 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
             // backward pass, so it costs one forward's transient memory and no more.
             let mut reference = burn::module::AutodiffModule::valid(&self.model);
             set_active_adapter(&mut reference, self.reference.as_deref());
-            let sums = sequence_logps(&reference, &input.batch.inner()).sums;
+            let sums = sequence_logps(&reference, &input.batch.inner()).logps(self.loss.ld_alpha);
             input.ref_logps = Some(Tensor::from_inner(sums));
         }
         let eval = self.evaluate(&input);

@@ -28,10 +28,11 @@ use super::{
         latest_checkpoint, load_checkpoint, save_checkpoint,
     },
     clip::average_and_clip,
-    config::{IntervalStrategy, SaveStrategy, TrainConfig},
+    config::{IntervalStrategy, LrSchedulerType, SaveStrategy, TrainConfig},
     early_stopping::{EarlyStopping, Progress},
     metrics_log::{LogRecord, MetricsLog},
     plan::StepPlan,
+    plateau::{Plateau, PlateauOptions},
     reference::{
         Fingerprint, RefLogps, cache_dir, cache_key, compute_ref_logps, read_cached, ref_tensor,
         write_cached,
@@ -269,6 +270,7 @@ fn optimiser_and_state<B: TrainBackend, L: BaseLayer<B>>(
         best_metric: None,
         evals_without_improvement: 0,
         best_model: None,
+        plateau: None,
     };
     let Some(resume) = &run.resume else {
         return Ok((optim, state));
@@ -341,12 +343,16 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         inputs: Inputs<'a, B>,
         plan: StepPlan,
         optim: DpoOptimizer<B, L>,
-        state: TrainerState,
+        mut state: TrainerState,
         out: &'a Path,
         lora: &'a LoraConfig,
         observer: &'a mut dyn TrainObserver,
     ) -> Result<Self, TrainError> {
         let config = inputs.config;
+        if config.lr_scheduler_type == LrSchedulerType::ReduceLrOnPlateau && state.plateau.is_none()
+        {
+            state.plateau = Some(Plateau::new(config.learning_rate));
+        }
         let schedule = LrSchedule {
             kind: config.lr_scheduler_type,
             kwargs: config.lr_scheduler_kwargs.clone(),
@@ -438,7 +444,8 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
                 });
             }
         }
-        let lr = burn::optim::lr_scheduler::LrScheduler::step(&mut self.schedule);
+        let scheduled = burn::optim::lr_scheduler::LrScheduler::step(&mut self.schedule);
+        let lr = state.plateau.map_or(scheduled, |p| p.lr);
         let policy = TrainStep::optimize(policy, &mut self.optim, lr, grads);
         let seconds = step_started.elapsed().as_secs_f64();
         self.window.finish_step(seconds, grad_norm, lr);
@@ -488,6 +495,13 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         }
         let record = evaluate(policy, &self.inputs, at.step, at.epoch)?;
         self.record(record.clone())?;
+        if let Some(plateau) = &mut self.state.plateau {
+            let metric = config.best_metric();
+            let value = record.get(&metric).ok_or_else(|| {
+                TrainError::Data(format!("metric_for_best_model `{metric}` is not logged"))
+            })?;
+            plateau.observe(value, &PlateauOptions::from(&config.lr_scheduler_kwargs));
+        }
         let stop = self.early_stopping_says_stop(&record)?;
         if config.tracks_best_model() {
             self.new_best = self.beats_best(&record)?.map(|v| (at.step, v));
@@ -625,9 +639,9 @@ fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
     if run.train.is_empty() {
         return Err(TrainError::Data("no training pairs".into()));
     }
-    if config.tracks_best_model() && run.eval.is_empty() {
+    if config.needs_eval_pairs() && run.eval.is_empty() {
         return Err(TrainError::Data(
-            "load_best_model_at_end and save_strategy = \"best\" need held-out pairs (eval_data or eval_ratio)".into(),
+            "load_best_model_at_end, save_strategy = \"best\" and reduce_lr_on_plateau need held-out pairs (eval_data, a test split or eval_ratio)".into(),
         ));
     }
     let vocab = model.config.vocab_size;
@@ -887,7 +901,6 @@ fn precompute<B: TrainBackend, L: BaseLayer<B>>(
     config: &TrainConfig,
     observer: &mut dyn TrainObserver,
 ) -> Result<(RefLogps, RefLogps), TrainError> {
-    let mode = config.truncation_mode;
     let mut reference = policy.valid().model;
     prefer_lora::set_active_adapter(&mut reference, policy.reference.as_deref());
     let mut model = run.model_fingerprint.str("reference");
@@ -910,24 +923,9 @@ fn precompute<B: TrainBackend, L: BaseLayer<B>>(
         let (train, eval) = all.split_at(run.train.len());
         return Ok((train.to_vec(), eval.to_vec()));
     }
-    let bs = config.per_device_eval_batch_size;
-    let mut all = compute_ref_logps(
-        &reference,
-        &run.train,
-        run.pad_id,
-        config.max_length,
-        mode,
-        bs,
-        config.packing(),
-    )?;
+    let mut all = compute_ref_logps(&reference, &run.train, run.pad_id, config)?;
     all.extend(compute_ref_logps(
-        &reference,
-        &run.eval,
-        run.pad_id,
-        config.max_length,
-        mode,
-        bs,
-        config.packing(),
+        &reference, &run.eval, run.pad_id, config,
     )?);
     match write_cached(&dir, key, &all) {
         Ok(path) => observer.on_message(&format!(
