@@ -12,11 +12,11 @@ use prefer_dpo::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _, ser::Error as _};
 use serde_json::{Map, Value};
 
-use prefer_llama::hub_cache::{self, RepoKind, is_hub_id};
+use prefer_llama::hub_cache::RepoKind;
 
 use crate::{
     backend::BackendKind,
-    data_source::data_files,
+    data_source::{data_files, locate},
     trl_keys::{KeyError, Source, translate},
 };
 
@@ -152,18 +152,8 @@ impl RunConfig {
             return Err(bad("eval_ratio", "must be in [0, 1)"));
         }
         // A model that is not on disk may be a Hub id in the local cache.
-        if let Some(m) = &self.model
-            && let Some(id) = m.to_str().filter(|s| !m.exists() && is_hub_id(s))
-        {
-            hub_cache::resolve(id, RepoKind::Model, &self.model_revision)
-                .map_err(|e| bad("model", e.to_string()))?;
-        } else if let Some(m) = &self.model
-            && !m.exists()
-        {
-            return Err(bad(
-                "model",
-                format!("{}: no such file or directory", m.display()),
-            ));
+        if let Some(m) = &self.model {
+            locate(m, RepoKind::Model, &self.model_revision).map_err(|e| bad("model", e))?;
         }
         for (key, path, split) in [
             ("data", &self.data, &self.dataset_train_split),

@@ -45,7 +45,8 @@ pub const OWN_FLAGS: [&str; 9] = [
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct TrainArgs {
-    /// A TOML file of config keys (TRL/PEFT/bitsandbytes names).
+    /// A config file of keys (TRL/PEFT/bitsandbytes names): prefer's TOML, a TRL recipe (YAML) or a
+    /// `DPOConfig.to_dict()` dump (JSON).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The base model: a Hugging Face directory or a .gguf file (`model`).

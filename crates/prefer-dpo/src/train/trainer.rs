@@ -495,12 +495,11 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         }
         let record = evaluate(policy, &self.inputs, at.step, at.epoch)?;
         self.record(record.clone())?;
-        if let Some(plateau) = &mut self.state.plateau {
-            let metric = config.best_metric();
-            let value = record.get(&metric).ok_or_else(|| {
-                TrainError::Data(format!("metric_for_best_model `{metric}` is not logged"))
-            })?;
-            plateau.observe(value, &PlateauOptions::from(&config.lr_scheduler_kwargs));
+        if self.state.plateau.is_some() {
+            let value = best_metric_of(config, &record)?;
+            if let Some(plateau) = &mut self.state.plateau {
+                plateau.observe(value, &PlateauOptions::from(&config.lr_scheduler_kwargs));
+            }
         }
         let stop = self.early_stopping_says_stop(&record)?;
         if config.tracks_best_model() {
@@ -513,10 +512,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
     /// The value of `metric_for_best_model` in `record` when it beats the best checkpoint's.
     fn beats_best(&self, record: &LogRecord) -> Result<Option<f64>, TrainError> {
         let config = self.inputs.config;
-        let metric = config.best_metric();
-        let value = record.get(&metric).ok_or_else(|| {
-            TrainError::Data(format!("metric_for_best_model `{metric}` is not logged"))
-        })?;
+        let value = best_metric_of(config, record)?;
         let sign = if config.greater_is_better() {
             1.0
         } else {
@@ -631,6 +627,14 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
 
 /// The pairs must be there, fit the model's vocabulary, and the model must carry the adapter to
 /// train.
+/// The value of `metric_for_best_model` in an evaluation's `record`.
+fn best_metric_of(config: &TrainConfig, record: &LogRecord) -> Result<f64, TrainError> {
+    let metric = config.best_metric();
+    record
+        .get(&metric)
+        .ok_or_else(|| TrainError::Data(format!("metric_for_best_model `{metric}` is not logged")))
+}
+
 fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
     model: &LoraLlama<B, L>,
     run: &TrainRun,
