@@ -35,7 +35,13 @@ pub fn data_files(data: &Path, config: Option<&str>, split: &str) -> Result<Vec<
     }
 }
 
-/// Whether `data` is a dataset (a folder or Hub id) with a `split` split.
-pub fn has_dataset_split(data: &Path, config: Option<&str>, split: &str) -> bool {
-    locate_data(data).is_ok_and(|d| d.is_dir() && has_split(&d, config, split))
+/// Whether `data` is a dataset (a folder or Hub id) with a `split` split. A single file has no
+/// splits; a dataset that cannot be read as one (several configs and none chosen) is an error.
+pub fn has_dataset_split(data: &Path, config: Option<&str>, split: &str) -> Result<bool, String> {
+    let located = locate_data(data)?;
+    if located.is_dir() {
+        has_split(&located, config, split)
+    } else {
+        Ok(false)
+    }
 }

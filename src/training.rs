@@ -100,11 +100,10 @@ pub fn prepare_data(
     };
     let (train_split, test_split) = (&config.dataset_train_split, &config.dataset_test_split);
     let all = load(data, train_split)?;
+    let has_test_split = || has_dataset_split(data, dataset_config, test_split);
     let (train, eval) = match &config.eval_data {
         Some(path) => (all, load(path, test_split)?),
-        None if has_dataset_split(data, dataset_config, test_split) => {
-            (all, load(data, test_split)?)
-        }
+        None if has_test_split().map_err(TrainingError::Data)? => (all, load(data, test_split)?),
         None if config.eval_ratio > 0.0 => split_train_eval(&all, config.eval_ratio, t.seed),
         None => (all, Vec::new()),
     };

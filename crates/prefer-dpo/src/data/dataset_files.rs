@@ -14,6 +14,28 @@ const DATA_EXTENSIONS: [&str; 3] = ["parquet", "jsonl", "json"];
 /// folder of that name; without, the split's files must not span several config folders. The
 /// error says what the directory has instead.
 pub fn split_files(dir: &Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>, String> {
+    find_split(dir, config, split)?.ok_or_else(|| {
+        format!(
+            "{}: no `{split}` split; it has {}",
+            dir.display(),
+            listing(data_files(dir).iter().filter_map(|p| split_of(p)))
+        )
+    })
+}
+
+/// Whether `dir` has files of `split` (in `config`, when given). A dataset that cannot be read
+/// this way at all (no data files, no such config, the split in several configs) is an error, so
+/// that a caller falling back to another source does not hide it.
+pub fn has_split(dir: &Path, config: Option<&str>, split: &str) -> Result<bool, String> {
+    find_split(dir, config, split).map(|files| files.is_some())
+}
+
+/// The shards of `split`, `None` when the dataset has no such split.
+fn find_split(
+    dir: &Path,
+    config: Option<&str>,
+    split: &str,
+) -> Result<Option<Vec<PathBuf>>, String> {
     let all = data_files(dir);
     if all.is_empty() {
         return Err(format!(
@@ -40,11 +62,7 @@ pub fn split_files(dir: &Path, config: Option<&str>, split: &str) -> Result<Vec<
         .map(|p| dir.join(p))
         .collect();
     if files.is_empty() {
-        return Err(format!(
-            "{}: no `{split}` split; it has {}",
-            dir.display(),
-            listing(all.iter().filter_map(|p| split_of(p)))
-        ));
+        return Ok(None);
     }
     let configs = listing(
         files
@@ -58,12 +76,7 @@ pub fn split_files(dir: &Path, config: Option<&str>, split: &str) -> Result<Vec<
             dir.display()
         ));
     }
-    Ok(files)
-}
-
-/// Whether `dir` has files of `split` (in `config`, when given).
-pub fn has_split(dir: &Path, config: Option<&str>, split: &str) -> bool {
-    split_files(dir, config, split).is_ok()
+    Ok(Some(files))
 }
 
 /// Every data file under `dir`, relative to it, sorted; hidden folders and files are skipped.
@@ -256,7 +269,19 @@ mod tests {
         );
         // One config holds the test split: no choice needed.
         assert!(split_files(&dir, None, "test").is_ok());
-        assert!(!has_split(&dir, Some("chat"), "test"));
+        assert_eq!(has_split(&dir, Some("chat"), "test"), Ok(false));
+        assert_eq!(has_split(&dir, Some("plain"), "test"), Ok(true));
+        // A split spread over several configs is an error, not "no such split".
+        let several = tree(
+            "several",
+            &[
+                "plain/test-00000-of-00001.parquet",
+                "chat/test-00000-of-00001.parquet",
+            ],
+        );
+        let err = has_split(&several, None, "test").unwrap_err();
+        assert!(err.contains("in several configs (chat, plain)"), "{err}");
+        std::fs::remove_dir_all(several).unwrap();
         let err = split_files(&dir, Some("code"), "train").unwrap_err();
         assert!(
             err.ends_with("no config `code`; it has chat, plain"),
