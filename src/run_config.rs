@@ -173,6 +173,13 @@ impl RunConfig {
                 ));
             }
         }
+        if self.train.sync_ref_model && self.ref_model.is_some() {
+            return Err(bad(
+                "sync_ref_model",
+                "TR-DPO moves the starting adapter (the reference) towards the policy; a separate \
+                 ref_model is precomputed and cannot follow it: remove ref_model",
+            ));
+        }
         Ok(())
     }
 

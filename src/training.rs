@@ -249,19 +249,22 @@ where
             if loaded.r != lora.r
                 || loaded.target_modules != lora.target_modules
                 || loaded.scaling() != lora.scaling()
+                || loaded.use_dora != lora.use_dora
             {
                 job.observer.on_message(&format!(
-                    "training the adapter in {} with its own r = {}, lora_alpha = {} and \
-                     target_modules (the config's are for fresh adapters)",
+                    "training the adapter in {} with its own r = {}, lora_alpha = {}, \
+                     use_dora = {} and target_modules (the config's are for fresh adapters)",
                     dir.display(),
                     loaded.r,
-                    loaded.lora_alpha
+                    loaded.lora_alpha,
+                    loaded.use_dora
                 ));
             }
             adopted = TrainConfig {
                 r: loaded.r,
                 lora_alpha: loaded.lora_alpha,
                 use_rslora: loaded.use_rslora,
+                use_dora: loaded.use_dora,
                 target_modules: loaded
                     .target_modules
                     .iter()

@@ -75,6 +75,33 @@ fn merged_dense_checkpoint_matches_peft() {
     );
 }
 
+/// DoRA: each adapted row is rescaled to its magnitude, as PEFT's forward and merge do.
+#[test]
+fn merged_dora_checkpoint_matches_peft() {
+    let out = tmp("dora");
+    merge_checkpoint(
+        &fixture("llama/gqa_f32"),
+        &fixture("lora/peft_dora"),
+        &out,
+        MergeDtype::F32,
+    )
+    .unwrap();
+    let device = Default::default();
+    let (model, _) = load_dense::<B>(&out, &device).unwrap();
+    let expected = json("lora/peft_dora/expected.json");
+    for (i, row) in rows().iter().enumerate() {
+        let got = token_logprobs(&model, std::slice::from_ref(row), false, &device).remove(0);
+        assert_close(
+            &format!("merged DoRA seq {i}"),
+            &got,
+            &floats(&expected["logprobs"][i]),
+            1e-5,
+            1e-6,
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn merged_nf4_checkpoint_matches_the_nf4_model_with_the_adapter() {
     let out = tmp("nf4");

@@ -138,7 +138,7 @@ impl Checker for PeftParity {
 
 #[test]
 fn peft_adapters_give_peft_log_probs() {
-    for name in ["peft_r4", "peft_rslora_qv"] {
+    for name in ["peft_r4", "peft_rslora_qv", "peft_dora"] {
         on_each_backend(name, PeftParity(name));
     }
 }

@@ -249,10 +249,10 @@ fn what_prefer_cannot_do_is_refused_with_the_key_and_its_line() {
     for (from, to, key, says) in [
         ("bf16: false", "bf16: true", "bf16", "float32"),
         (
-            "use_weighting: false",
-            "use_weighting: true",
-            "use_weighting",
-            "WPO",
+            "push_to_hub: false",
+            "push_to_hub: true",
+            "push_to_hub",
+            "hf upload",
         ),
         (
             "optim: paged_adamw_8bit",
@@ -327,5 +327,51 @@ fn toml_and_yaml_give_the_same_run() {
     std::fs::write(&yaml, "beta: 0.2\n  bad indent: [\n").unwrap();
     let err = ConfigFile::read(&yaml).unwrap_err();
     assert!(err.line.is_some(), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// WPO, TR-DPO and DoRA keep TRL's and PEFT's names: a recipe that turns them on trains with them,
+/// and a separate `ref_model` cannot follow a synced reference.
+#[test]
+fn wpo_tr_dpo_and_dora_keys_are_taken_as_trl_names_them() {
+    let dir = std::env::temp_dir().join(format!("prefer-trl-wpo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let recipe = std::fs::read_to_string(fixtures().join("recipes/dpo_qlora.yaml"))
+        .unwrap()
+        .replace("use_weighting: false", "use_weighting: true")
+        .replace(
+            "sync_ref_model: false",
+            "sync_ref_model: true\nref_model_mixup_alpha: 0.5\nref_model_sync_steps: 64",
+        )
+        .replace("lora_r: 32", "lora_r: 32\nuse_dora: true");
+    let path = dir.join("recipe.yaml");
+    std::fs::write(&path, &recipe).unwrap();
+    let file = ConfigFile::read(&path).unwrap();
+    let loaded = RunConfig::from_table(file.table.clone(), file.source).unwrap();
+    let c = &loaded.config.train;
+    assert!(c.use_weighting && c.sync_ref_model && c.use_dora);
+    assert_eq!((c.ref_model_mixup_alpha, c.ref_model_sync_steps), (0.5, 64));
+    assert!(c.loss().use_weighting && c.lora().unwrap().use_dora);
+    c.validate().unwrap();
+
+    // A model on disk, so that the check reaches the reference.
+    let model = fixtures().join("llama/gqa_f32");
+    let recipe = recipe.replace(
+        "model_name_or_path: runs/smol",
+        &format!("model_name_or_path: {}", model.display()),
+    );
+    let with_ref = dir.join("ref.yaml");
+    std::fs::write(
+        &with_ref,
+        format!("{recipe}\nref_model: {}\n", model.display()),
+    )
+    .unwrap();
+    let file = ConfigFile::read(&with_ref).unwrap();
+    let config = RunConfig::from_table(file.table, file.source)
+        .unwrap()
+        .config;
+    let err = config.validate().unwrap_err();
+    assert_eq!(err.key, "sync_ref_model", "{err}");
+    assert!(err.to_string().contains("remove ref_model"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

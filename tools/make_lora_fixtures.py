@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generate the LoRA (PEFT format) test fixtures under tests/fixtures/lora/.
 
-Run by hand from the repository root:  python3 tools/make_lora_fixtures.py
+Run by hand from the repository root:  python3 tools/make_lora_fixtures.py [NAME ...]
+(with names, only those adapters are made and init_stats.json is left as it is).
 Everything is seeded; re-running reproduces the same files.  Imports the float64 helpers of
 tools/make_llama_fixtures.py (and therefore needs its packages too).
 
@@ -14,6 +15,10 @@ tests/fixtures/lora/
                       which would make the adapter a no-op).  scaling = alpha/r = 2.
   peft_rslora_qv/     r=8, lora_alpha=16, use_rslora=True (scaling = alpha/sqrt(r) = 5.657),
                       target_modules=q_proj,v_proj, random A and B as above.
+  peft_dora/          r=4, lora_alpha=8, use_dora=True on all seven projections, random A and B as
+                      above and the magnitude vectors (PEFT's lora_magnitude_vector, initialised to
+                      the row norms of W) scaled by seeded 1 + 0.1*N(0,1).  Checked against merged
+                      weights m / ||W + s*B@A||_row * (W + s*B@A).
     each: adapter_config.json, adapter_model.safetensors (PEFT save_pretrained), expected.json:
       "sequences"      the 3 sequences of gqa_f32/expected.json
       "logprobs"       float64 per-token log p(x[t+1] | x[..t]) of base+adapter, each sequence alone
@@ -22,6 +27,10 @@ tests/fixtures/lora/
       "logprobs_f32"   the same, PEFT in float32 (unpatched)
       "base_logprobs"  float64 without the adapter (== gqa_f32/expected.json "logprobs")
       "scaling"        the scaling PEFT applies
+      "grads"          peft_dora only: d(sum of the float64 log-probs of all sequences)/d(tensor)
+                       for the lora_A, lora_B and lora_magnitude_vector tensors of layer 0's q_proj
+                       and layer 1's down_proj (PEFT in float64; keys as in the safetensors file,
+                       values row-major); DoRA's row norm is detached, as PEFT does
   init_stats.json     what PEFT's default init gives: lora_A ~ kaiming_uniform_(a=sqrt(5)) ->
                       U(-bound, bound) with bound = sqrt(6 / ((1 + a^2) * fan_in)) = 1/sqrt(in_features);
                       lora_B = 0.
@@ -60,6 +69,7 @@ ADAPTERS = [
     # name, seed, LoraConfig kwargs
     ("peft_r4", 101, dict(r=4, lora_alpha=8, target_modules=ALL)),
     ("peft_rslora_qv", 102, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"])),
+    ("peft_dora", 103, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ALL)),
 ]
 
 
@@ -104,6 +114,8 @@ def make_adapter(name, seed, kw, sequences, base_lp64):
     for pname, p in sorted(model.named_parameters()):
         if ".lora_A." in pname or ".lora_B." in pname:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.05)
+        elif ".lora_magnitude_vector." in pname:
+            p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float32))
     model.save_pretrained(d)
     normalise_saved(d)
 
@@ -122,7 +134,11 @@ def make_adapter(name, seed, kw, sequences, base_lp64):
             mod = k[len("base_model.model."): -len(".lora_A.weight")]
             A = sd[k].to(torch.float64)
             B = sd[k.replace(".lora_A.", ".lora_B.")].to(torch.float64)
-            merged[mod + ".weight"] = merged[mod + ".weight"] + scaling * (B @ A)
+            w = merged[mod + ".weight"] + scaling * (B @ A)
+            if kw.get("use_dora"):
+                m = sd[k.replace(".lora_A.weight", ".lora_magnitude_vector")].to(torch.float64)
+                w = (m / w.norm(dim=1)).unsqueeze(1) * w
+            merged[mod + ".weight"] = w
             n_targets += 1
     for s, logits in zip(sequences, logits64):
         err = (mlf.ref_forward(merged, reloaded.config, s) - logits).abs().max().item()
@@ -133,13 +149,39 @@ def make_adapter(name, seed, kw, sequences, base_lp64):
     assert shift > 1e-3, f"{name}: adapter barely changes the output ({shift})"
     assert abs(reloaded.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] - scaling) < 1e-12
 
-    mlf.dump(d / "expected.json", {
+    expected = {
         "sequences": sequences, "logprobs": lp64, "logprobs_f32": lp32, "base_logprobs": base_lp64,
         "scaling": scaling,
-    })
+    }
+    if kw.get("use_dora"):
+        expected["grads"] = dora_grads(d, sequences)
+    mlf.dump(d / "expected.json", expected)
     keys = {k: list(v.shape) for k, v in sd.items()}
     print(f"{name}: {n_targets} targets, scaling {scaling}, max f32 err {err32:.3g}, adapter shift {shift:.3g}")
     return keys, json.loads((d / "adapter_config.json").read_text())
+
+
+GRAD_SITES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+
+
+def dora_grads(d, sequences):
+    """Gradients of the summed float64 log-probs with respect to a few DoRA tensors (see above)."""
+    model = PeftModel.from_pretrained(load_base(), d, is_trainable=True).to(torch.float64).eval()
+    with torch.enable_grad(), mlf.hf_true_f64():
+        total = 0.0
+        for s in sequences:
+            logits = model(torch.tensor([s])).logits[0]
+            lp = torch.log_softmax(logits, -1)
+            total = total + lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].sum()
+        total.backward()
+    grads = {}
+    for site in GRAD_SITES:
+        mod = model.base_model.model.get_submodule(site)
+        for key, p in [("lora_A.weight", mod.lora_A["default"].weight),
+                       ("lora_B.weight", mod.lora_B["default"].weight),
+                       ("lora_magnitude_vector", mod.lora_magnitude_vector["default"].weight)]:
+            grads[f"base_model.model.{site}.{key}"] = p.grad.flatten().tolist()
+    return grads
 
 
 def init_stats():
@@ -179,13 +221,17 @@ def main():
     base_lp64, _, _ = logprobs_pair(load_base(), sequences)
     err = max(abs(a - b) for x, y in zip(base_lp64, gqa["logprobs"]) for a, b in zip(x, y))
     assert err < 1e-12, err
+    only = set(sys.argv[1:])
     for name, seed, kw in ADAPTERS:
+        if only and name not in only:
+            continue
         keys, acfg = make_adapter(name, seed, kw, sequences, base_lp64)
         for k in sorted(keys):
             if ".layers.0." in k:
                 print("  ", k, keys[k])
         print("  ", json.dumps(acfg, sort_keys=True))
-    mlf.dump(OUT / "init_stats.json", init_stats())
+    if not only:
+        mlf.dump(OUT / "init_stats.json", init_stats())
 
     total = 0
     for p in sorted(OUT.rglob("*")):

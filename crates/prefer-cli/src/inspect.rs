@@ -210,14 +210,17 @@ fn adapter(dir: &Path) -> Result<()> {
     let (config, factors) = read_peft(dir)?;
     let params: usize = factors
         .values()
-        .map(|(a, b)| a.shape.iter().product::<usize>() + b.shape.iter().product::<usize>())
+        .flat_map(|f| [Some(&f.a), Some(&f.b), f.magnitude.as_ref()])
+        .flatten()
+        .map(|t| t.shape.iter().product::<usize>())
         .sum();
     let tensors = safetensors_tensors(dir)?;
     let mut dtypes: Vec<String> = tensors.values().map(|t| t.0.clone()).collect();
     dtypes.sort();
     dtypes.dedup();
     let targets: Vec<&str> = config.target_modules.iter().map(|p| p.hf_name()).collect();
-    println!("adapter      {} (PEFT LoRA)", dir.display());
+    let kind = if config.use_dora { "DoRA" } else { "LoRA" };
+    println!("adapter      {} (PEFT {kind})", dir.display());
     println!(
         "rank         r {}, lora_alpha {}, scaling {:.4}{}, dropout {}",
         config.r,

@@ -6,8 +6,8 @@ use prefer_llama::{LinearLayer, LlamaModel};
 use crate::{
     data::{BadRow, DpoBatch, Packing, check_vocab},
     host::{DeviceReadError, read, values},
-    logps::{SequenceLogps, sequence_logps},
-    loss::{FDivergenceType, LossConfig, PairLogps, dpo_loss},
+    logps::{LogpsExtras, SequenceLogps, sequence_logps, sequence_logps_with},
+    loss::{FDivergenceType, LossConfig, PairLogps, dpo_loss, wpo_weights},
     metrics::PairRecords,
 };
 
@@ -43,7 +43,10 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     ref_sums: Tensor<B, 1>,
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
-    let pol = sequence_logps(policy, batch);
+    let extras = LogpsExtras {
+        log_sum_sq_probs: config.use_weighting,
+    };
+    let pol = sequence_logps_with(policy, batch, extras);
     let (chosen, rejected) = SequenceLogps::split(pol.logps(config.ld_alpha));
     let (chosen_unweighted, _) = SequenceLogps::split(pol.sums.clone());
     let ref_sums_all = ref_sums.clone();
@@ -57,9 +60,12 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         chosen_tokens,
         rejected_tokens,
         chosen_unweighted,
+        weights: wpo_weights(&pol),
     };
     // The plain sigmoid loss (TRL's default) runs as one fused kernel from the token log-probs.
-    let plain = config.ld_alpha.is_none() && config.f_divergence.kind == FDivergenceType::ReverseKl;
+    let plain = config.ld_alpha.is_none()
+        && config.f_divergence.kind == FDivergenceType::ReverseKl
+        && !config.use_weighting;
     let mut losses = config.weighted();
     let loss = match (losses.next(), losses.next()) {
         (Some((crate::loss::LossType::Sigmoid, weight)), None) if plain => {

@@ -15,6 +15,6 @@ pub use eval::{
     BatchEval, EvalError, EvalOptions, EvalReport, PairResult, evaluate_batch, evaluate_pairs,
 };
 pub use host::DeviceReadError;
-pub use logps::{SequenceLogps, sequence_logps};
+pub use logps::{LogpsExtras, SequenceLogps, sequence_logps, sequence_logps_with};
 pub use loss::{LossConfig, LossType, PairLogps, dpo_loss};
 pub use metrics::PairRecords;

@@ -22,6 +22,18 @@ pub struct SequenceLogps<B: Backend> {
     /// Sum over completion tokens of the mean logit over the vocabulary (for `logits/*`; not
     /// differentiable).
     pub logit_sums: Tensor<B, 1>,
+    /// `log Σ_v p_v²` of each completion token's predicted distribution, `[2P, T − 1]`, 0
+    /// elsewhere (not differentiable); only when asked for with [`LogpsExtras`] (WPO's weights).
+    pub log_sum_sq_probs: Option<Tensor<B, 2>>,
+}
+
+/// Per-token quantities beyond the log-probs that a caller can ask [`sequence_logps_with`] for;
+/// each costs extra compute, so none is on by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogpsExtras {
+    /// `log Σ_v p_v²` per completion token (WPO, `use_weighting`): one more pass of the LM head
+    /// over the completion positions, forward only.
+    pub log_sum_sq_probs: bool,
 }
 
 impl<B: Backend> SequenceLogps<B> {
@@ -54,15 +66,24 @@ impl<B: Backend> SequenceLogps<B> {
 }
 
 /// Log-probs of every row's completion under `model`.
+pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
+    model: &LlamaModel<B, L>,
+    batch: &DpoBatch<B>,
+) -> SequenceLogps<B> {
+    sequence_logps_with(model, batch, LogpsExtras::default())
+}
+
+/// Log-probs of every row's completion under `model`, with the `extras` asked for.
 ///
 /// Position `t` predicts token `t + 1`, so the completion mask is shifted by one, as in TRL. Only the
 /// positions that predict a completion token go through the fused LM head (chunks of the vocabulary
 /// through the selective log-softmax, a kernel on wgpu and CUDA), so neither the `[batch, time,
 /// vocab]` logits nor their log-softmax are ever built, and prompt and padding positions cost
 /// nothing there.
-pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
+pub fn sequence_logps_with<B: PreferBackend, L: LinearLayer<B>>(
     model: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
+    extras: LogpsExtras,
 ) -> SequenceLogps<B> {
     let [n, tm1] = batch.mask.dims();
     let hidden = match batch.layout.uniform_len() {
@@ -74,14 +95,16 @@ pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
     let [b, t, h] = hidden.dims();
     let device = hidden.device();
     let picked = batch.completion_tokens();
-    let (token_logps, mean_logits) = if picked == 0 {
-        let zeros = Tensor::<B, 2>::zeros([n, tm1], &device);
-        (zeros.clone(), zeros)
+    let zeros = || Tensor::<B, 2>::zeros([n, tm1], &device);
+    let (token_logps, mean_logits, log_sum_sq_probs) = if picked == 0 {
+        let extra = extras.log_sum_sq_probs.then(zeros);
+        (zeros(), zeros(), extra)
     } else {
         let hidden = hidden.reshape([b * t, h]).select(0, batch.picks.clone());
+        let weight = model.lm_head_weight();
         let out = fused_lm_head(
-            hidden,
-            model.lm_head_weight(),
+            hidden.clone(),
+            weight.clone(),
             batch.targets.clone(),
             DEFAULT_CHUNK,
         );
@@ -91,7 +114,10 @@ pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
                 .select(0, batch.unpack.clone())
                 .reshape([n, tm1])
         };
-        (unpack(out.logp), unpack(out.mean_logit))
+        let extra = extras
+            .log_sum_sq_probs
+            .then(|| unpack(log_sum_sq_probs(hidden, weight, out.lse.clone())));
+        (unpack(out.logp), unpack(out.mean_logit), extra)
     };
     let mask = batch.mask.clone();
     SequenceLogps {
@@ -100,5 +126,39 @@ pub fn sequence_logps<B: PreferBackend, L: LinearLayer<B>>(
         tokens: mask.clone().sum_dim(1).reshape([n]),
         logit_sums: mean_logits.sum_dim(1).reshape([n]),
         mask,
+        log_sum_sq_probs,
     }
+}
+
+/// Rows of logits built at a time by [`log_sum_sq_probs`]: about 16 M values whatever the
+/// vocabulary, so the extra memory stays bounded.
+const LOGIT_BUDGET: usize = 1 << 24;
+
+/// `log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z)` of each row of `hidden` `[N, H]` under the
+/// output `weight` `[V, H]`, given `lse = logsumexp(z)` from the fused LM head; forward only, a
+/// block of rows at a time.
+fn log_sum_sq_probs<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    lse: Tensor<B, 1>,
+) -> Tensor<B, 1> {
+    let [rows, _] = hidden.dims();
+    let [vocab, _] = weight.dims();
+    let (hidden, weight_t) = (hidden.detach(), weight.detach().transpose());
+    let block = (LOGIT_BUDGET / vocab.max(1)).max(1);
+    let lse2: Vec<Tensor<B, 1>> = (0..rows)
+        .step_by(block)
+        .map(|start| {
+            let len = block.min(rows - start);
+            let doubled = hidden
+                .clone()
+                .narrow(0, start, len)
+                .matmul(weight_t.clone())
+                * 2.0;
+            let max = doubled.clone().max_dim(1);
+            let sum = (doubled - max.clone()).exp().sum_dim(1);
+            (sum.log() + max).reshape([len])
+        })
+        .collect();
+    Tensor::cat(lse2, 0) - lse.detach() * 2.0
 }

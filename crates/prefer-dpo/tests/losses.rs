@@ -40,6 +40,7 @@ fn pairs(f: &Value) -> PairLogps<B> {
         chosen_tokens: t(v(&p["chosen_token_counts"])),
         rejected_tokens: t(v(&p["rejected_token_counts"])),
         chosen_unweighted: t(v(&p["policy_chosen_logps"])),
+        weights: None,
     }
 }
 

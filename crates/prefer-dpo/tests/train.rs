@@ -934,3 +934,114 @@ fn reduce_lr_on_plateau_follows_the_evaluations_and_resumes() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+/// Every tensor of a PEFT adapter directory, by key.
+fn adapter_tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(key, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (key, values)
+        })
+        .collect()
+}
+
+/// DoRA over the NF4 base with TR-DPO's reference sync: the magnitudes train and are saved in
+/// PEFT's format, every second step the reference becomes the mean of itself and the policy
+/// (α = 0.5), odd steps leave it alone, and a run resumed between syncs ends bit-identical.
+#[test]
+fn dora_trains_its_magnitudes_syncs_the_reference_and_resumes_bit_identically() {
+    let out = scratch("dora-sync");
+    let config = TrainConfig {
+        max_steps: 6,
+        use_dora: true,
+        sync_ref_model: true,
+        ref_model_mixup_alpha: 0.5,
+        ref_model_sync_steps: 2,
+        gradient_accumulation_steps: 2,
+        per_device_train_batch_size: 4,
+        lora_dropout: 0.1,
+        disable_dropout: false,
+        save_steps: 1,
+        ..base_config(&out)
+    };
+    let straight = run(&config, None, ReferenceSource::Snapshot).unwrap();
+    let checkpoint = |step: usize, part: &str| {
+        adapter_tensors(&out.join(format!("checkpoint-{step}")).join(part))
+    };
+    let first = checkpoint(1, "adapter");
+    let last = adapter_tensors(&straight.adapter_dir);
+    let magnitudes: Vec<&String> = last
+        .keys()
+        .filter(|k| k.ends_with(".lora_magnitude_vector"))
+        .collect();
+    assert_eq!(magnitudes.len(), 14, "one per adapted projection");
+    for key in magnitudes {
+        assert!(
+            first[key].iter().zip(&last[key]).any(|(a, b)| a != b),
+            "{key} did not train"
+        );
+    }
+    // Step 3 is no sync step; step 4 is: reference ← (reference + policy) / 2, every tensor.
+    assert_eq!(checkpoint(2, "reference"), checkpoint(3, "reference"));
+    let (before, policy, after) = (
+        checkpoint(3, "reference"),
+        checkpoint(4, "adapter"),
+        checkpoint(4, "reference"),
+    );
+    assert_eq!(after.len(), 42, "A, B and the magnitude of 14 projections");
+    for (key, synced) in &after {
+        for ((r, p), s) in before[key].iter().zip(&policy[key]).zip(synced) {
+            let want = p * 0.5 + r * 0.5;
+            assert!(
+                (s - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{key}: {s} vs {want}"
+            );
+        }
+    }
+    assert_ne!(checkpoint(1, "reference"), after, "the reference moved");
+    let final_adapter = adapter_bytes(&straight.adapter_dir);
+    let resumed = run(
+        &config,
+        Some(Resume::From(out.join("checkpoint-3"))),
+        ReferenceSource::Snapshot,
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, 6);
+    assert_eq!(final_adapter, adapter_bytes(&resumed.adapter_dir));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// TR-DPO needs a reference that follows the policy: precomputed log-probs cannot.
+#[test]
+fn sync_ref_model_refuses_a_precomputed_reference() {
+    let out = scratch("sync-precomputed");
+    let config = TrainConfig {
+        sync_ref_model: true,
+        precompute_ref_log_probs: true,
+        ..base_config(&out)
+    };
+    let err = config.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("sync_ref_model") && err.contains("precompute_ref_log_probs"),
+        "{err}"
+    );
+    let config = TrainConfig {
+        sync_ref_model: true,
+        max_steps: 1,
+        ..base_config(&out)
+    };
+    let precomputed = ReferenceSource::Precomputed {
+        train: vec![(0.0, 0.0); 64],
+        eval: vec![(0.0, 0.0); 32],
+    };
+    let err = run(&config, None, precomputed).unwrap_err().to_string();
+    assert!(err.contains("remove ref_model"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}

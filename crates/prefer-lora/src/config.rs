@@ -18,6 +18,8 @@ pub struct LoraConfig {
     pub target_modules: Vec<Projection>,
     /// Rank-stabilised scaling `alpha / √r`.
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row on top of the low-rank update.
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -29,6 +31,7 @@ impl Default for LoraConfig {
             lora_dropout: 0.0,
             target_modules: Projection::ALL.to_vec(),
             use_rslora: false,
+            use_dora: false,
         }
     }
 }
@@ -104,11 +107,6 @@ impl LoraConfig {
                 peft.bias.unwrap_or_default()
             )));
         }
-        if peft.use_dora {
-            return Err(ConfigError(
-                "DoRA adapters (use_dora) are not supported".into(),
-            ));
-        }
         if peft.fan_in_fan_out {
             return Err(ConfigError(
                 "fan_in_fan_out adapters are not supported".into(),
@@ -135,6 +133,7 @@ impl LoraConfig {
             lora_dropout: peft.lora_dropout,
             target_modules: targets,
             use_rslora: peft.use_rslora,
+            use_dora: peft.use_dora,
         };
         config.validate()?;
         Ok(config)
@@ -155,7 +154,7 @@ impl LoraConfig {
             "bias": "none",
             "fan_in_fan_out": false,
             "init_lora_weights": true,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "inference_mode": true,
             "modules_to_save": null,
             "layers_to_transform": null,
@@ -218,10 +217,19 @@ mod tests {
             lora_dropout: 0.05,
             target_modules: vec![Projection::Q, Projection::V],
             use_rslora: true,
+            use_dora: false,
         };
         assert_eq!(
             LoraConfig::from_peft_json(&c.to_peft_json(None)).unwrap(),
             c
+        );
+        let dora = LoraConfig {
+            use_dora: true,
+            ..c
+        };
+        assert_eq!(
+            LoraConfig::from_peft_json(&dora.to_peft_json(None)).unwrap(),
+            dora
         );
     }
 }

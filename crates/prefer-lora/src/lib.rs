@@ -3,14 +3,16 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dora;
 pub mod lora_linear;
 pub mod merge;
 pub mod peft;
 
 pub use config::{ConfigError, LoraConfig};
+pub use dora::DoraMagnitude;
 pub use lora_linear::{LoraAdapter, LoraFactory, LoraLinear};
 pub use merge::{MergeDtype, MergeError, merge_checkpoint};
 pub use peft::{
-    AdapterError, LoraModel, load_peft, peft_key, read_peft, save_peft, set_active_adapter,
-    snapshot_adapter,
+    AdapterError, AdapterFactors, LoraModel, SiteFactors, load_peft, mix_adapter, peft_key,
+    peft_magnitude_key, read_peft, save_peft, set_active_adapter, snapshot_adapter,
 };

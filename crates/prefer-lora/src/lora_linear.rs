@@ -1,5 +1,6 @@
 //! A linear layer with low-rank adapters: `base(x) + dropout(x)·A·B·scale`, the merged weight never
-//! built while training. Several named adapters can sit over one base (a trainable policy and a
+//! built while training; with DoRA, each output row is rescaled to a trained magnitude
+//! ([`crate::dora`]). Several named adapters can sit over one base (a trainable policy and a
 //! frozen reference snapshot), and any one — or none — is active.
 
 use burn::{
@@ -10,7 +11,10 @@ use burn::{
 use prefer_kernels::{LoraBackend, lora_update};
 use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSpec, Result, WeightSource};
 
-use crate::config::LoraConfig;
+use crate::{
+    config::LoraConfig,
+    dora::{DoraMagnitude, dora_forward, merge_rows},
+};
 
 /// One adapter's factors.
 #[derive(Module, Debug)]
@@ -21,6 +25,8 @@ pub struct LoraAdapter<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
     /// `lora_alpha / r` (or `/ √r`).
     pub scaling: f64,
+    /// DoRA's magnitude per output row (`use_dora`); `None` for plain LoRA.
+    pub dora: Option<DoraMagnitude<B>>,
 }
 
 impl<B: Backend> LoraAdapter<B> {
@@ -36,7 +42,20 @@ impl<B: Backend> LoraAdapter<B> {
             )),
             b: Param::from_tensor(Tensor::zeros([config.r, d_out], device)),
             scaling: config.scaling(),
+            dora: None,
         }
+    }
+
+    /// Adds DoRA's magnitude, initialised as PEFT does to the adapted weight's row norms (so the
+    /// layer's output does not change).
+    pub fn with_dora<L: LinearLayer<B>>(mut self, base: &L) -> Self {
+        self.dora = Some(DoraMagnitude::init(
+            base,
+            self.a.val(),
+            self.b.val(),
+            self.scaling,
+        ));
+        self
     }
 
     /// From PEFT's tensors `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]`; trainable.
@@ -45,6 +64,7 @@ impl<B: Backend> LoraAdapter<B> {
             a: Param::from_tensor(a.transposed().to_tensor(device)),
             b: Param::from_tensor(b.transposed().to_tensor(device)),
             scaling,
+            dora: None,
         }
     }
 
@@ -54,6 +74,26 @@ impl<B: Backend> LoraAdapter<B> {
             a: Param::initialized(ParamId::new(), self.a.val().detach()),
             b: Param::initialized(ParamId::new(), self.b.val().detach()),
             scaling: self.scaling,
+            dora: self.dora.as_ref().map(DoraMagnitude::frozen_copy),
+        }
+    }
+
+    /// A frozen adapter `α·towards + (1 − α)·self`, factor by factor (the rule TRL's
+    /// `SyncRefModelCallback` applies to every parameter of a reference model); it keeps this
+    /// adapter's parameter ids.
+    pub fn mixed_towards(&self, towards: &Self, alpha: f64) -> Self {
+        let mix = |own: &Param<Tensor<B, 2>>, other: &Param<Tensor<B, 2>>| {
+            let value = other.val().detach() * alpha + own.val().detach() * (1.0 - alpha);
+            Param::initialized(own.id, value.detach())
+        };
+        Self {
+            a: mix(&self.a, &towards.a),
+            b: mix(&self.b, &towards.b),
+            scaling: self.scaling,
+            dora: match (&self.dora, &towards.dora) {
+                (Some(own), Some(other)) => Some(own.mixed_towards(other, alpha)),
+                (own, _) => own.as_ref().map(DoraMagnitude::frozen_copy),
+            },
         }
     }
 
@@ -129,13 +169,13 @@ impl<B: LoraBackend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
         match self.active {
             Some(i) => {
                 let ad = &self.adapters[i];
-                lora_update(
-                    y,
-                    self.dropout.forward(x),
-                    ad.a.val(),
-                    ad.b.val(),
-                    ad.scaling,
-                )
+                let factors = (ad.a.val(), ad.b.val(), ad.scaling);
+                match &ad.dora {
+                    Some(dora) => dora_forward(&self.base, y, x, &self.dropout, factors, dora),
+                    None => {
+                        lora_update(y, self.dropout.forward(x), factors.0, factors.1, factors.2)
+                    }
+                }
             }
             None => y,
         }
@@ -143,8 +183,11 @@ impl<B: LoraBackend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
 
     fn merged_weight(&self) -> Tensor<B, 2> {
         let w = self.base.merged_weight();
-        match self.active {
-            Some(i) => w + self.adapters[i].delta(),
+        match self.active.map(|i| &self.adapters[i]) {
+            Some(ad) => match &ad.dora {
+                Some(dora) => merge_rows(w + ad.delta(), dora.magnitude.val()),
+                None => w + ad.delta(),
+            },
             None => w,
         }
     }
@@ -185,10 +228,13 @@ impl<B: LoraBackend, F: LinearFactory<B>> LinearFactory<B> for LoraFactory<F> {
             self.config.lora_dropout,
         );
         if self.config.target_modules.contains(&site.projection) {
-            layer.insert(
-                &self.adapter_name,
-                LoraAdapter::init(d_in, d_out, &self.config, device),
-            );
+            let adapter = LoraAdapter::init(d_in, d_out, &self.config, device);
+            let adapter = if self.config.use_dora {
+                adapter.with_dora(&layer.base)
+            } else {
+                adapter
+            };
+            layer.insert(&self.adapter_name, adapter);
         }
         Ok(layer)
     }

@@ -1,12 +1,13 @@
-//! Merging an adapter into its base: a plain Hugging Face checkpoint (dequantised base + `scale·B·A`)
-//! that transformers loads without PEFT or bitsandbytes.
+//! Merging an adapter into its base: a plain Hugging Face checkpoint (dequantised base + `scale·B·A`,
+//! with DoRA each row then rescaled to its magnitude) that transformers loads without PEFT or
+//! bitsandbytes.
 
 use std::path::Path;
 
 use prefer_llama::{Checkpoint, LoadError, Projection, RawTensor, fetch};
 use prefer_quant::{bnb::read_bnb_weight, spec_of, write_safetensors};
 
-use crate::peft::{AdapterError, read_peft};
+use crate::peft::{AdapterError, SiteFactors, read_peft};
 
 /// The dtype of the merged weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +118,7 @@ pub fn merge_checkpoint(
                     (w.data, b)
                 }
             };
-            if let Some((a, b)) = factors.remove(&spec.site) {
+            if let Some(SiteFactors { a, b, magnitude }) = factors.remove(&spec.site) {
                 let (r, d_in, d_out) = (lora.r, spec.in_features, spec.out_features);
                 let adapter_file = adapter.join("adapter_model.safetensors");
                 for (key, t, expected) in [
@@ -141,6 +142,12 @@ pub fn merge_checkpoint(
                         for (x, av) in row.iter_mut().zip(&a.data[k * d_in..(k + 1) * d_in]) {
                             *x += s * av;
                         }
+                    }
+                    // DoRA: the adapted row, rescaled to its magnitude (norm in f64).
+                    if let Some(m) = &magnitude {
+                        let norm = row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                        let scale = (m.data[o] as f64 / norm) as f32;
+                        row.iter_mut().for_each(|x| *x *= scale);
                     }
                 }
             }

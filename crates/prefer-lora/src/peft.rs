@@ -1,13 +1,14 @@
 //! Adapters in PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors` with keys
 //! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (`[r, in]`) and `lora_B.weight`
-//! (`[out, r]`), and switching, snapshotting and loading adapters across a whole model.
+//! (`[out, r]`), with DoRA also `lora_magnitude_vector` (`[out]`), and switching, snapshotting and
+//! loading adapters across a whole model.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
 };
 
-use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, backend::Backend};
 use prefer_llama::{
     HostTensor, LinearLayer, LinearSite, LlamaModel, Projection, host::read,
     loader::SafetensorsSource, weights::WeightSource,
@@ -16,6 +17,7 @@ use safetensors::{Dtype, tensor::TensorView};
 
 use crate::{
     config::LoraConfig,
+    dora::DoraMagnitude,
     lora_linear::{LoraAdapter, LoraLinear},
 };
 
@@ -61,6 +63,11 @@ pub fn peft_key(site: &LinearSite, factor: &str) -> String {
     format!("base_model.model.{}.lora_{factor}.weight", site.hf_path())
 }
 
+/// PEFT's key of DoRA's magnitude vector at a site.
+pub fn peft_magnitude_key(site: &LinearSite) -> String {
+    format!("base_model.model.{}.lora_magnitude_vector", site.hf_path())
+}
+
 /// Activates the named adapter in every layer that has it (others run their base only), or
 /// switches all adapters off with `None`.
 pub fn set_active_adapter<B: Backend, L: LinearLayer<B>>(
@@ -84,6 +91,25 @@ pub fn snapshot_adapter<B: Backend, L: LinearLayer<B>>(
             layer.insert(to, copy);
             layer.set_active(Some(from));
         }
+    }
+}
+
+/// Moves the frozen adapter `into` towards adapter `from` in every layer that has both:
+/// `into ← α·from + (1 − α)·into` (TR-DPO's reference sync); the active adapter stays as it is.
+pub fn mix_adapter<B: Backend, L: LinearLayer<B>>(
+    model: &mut LoraModel<B, L>,
+    from: &str,
+    into: &str,
+    alpha: f64,
+) {
+    for (_, layer) in model.projections_mut() {
+        let (Some(f), Some(i)) = (
+            layer.names.iter().position(|n| n == from),
+            layer.names.iter().position(|n| n == into),
+        ) else {
+            continue;
+        };
+        layer.adapters[i] = layer.adapters[i].mixed_towards(&layer.adapters[f], alpha);
     }
 }
 
@@ -121,9 +147,34 @@ pub fn save_peft<B: Backend, L: LinearLayer<B>>(
         if !projections.contains(&site.projection) {
             projections.push(site.projection);
         }
-        for (factor, t) in [("A", ad.a.val().transpose()), ("B", ad.b.val().transpose())] {
-            let shape = t.dims().to_vec();
-            let key = peft_key(&site, factor);
+        if ad.dora.is_some() != config.use_dora {
+            return Err(file_err(
+                dir,
+                format!(
+                    "adapter `{name}` at `{}` {} DoRA magnitude, but the config being written \
+                     says use_dora = {}",
+                    site.hf_path(),
+                    if ad.dora.is_some() { "has a" } else { "has no" },
+                    config.use_dora
+                ),
+            ));
+        }
+        // `(key, shape on disk, values)`: the factors transposed to PEFT's layout, the magnitude
+        // as it is.
+        let transposed = |key: String, t: Tensor<B, 2>| {
+            let t = t.transpose();
+            (key, t.dims().to_vec(), t)
+        };
+        let mut items = vec![
+            transposed(peft_key(&site, "A"), ad.a.val()),
+            transposed(peft_key(&site, "B"), ad.b.val()),
+        ];
+        if let Some(dora) = &ad.dora {
+            let m = dora.magnitude.val();
+            let out = m.dims()[0];
+            items.push((peft_magnitude_key(&site), vec![out], m.reshape([1, out])));
+        }
+        for (key, shape, t) in items {
             // Every tensor is read before any file is written: a failed read leaves no adapter.
             let data: Vec<f32> = read(t, &key)
                 .map_err(|e| file_err(dir, format!("{e}; no adapter file was written")))?;
@@ -176,10 +227,21 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
-/// An adapter's factors by site: A `[r, in]` and B `[out, r]`, as PEFT stores them.
-pub type AdapterFactors = HashMap<LinearSite, (HostTensor, HostTensor)>;
+/// One site's tensors, as PEFT stores them.
+#[derive(Debug, Clone)]
+pub struct SiteFactors {
+    /// `lora_A.weight` `[r, in]`.
+    pub a: HostTensor,
+    /// `lora_B.weight` `[out, r]`.
+    pub b: HostTensor,
+    /// DoRA's `lora_magnitude_vector` `[out]` (with `use_dora` only).
+    pub magnitude: Option<HostTensor>,
+}
 
-/// Reads a PEFT adapter directory: its config and factors by site (A `[r, in]`, B `[out, r]`).
+/// An adapter's tensors by site.
+pub type AdapterFactors = HashMap<LinearSite, SiteFactors>;
+
+/// Reads a PEFT adapter directory: its config and tensors by site.
 pub fn read_peft(dir: &Path) -> Result<(LoraConfig, AdapterFactors), AdapterError> {
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| file_err(&config_path, e))?;
@@ -196,39 +258,35 @@ pub fn read_peft(dir: &Path) -> Result<(LoraConfig, AdapterFactors), AdapterErro
     let mut source = SafetensorsSource::open(dir, std::slice::from_ref(&path))
         .map_err(|e| file_err(&path, e))?;
     let names: Vec<String> = source.names().map(str::to_owned).collect();
-    let mut a = HashMap::new();
-    let mut b = HashMap::new();
+    let mut tensors: HashMap<(LinearSite, Part), HostTensor> = HashMap::new();
     for key in names {
-        let site =
+        let (site, part) =
             parse_key(&key).ok_or_else(|| file_err(&path, format!("unexpected tensor `{key}`")))?;
         let t = source
             .take(&key)
             .map_err(|e| file_err(&path, e))?
             .expect("listed tensor");
-        if t.shape.len() != 2 {
+        let rank = if part == Part::Magnitude { 1 } else { 2 };
+        if t.shape.len() != rank {
             return Err(file_err(
                 &path,
-                format!("tensor `{key}` must be 2-D, found shape {:?}", t.shape),
+                format!("tensor `{key}` must be {rank}-D, found shape {:?}", t.shape),
             ));
         }
-        if key.ends_with(".lora_A.weight") {
-            a.insert(site.0, t)
-        } else {
-            b.insert(site.0, t)
-        };
+        tensors.insert((site, part), t);
     }
     let mut out = HashMap::new();
-    for (site, ta) in a {
-        let tb = b
-            .remove(&site)
-            .ok_or_else(|| file_err(&path, format!("`{}` is missing", peft_key(&site, "B"))))?;
-        out.insert(site, (ta, tb));
-    }
-    if let Some(site) = b.keys().next() {
-        return Err(file_err(
-            &path,
-            format!("`{}` is missing", peft_key(site, "A")),
-        ));
+    let sites: Vec<LinearSite> = tensors.keys().map(|(s, _)| *s).collect();
+    for site in sites {
+        if out.contains_key(&site) {
+            continue;
+        }
+        let mut take = |part: Part| tensors.remove(&(site, part));
+        let (a, b, magnitude) = (take(Part::A), take(Part::B), take(Part::Magnitude));
+        let missing = |part: Part| file_err(&path, format!("`{}` is missing", part.key(&site)));
+        let a = a.ok_or_else(|| missing(Part::A))?;
+        let b = b.ok_or_else(|| missing(Part::B))?;
+        out.insert(site, SiteFactors { a, b, magnitude });
     }
     check_against_config(&path, &config, &out)?;
     Ok((config, out))
@@ -284,7 +342,44 @@ fn check_against_config(
         ));
     }
     for site in sites {
-        let (a, b) = &factors[site];
+        let SiteFactors { a, b, magnitude } = &factors[site];
+        match (magnitude, config.use_dora) {
+            (None, true) => {
+                return Err(file_err(
+                    path,
+                    format!(
+                        "adapter_config.json says use_dora but `{}` is missing; the adapter's \
+                         files disagree",
+                        peft_magnitude_key(site)
+                    ),
+                ));
+            }
+            (Some(_), false) => {
+                return Err(file_err(
+                    path,
+                    format!(
+                        "`{}` is a DoRA magnitude but adapter_config.json says use_dora = false; \
+                         the adapter's files disagree (set use_dora, or save the adapter again)",
+                        peft_magnitude_key(site)
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(m) = magnitude
+            && m.shape != [b.shape[0]]
+        {
+            return Err(file_err(
+                path,
+                format!(
+                    "tensor `{}` has shape {:?}, but `{}` needs [{}]; the adapter's files disagree",
+                    peft_magnitude_key(site),
+                    m.shape,
+                    peft_key(site, "B"),
+                    b.shape[0]
+                ),
+            ));
+        }
         for (key, t, expected) in [
             (peft_key(site, "A"), a, vec![config.r, a.shape[1]]),
             (peft_key(site, "B"), b, vec![b.shape[0], config.r]),
@@ -304,13 +399,32 @@ fn check_against_config(
     Ok(())
 }
 
-fn parse_key(key: &str) -> Option<(LinearSite, char)> {
+/// Which tensor of a site a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Part {
+    A,
+    B,
+    Magnitude,
+}
+
+impl Part {
+    fn key(self, site: &LinearSite) -> String {
+        match self {
+            Part::A => peft_key(site, "A"),
+            Part::B => peft_key(site, "B"),
+            Part::Magnitude => peft_magnitude_key(site),
+        }
+    }
+}
+
+fn parse_key(key: &str) -> Option<(LinearSite, Part)> {
     let rest = key.strip_prefix("base_model.model.model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let (module, factor) = rest.rsplit_once(".lora_")?;
-    let factor = match factor {
-        "A.weight" => 'A',
-        "B.weight" => 'B',
+    let (module, part) = rest.rsplit_once(".lora_")?;
+    let part = match part {
+        "A.weight" => Part::A,
+        "B.weight" => Part::B,
+        "magnitude_vector" => Part::Magnitude,
         _ => return None,
     };
     let projection = prefer_llama::Projection::ALL
@@ -321,7 +435,7 @@ fn parse_key(key: &str) -> Option<(LinearSite, char)> {
             layer: layer.parse().ok()?,
             projection,
         },
-        factor,
+        part,
     ))
 }
 
@@ -337,7 +451,7 @@ pub fn load_peft<B: Backend, L: LinearLayer<B>>(
     let scaling = config.scaling();
     let n_layers = model.layers.len();
     for (site, layer) in model.projections_mut() {
-        let Some((a, b)) = factors.remove(&site) else {
+        let Some(SiteFactors { a, b, magnitude }) = factors.remove(&site) else {
             continue;
         };
         let [d_out, d_in] = layer.base.dims();
@@ -354,7 +468,10 @@ pub fn load_peft<B: Backend, L: LinearLayer<B>>(
                 });
             }
         }
-        layer.insert(name, LoraAdapter::from_peft(&a, &b, scaling, &device));
+        // The magnitude's shape was checked against B's, and B's against the base.
+        let mut adapter = LoraAdapter::from_peft(&a, &b, scaling, &device);
+        adapter.dora = magnitude.map(|m| DoraMagnitude::from_peft(&layer.base, &m, &device));
+        layer.insert(name, adapter);
     }
     if let Some(site) = factors.keys().next() {
         return Err(file_err(

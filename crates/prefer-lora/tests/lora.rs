@@ -36,6 +36,17 @@ fn models<Bk: prefer_kernels::PreferBackend>(
     LlamaModel<Bk, prefer_llama::DenseLinear<Bk>>,
     LoraModel<Bk, prefer_llama::DenseLinear<Bk>>,
 ) {
+    models_with(lora_config(), device)
+}
+
+/// The dense model and the same weights with a fresh adapter of `lora`.
+fn models_with<Bk: prefer_kernels::PreferBackend>(
+    lora: LoraConfig,
+    device: &Bk::Device,
+) -> (
+    LlamaModel<Bk, prefer_llama::DenseLinear<Bk>>,
+    LoraModel<Bk, prefer_llama::DenseLinear<Bk>>,
+) {
     let c = config();
     let dense = LlamaModel::from_weights(
         &c,
@@ -46,7 +57,7 @@ fn models<Bk: prefer_kernels::PreferBackend>(
     .unwrap();
     let factory = LoraFactory {
         inner: DenseFactory,
-        config: lora_config(),
+        config: lora,
         adapter_name: "default".into(),
     };
     let lora =
@@ -71,6 +82,36 @@ fn fresh_adapter_leaves_the_model_unchanged() {
     assert_eq!(
         values(dense.forward(tokens(&device), None)),
         values(lora.forward(tokens(&device), None))
+    );
+}
+
+/// A fresh DoRA adapter starts at the adapted weight's row norms, so the model is the dense one
+/// (to the bit: the scale is a norm divided by itself); a step moves the magnitudes.
+#[test]
+fn fresh_dora_adapter_leaves_the_model_unchanged_and_trains_its_magnitude() {
+    let device = Default::default();
+    let dora = LoraConfig {
+        use_dora: true,
+        ..lora_config()
+    };
+    let (dense, mut model) = models_with::<AD>(dora, &device);
+    assert_eq!(
+        values(dense.forward(tokens(&device), None)),
+        values(model.forward(tokens(&device), None))
+    );
+    let magnitude = |m: &LoraModel<AD, prefer_llama::DenseLinear<AD>>| {
+        let q = &m.layers[0].self_attn.q_proj;
+        values(q.adapters[0].dora.as_ref().unwrap().magnitude.val())
+    };
+    let before = magnitude(&model);
+    let loss = model.forward(tokens(&device), None).powi_scalar(2).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut optim = AdamWConfig::new().init();
+    model = optim.step(1e-2, model, grads);
+    let after = magnitude(&model);
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| b != a),
+        "every magnitude moves"
     );
 }
 

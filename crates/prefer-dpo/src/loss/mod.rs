@@ -5,6 +5,7 @@ pub mod f_divergence;
 pub mod kto;
 mod pairwise;
 pub mod reference_free;
+pub mod wpo;
 
 use std::{fmt, str::FromStr};
 
@@ -14,6 +15,7 @@ pub use f_divergence::{FDivergence, FDivergenceType};
 pub use kto::{KtoConfig, kto_kl, kto_loss};
 pub use pairwise::per_pair_loss;
 pub use reference_free::{orpo_log_odds, orpo_loss, simpo_loss};
+pub use wpo::wpo_weights;
 
 /// A DPO-family loss, by TRL's `loss_type` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,6 +120,9 @@ pub struct LossConfig {
     /// LD-DPO's weight of the completion tokens past the shorter completion of a pair
     /// (`ld_alpha`; none: all tokens count fully).
     pub ld_alpha: Option<f64>,
+    /// WPO: weigh each pair's loss by the policy's own probability of the pair
+    /// (`use_weighting`, off).
+    pub use_weighting: bool,
 }
 
 impl Default for LossConfig {
@@ -133,6 +138,7 @@ impl Default for LossConfig {
                 alpha: 0.5,
             },
             ld_alpha: None,
+            use_weighting: false,
         }
     }
 }
@@ -186,6 +192,18 @@ impl LossConfig {
         {
             return Err(format!("ld_alpha must be in [0, 1] (got {a})"));
         }
+        if self.use_weighting
+            && let Some(t) = self
+                .loss_types
+                .iter()
+                .find(|t| matches!(t, LossType::Aot | LossType::AotUnpaired))
+        {
+            return Err(format!(
+                "use_weighting cannot be combined with loss_type `{}`: it sorts the pairs, so \
+                 per-pair weights would fall on the wrong pairs",
+                t.name()
+            ));
+        }
         Ok(())
     }
 }
@@ -208,6 +226,8 @@ pub struct PairLogps<B: Backend> {
     pub chosen_unweighted: Tensor<B, 1>,
     /// Completion tokens of each rejected sequence (≥ 1), as floats.
     pub rejected_tokens: Tensor<B, 1>,
+    /// WPO's weight of each pair (no gradient), multiplying every configured loss; `None`: all 1.
+    pub weights: Option<Tensor<B, 1>>,
 }
 
 impl LossConfig {
@@ -234,7 +254,14 @@ fn weighted_sum<B: Backend>(
 ) -> Tensor<B, 1> {
     config
         .weighted()
-        .map(|(t, w)| f(per_pair_loss(t, config, x)) * w)
+        .map(|(t, w)| {
+            let per_pair = per_pair_loss(t, config, x);
+            let per_pair = match &x.weights {
+                Some(weights) => per_pair * weights.clone(),
+                None => per_pair,
+            };
+            f(per_pair) * w
+        })
         .reduce(|acc, term| acc + term)
         .expect("validated: at least one loss")
 }

@@ -17,7 +17,7 @@ use burn::{
     tensor::backend::AutodiffBackend,
 };
 use prefer_llama::LinearLayer;
-use prefer_lora::{LoraConfig, LoraLinear, load_peft, peft_key, save_peft};
+use prefer_lora::{LoraConfig, LoraLinear, load_peft, peft_key, peft_magnitude_key, save_peft};
 use serde::{Deserialize, Serialize};
 
 use super::{Fingerprint, TrainError, plateau::Plateau, step::DpoPolicy};
@@ -67,7 +67,7 @@ pub struct BestModel {
 pub type DpoOptimizer<B, L> = OptimizerAdaptor<AdamW, DpoPolicy<B, L>, B>;
 type OptimRecord<B, L> = <DpoOptimizer<B, L> as Optimizer<DpoPolicy<B, L>, B>>::Record;
 
-/// Stable names of the trainable factors: PEFT's keys. Parameter ids are random per process, so
+/// Stable names of the trainable tensors (factors, and DoRA's magnitudes): PEFT's keys. Parameter ids are random per process, so
 /// the optimiser state is saved under ids derived from these names.
 fn stable_ids<B: AutodiffBackend, L: LinearLayer<B>>(
     policy: &DpoPolicy<B, L>,
@@ -78,8 +78,16 @@ where
     let mut out = Vec::new();
     for (site, layer) in policy.model.projections() {
         if let Some(ad) = layer.adapter(POLICY_ADAPTER) {
-            for (factor, id) in [("A", ad.a.id), ("B", ad.b.id)] {
-                let stable = Fingerprint::default().str(&peft_key(&site, factor)).0;
+            let magnitude = ad
+                .dora
+                .as_ref()
+                .map(|d| (peft_magnitude_key(&site), d.magnitude.id));
+            let factors = [
+                (peft_key(&site, "A"), ad.a.id),
+                (peft_key(&site, "B"), ad.b.id),
+            ];
+            for (key, id) in factors.into_iter().chain(magnitude) {
+                let stable = Fingerprint::default().str(&key).0;
                 out.push((id, ParamId::from(stable)));
             }
         }

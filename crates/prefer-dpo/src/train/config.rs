@@ -283,12 +283,24 @@ pub struct TrainConfig {
     /// LD-DPO: the weight of each pair's completion tokens past its shorter completion (in [0, 1];
     /// unset: standard DPO).
     pub ld_alpha: Option<f64>,
+    /// WPO: weigh each pair's loss by the policy's own probability of the pair, so off-policy
+    /// pairs count less.
+    pub use_weighting: bool,
     /// f-DPO's divergence to the reference (`reverse_kl`: standard DPO).
     pub f_divergence_type: FDivergenceType,
     /// α of `f_divergence_type = "alpha_divergence"`.
     pub f_alpha_divergence_coef: f64,
     /// Compute the reference's log-probs once before training and cache them on disk.
     pub precompute_ref_log_probs: bool,
+    /// TR-DPO (Gorbatovski et al. 2024): every `ref_model_sync_steps` optimiser steps the
+    /// reference moves towards the policy, `ref ← α·policy + (1 − α)·ref` with α =
+    /// `ref_model_mixup_alpha`, so the policy is held close to a recent self rather than to its
+    /// start. Needs the snapshot reference (no `ref_model`, no precomputed log-probs).
+    pub sync_ref_model: bool,
+    /// α of `sync_ref_model`: how far the reference moves towards the policy at each sync.
+    pub ref_model_mixup_alpha: f64,
+    /// Optimiser steps between reference syncs.
+    pub ref_model_sync_steps: usize,
     /// Longest prompt + completion, in tokens.
     pub max_length: Option<usize>,
     /// Keep at most the last N prompt tokens.
@@ -384,6 +396,8 @@ pub struct TrainConfig {
     pub target_modules: Vec<String>,
     /// rsLoRA scaling `lora_alpha / √r`.
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row of each adapted projection.
+    pub use_dora: bool,
 
     // --- quantisation (BitsAndBytesConfig) ---
     /// Quantise the frozen base to 4 bits while loading.
@@ -407,9 +421,13 @@ impl Default for TrainConfig {
             discopop_tau: 0.05,
             rpo_alpha: None,
             ld_alpha: None,
+            use_weighting: false,
             f_divergence_type: FDivergenceType::ReverseKl,
             f_alpha_divergence_coef: 0.5,
             precompute_ref_log_probs: false,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             max_length: Some(1024),
             max_prompt_length: None,
             max_completion_length: None,
@@ -451,6 +469,7 @@ impl Default for TrainConfig {
             disable_dropout: true,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             use_rslora: false,
+            use_dora: false,
             load_in_4bit: true,
             bnb_4bit_quant_type: QuantType::Nf4,
             bnb_4bit_use_double_quant: true,
@@ -507,6 +526,7 @@ impl TrainConfig {
                 alpha: self.f_alpha_divergence_coef,
             },
             ld_alpha: self.ld_alpha,
+            use_weighting: self.use_weighting,
         }
     }
 
@@ -520,6 +540,7 @@ impl TrainConfig {
             lora_dropout: self.lora_dropout,
             target_modules,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         };
         c.validate()
             .map_err(|e| bad("r / lora_alpha / lora_dropout", e.0))?;
@@ -655,7 +676,27 @@ impl TrainConfig {
         if !(self.discopop_tau > 0.0 && self.discopop_tau.is_finite()) {
             return Err(bad("discopop_tau", "must be positive"));
         }
+        self.validate_reference_sync()?;
         self.validate_best_model()
+    }
+
+    /// TR-DPO's options: α in [0, 1], at least one step between syncs, and a reference that runs
+    /// beside the policy (a precomputed one cannot follow it).
+    fn validate_reference_sync(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+            return Err(bad("ref_model_mixup_alpha", "must be in [0, 1]"));
+        }
+        if self.ref_model_sync_steps == 0 {
+            return Err(bad("ref_model_sync_steps", "must be at least 1"));
+        }
+        if self.sync_ref_model && self.precompute_ref_log_probs {
+            return Err(bad(
+                "sync_ref_model",
+                "the reference changes during training, so its log-probs cannot be precomputed: \
+                 set precompute_ref_log_probs to false",
+            ));
+        }
+        Ok(())
     }
 
     /// `load_best_model_at_end` and `save_strategy = "best"` need evaluations, and checkpoints

@@ -11,6 +11,7 @@ pub mod metrics_log;
 pub mod plan;
 pub mod plateau;
 pub mod reference;
+pub mod reference_sync;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

@@ -37,6 +37,7 @@ use super::{
         Fingerprint, RefLogps, cache_dir, cache_key, compute_ref_logps, read_cached, ref_tensor,
         write_cached,
     },
+    reference_sync::sync_reference_if_due,
     schedule::LrSchedule,
     step::{DpoInput, DpoPolicy},
     window::Window,
@@ -446,7 +447,8 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         }
         let scheduled = burn::optim::lr_scheduler::LrScheduler::step(&mut self.schedule);
         let lr = state.plateau.map_or(scheduled, |p| p.lr);
-        let policy = TrainStep::optimize(policy, &mut self.optim, lr, grads);
+        let mut policy = TrainStep::optimize(policy, &mut self.optim, lr, grads);
+        sync_reference_if_due(&mut policy, self.inputs.config, step);
         let seconds = step_started.elapsed().as_secs_f64();
         self.window.finish_step(seconds, grad_norm, lr);
         let totals = &mut self.totals;
@@ -651,6 +653,13 @@ fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
     let vocab = model.config.vocab_size;
     for pairs in [&run.train, &run.eval] {
         check_vocab(pairs, run.pad_id, vocab).map_err(|b| TrainError::Data(b.to_string()))?;
+    }
+    if config.sync_ref_model && !matches!(run.reference, ReferenceSource::Snapshot) {
+        return Err(TrainError::Data(
+            "sync_ref_model moves the reference adapter towards the policy, so the reference must \
+             be the starting adapter: remove ref_model"
+                .into(),
+        ));
     }
     if !model
         .projections()
@@ -912,6 +921,9 @@ fn precompute<B: TrainBackend, L: BaseLayer<B>>(
         for (_, layer) in reference.projections() {
             if let Some(ad) = layer.adapter(name) {
                 model = model.tensor(ad.a.val())?.tensor(ad.b.val())?;
+                if let Some(dora) = &ad.dora {
+                    model = model.str("dora").tensor(dora.magnitude.val())?;
+                }
             }
         }
     }
