@@ -1,9 +1,10 @@
 //! Save a LoRA adapter that PEFT can load: load a model with a fresh adapter on every projection,
 //! give it non-zero weights (as training would), write it in PEFT's format, and print the adapted
 //! model's per-token log-probs for a few sequences as JSON (used by `tools/check_interop.py`).
+//! With `--dora` the adapter is a DoRA one, its magnitudes moved off their initial row norms too.
 //!
 //! ```sh
-//! cargo run --example export_adapter -- tests/fixtures/llama/gqa_f32 /tmp/prefer-adapter
+//! cargo run --example export_adapter -- tests/fixtures/llama/gqa_f32 /tmp/prefer-adapter [--dora]
 //! ```
 
 use burn::{
@@ -21,13 +22,19 @@ type B = NdArray;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(model_path), Some(out)) = (args.next(), args.next()) else {
-        return Err("usage: export_adapter MODEL OUT_DIR".into());
+        return Err("usage: export_adapter MODEL OUT_DIR [--dora]".into());
+    };
+    let use_dora = match args.next().as_deref() {
+        None => false,
+        Some("--dora") => true,
+        Some(other) => return Err(format!("unexpected argument `{other}`").into()),
     };
     <B as burn::tensor::backend::Backend>::seed(&Default::default(), 7);
     let device = Default::default();
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
+        use_dora,
         ..Default::default()
     };
     let factory = LoraFactory {
@@ -40,6 +47,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (_, layer) in model.projections_mut() {
         for ad in &mut layer.adapters {
             ad.b = Param::from_tensor(ad.b.val().random_like(Distribution::Normal(0.0, 0.05)));
+            if let Some(dora) = &mut ad.dora {
+                let m = dora.magnitude.val();
+                let factor = m.random_like(Distribution::Uniform(0.9, 1.1));
+                dora.magnitude = Param::from_tensor(m * factor);
+            }
         }
     }
     save_peft(&model, "default", &config, Some(&model_path), out.as_ref())?;

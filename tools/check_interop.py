@@ -11,6 +11,8 @@ adapter   `examples/export_adapter gqa_f32 OUT/prefer-adapter` writes a PEFT ada
           prefer's f32 per-token log-probs.  PeftModel.from_pretrained must load every tensor of the
           file (compared with get_peft_model_state_dict), the adapter must change the output, and
           PEFT's f32 log-probs must match prefer's.
+dora      the same with `export_adapter ... --dora`: a DoRA adapter (magnitudes moved off their
+          initial row norms) that PEFT loads whole, `use_dora` set, with prefer's log-probs.
 nf4       `prefer quantize --model gqa_f32 --output OUT/prefer-nf4`.  AutoModelForCausalLM must load
           it on CPU with no missing/unexpected keys; every Linear4bit's packed weight and quant_state
           (blocksize, shape, offset, absmax codes, nested absmax, codes, nested blocksize) must equal
@@ -100,9 +102,9 @@ def logprobs(model, sequences):
 
 # ------------------------------------------------------------------------------------------ checks
 @torch.no_grad()
-def check_adapter(bindir, out):
-    d = out / "prefer-adapter"
-    got = json.loads(run([bindir / "examples" / "export_adapter", GQA, d]))
+def check_adapter(bindir, out, dora=False):
+    d = out / ("prefer-dora" if dora else "prefer-adapter")
+    got = json.loads(run([bindir / "examples" / "export_adapter", GQA, d] + (["--dora"] if dora else [])))
     model = PeftModel.from_pretrained(load(ROOT / GQA, dtype=torch.float32), d).eval()
     # PEFT only warns about adapter keys it cannot place: check every tensor arrived
     file_sd = st.load_file(str(d / "adapter_model.safetensors"))
@@ -111,6 +113,9 @@ def check_adapter(bindir, out):
     for k, v in file_sd.items():
         assert torch.equal(v, loaded[k]), f"{k} differs after loading"
     n_mod = sum(k.endswith("lora_A.weight") for k in file_sd)
+    n_mag = sum(k.endswith("lora_magnitude_vector") for k in file_sd)
+    assert n_mag == (n_mod if dora else 0), f"{n_mag} magnitude vectors for {n_mod} modules"
+    assert model.peft_config["default"].use_dora == dora
     lp = logprobs(model, got["sequences"])
     with model.disable_adapter():
         base = logprobs(model, got["sequences"])
@@ -221,6 +226,7 @@ def main():
           f"bitsandbytes {bitsandbytes.__version__}, numpy {np.__version__}")
     info, failed = [], 0
     for name, fn in [("adapter", lambda: check_adapter(bindir, out)),
+                     ("dora", lambda: check_adapter(bindir, out, dora=True)),
                      ("nf4", lambda: check_nf4(bindir, out, info)),
                      ("merged", lambda: check_merged(bindir, out))]:
         try:
