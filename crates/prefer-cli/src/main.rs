@@ -4,6 +4,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod merge;
+mod pairs;
 mod plot;
 mod quantize;
 mod train;
@@ -41,6 +42,9 @@ enum Command {
     /// Merge a LoRA adapter into its base model and write a Hugging Face checkpoint.
     #[command(after_help = merge::EXAMPLES)]
     Merge(merge::MergeArgs),
+    /// Make preference pairs from scored responses or from single good responses.
+    #[command(after_help = pairs::EXAMPLES)]
+    Pairs(pairs::PairsArgs),
 }
 
 /// `--backend` values, checked at parse time; whether one is compiled in is checked when it is used.
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Pairs(args) => pairs::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

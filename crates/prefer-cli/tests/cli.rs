@@ -416,6 +416,13 @@ fn inspect_summarises_models_adapters_and_datasets() {
     );
     let out = prefer()
         .arg("inspect")
+        .arg(fixtures.join("lora/peft_dora"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(PEFT DoRA)"), "{text}");
+    let out = prefer()
+        .arg("inspect")
         .arg(fixtures.join("dpo/standard.jsonl"))
         .arg("--model")
         .arg(tiny_model())
@@ -458,7 +465,9 @@ fn inspect_summarises_models_adapters_and_datasets() {
 
 #[test]
 fn every_command_has_examples_in_its_help() {
-    for cmd in ["train", "eval", "generate", "quantize", "merge", "inspect"] {
+    for cmd in [
+        "train", "eval", "generate", "quantize", "merge", "inspect", "pairs",
+    ] {
         let out = prefer().args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd}");
         assert!(
@@ -529,4 +538,106 @@ fn hub_ids_resolve_in_the_local_cache() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// `prefer pairs` writes TRL-format pairs that prefer reads back, and a bad row stops it with the
+/// row and the key before anything is written.
+#[test]
+fn pairs_are_made_from_scores_and_single_responses() {
+    let dir = std::env::temp_dir().join(format!("prefer-pairs-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scored = dir.join("scored.jsonl");
+    std::fs::write(
+        &scored,
+        concat!(
+            "{\"prompt\": \"Capital of France?\", \"response\": \"Paris.\", \"score\": 9}\n",
+            "{\"prompt\": \"Capital of France?\", \"response\": \"Lyon.\", \"score\": 2}\n",
+            "{\"prompt\": \"Capital of France?\", \"response\": \"It is Paris.\", \"score\": 8.8}\n",
+            "{\"prompt\": \"Capital of France?\", \"response\": \"Nice.\", \"score\": 8.5}\n",
+            "{\"prompt\": \"2 + 2?\", \"response\": \"4\", \"score\": 1}\n",
+        ),
+    )
+    .unwrap();
+    let out_file = dir.join("pairs.jsonl");
+    let out = prefer()
+        .args(["pairs", "--from-scored"])
+        .arg(&scored)
+        .arg("--output")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1 pairs from 5 rows of 2 prompts; dropped: 0 ties, 1 below --min-score-diff 0.5, 1 prompts with a single response"),
+        "{text}"
+    );
+    let line = std::fs::read_to_string(&out_file).unwrap();
+    let pair: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(
+        (pair["chosen"].as_str(), pair["rejected"].as_str()),
+        (Some("Paris."), Some("Lyon."))
+    );
+    assert_eq!(
+        (
+            pair["chosen_score"].as_f64(),
+            pair["rejected_score"].as_f64()
+        ),
+        (Some(9.0), Some(2.0))
+    );
+    // prefer reads what it wrote as standard preference data.
+    let out = prefer().arg("inspect").arg(&out_file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 usable, 0 bad; format standard"), "{text}");
+
+    let single = dir.join("single.jsonl");
+    std::fs::write(
+        &single,
+        "{\"prompt\": \"Why?\", \"response\": \"Because it rains. The ground is wet. So we stay in.\"}\n",
+    )
+    .unwrap();
+    let shuffled = dir.join("shuffled.jsonl");
+    let out = prefer()
+        .args(["pairs", "--reject", "shuffle", "--from-single"])
+        .arg(&single)
+        .arg("--output")
+        .arg(&shuffled)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pair: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&shuffled).unwrap().trim()).unwrap();
+    assert_ne!(pair["chosen"], pair["rejected"]);
+    assert_eq!(pair["metadata"]["reject"], "shuffle");
+
+    // A row without a score: the error names the file, the line and the key; nothing is written.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"response\": \"x\", \"score\": 1}\n{\"prompt\": \"a\", \"response\": \"y\"}\n",
+    )
+    .unwrap();
+    let nothing = dir.join("nothing.jsonl");
+    let out = prefer()
+        .args(["pairs", "--from-scored"])
+        .arg(&bad)
+        .arg("--output")
+        .arg(&nothing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!("error: {}:2: missing key `score`\n", bad.display())
+    );
+    assert!(!nothing.exists());
+    // Neither source: clap says which flags are needed.
+    let out = prefer()
+        .args(["pairs", "--output"])
+        .arg(&nothing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--from-scored"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

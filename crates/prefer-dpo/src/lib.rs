@@ -8,6 +8,7 @@ pub mod host;
 pub mod logps;
 pub mod loss;
 pub mod metrics;
+pub mod pairs;
 pub mod train;
 
 pub use data::{DpoBatch, Packing};

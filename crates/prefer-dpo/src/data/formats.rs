@@ -128,14 +128,20 @@ pub(crate) type Record = (String, Result<Value, String>);
 /// endings are accepted.
 pub fn load_file(path: &Path, format: Option<DataFormat>) -> Result<Loaded, BadRow> {
     let name = path.display().to_string();
+    rows_from_records(&name, file_records(path)?, format)
+}
+
+/// The raw records of a Parquet, JSON array or JSON Lines file, each with its location.
+pub(crate) fn file_records(path: &Path) -> Result<Vec<Record>, BadRow> {
+    let name = path.display().to_string();
     if is_parquet(path) {
-        return rows_from_records(&name, read_records(path, &name)?, format);
+        return read_records(path, &name);
     }
     let bytes = std::fs::read(path).map_err(|e| BadRow {
         location: name.clone(),
         reason: e.to_string(),
     })?;
-    parse_rows(&name, &bytes, format)
+    json_records(&name, &bytes)
 }
 
 /// Reads the files of one dataset split (its shards, in order) as one: the format found in the
