@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{MadePair, completion, object, prompt_of, required};
+use super::{InputRow, MadePair, completion, object, prompt_of, required};
 use crate::data::BadRow;
 
 /// What became of the input.
@@ -37,7 +37,7 @@ struct Scored {
 /// score; the first that does not is the error), keeping those whose scores differ by at least
 /// `min_score_diff`. Prompts keep the order of their first row.
 pub fn pairs_from_scores(
-    records: Vec<(String, Result<Value, String>)>,
+    records: Vec<InputRow>,
     min_score_diff: f64,
 ) -> Result<(Vec<MadePair>, ScoredReport), BadRow> {
     let mut report = ScoredReport::default();

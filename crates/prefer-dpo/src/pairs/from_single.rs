@@ -8,7 +8,7 @@ use std::{fmt, str::FromStr};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde_json::Value;
 
-use super::{MadePair, completion, object, prompt_of, required};
+use super::{InputRow, MadePair, completion, object, prompt_of, required};
 use crate::data::BadRow;
 
 /// How the rejected completion is made from the good one.
@@ -70,7 +70,7 @@ pub struct SingleReport {
 /// Pairs from `records` (every row must hold a prompt and a non-empty string response; the first
 /// that does not is the error), the rejected completion made by `reject` with `seed`.
 pub fn pairs_from_single(
-    records: Vec<(String, Result<Value, String>)>,
+    records: Vec<InputRow>,
     reject: Reject,
     seed: u64,
 ) -> Result<(Vec<MadePair>, SingleReport), BadRow> {

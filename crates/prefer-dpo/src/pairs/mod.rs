@@ -15,6 +15,10 @@ pub use from_single::{Reject, SingleReport, pairs_from_single};
 
 use crate::data::BadRow;
 
+/// One input row: its location (`file:line` or `file: row N`) and its JSON value, or why the
+/// line is not JSON.
+pub type InputRow = (String, Result<Value, String>);
+
 /// One preference pair as written: TRL's keys, then where it came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MadePair {
@@ -82,7 +86,7 @@ pub(crate) fn prompt_of(location: &str, row: &Map<String, Value>) -> Result<Valu
 
 /// The rows of an input file (JSON Lines, a JSON array or Parquet), each with its location
 /// (`file:line` or `file: row N`) and its JSON value or why it has none.
-pub fn input_rows(path: &Path) -> Result<Vec<(String, Result<Value, String>)>, BadRow> {
+pub fn input_rows(path: &Path) -> Result<Vec<InputRow>, BadRow> {
     crate::data::formats::file_records(path)
 }
 
