@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 rejected_tokens: host(rt.clone()),
                 chosen_logit_sums: host(ct * 0.0),
                 rejected_logit_sums: host(rt * 0.0),
+                ..Default::default()
             };
             let m = records.metrics(beta);
             println!(

@@ -173,6 +173,15 @@ impl RunConfig {
                 ));
             }
         }
+        if !self.train.method.uses_reference() && self.ref_model.is_some() {
+            return Err(bad(
+                "ref_model",
+                format!(
+                    "method {} uses no reference model: remove ref_model",
+                    self.train.method
+                ),
+            ));
+        }
         if self.train.sync_ref_model && self.ref_model.is_some() {
             return Err(bad(
                 "sync_ref_model",

@@ -37,6 +37,11 @@ tests/fixtures/dpo/
                           KTOTrainer on the same data.
   sigmoid_grads.safetensors  d(sigmoid loss, beta 0.1, no label smoothing)/d(every LoRA parameter),
                           keys as in adapter_model.safetensors (lora_A [r,in], lora_B [out,r]).
+  {cpo,simpo,cpo_simpo,orpo}_grads.safetensors
+                          the same for the CPOTrainer / ORPOTrainer runs of losses.json's
+                          "other_trainers" (their "grads" field names the file): d(loss)/d(every
+                          LoRA parameter), loss as get_batch_loss_metrics(model, batch, "train")
+                          computes it on the same batch and adapter; same keys, shapes and float32.
 
 Versions used to generate the committed files:
   python 3.11.7, torch 2.15.0, transformers 5.23.0, trl 1.16.0, peft 0.21.2, accelerate 1.15.0,
@@ -424,6 +429,19 @@ def batch_of(tr, n):
     return tr.data_collator([tr.train_dataset[i] for i in range(n)])
 
 
+def lora_grads(model):
+    """d/d(every LoRA parameter) after backward, keyed as in adapter_model.safetensors."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            grads[name.replace(".default.", ".")] = p.grad.detach().clone().contiguous()
+    return grads
+
+
+def global_norm(grads):
+    return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+
+
 def run_dpo(rows, adapter_sd, n=4, backward=False, **cfg):
     tr = dpo_loss_trainer(rows, adapter_sd, **cfg)
     batch = batch_of(tr, n)
@@ -433,10 +451,7 @@ def run_dpo(rows, adapter_sd, n=4, backward=False, **cfg):
     grads = None
     if backward:
         loss.backward()
-        grads = {}
-        for name, p in tr.model.named_parameters():
-            if "lora_" in name:
-                grads[name.replace(".default.", ".")] = p.grad.detach().clone().contiguous()
+        grads = lora_grads(tr.model)
     return tr, batch, float(loss.detach()), metrics, grads
 
 
@@ -505,7 +520,7 @@ def make_dpo_losses(adapter_sd):
                        "4 rows of standard.jsonl; loss=%r" % (trl.__version__, loss)})
     assert set(grads) == set(adapter_sd)
     res["sigmoid_grads"] = {"file": "sigmoid_grads.safetensors", "loss": f32(loss),
-                            "global_norm": f32(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values())))}
+                            "global_norm": f32(global_norm(grads))}
 
     # independent check of the sigmoid loss value and one gradient from plain formulas
     h = (np.array(pp["chosen_logratios"], np.float64) - np.array(pp["rejected_logratios"], np.float64))
@@ -610,7 +625,7 @@ def peft_policy(adapter_sd):
     return pm
 
 
-def run_pairwise_trainer(cls, cfg_cls, adapter_sd, rows, **cfg):
+def run_pairwise_trainer(cls, cfg_cls, adapter_sd, rows, backward=False, **cfg):
     tok = tokenizer()
     args = cfg_cls(output_dir=os.path.join(TMP, cls.__name__), per_device_train_batch_size=4,
                    **COMMON_ARGS, **cfg)
@@ -621,9 +636,18 @@ def run_pairwise_trainer(cls, cfg_cls, adapter_sd, rows, **cfg):
     batch = tr.data_collator(feats)
     with torch.no_grad():
         loss, metrics = tr.get_batch_loss_metrics(tr.model, batch, train_eval="train")
+    grads = None
+    if backward:
+        # the same computation again, with autograd, for d(loss)/d(LoRA)
+        tr.model.zero_grad(set_to_none=True)
+        gloss, _ = tr.get_batch_loss_metrics(tr.model, batch, train_eval="train")
+        assert float(gloss.detach()) == float(loss), (float(gloss), float(loss))
+        gloss.backward()
+        grads = lora_grads(tr.model)
+        assert set(grads) == set(adapter_sd)
     ids = [{"chosen_input_ids": f["chosen_input_ids"], "rejected_input_ids": f["rejected_input_ids"],
             "prompt_len": len([x for x in f["chosen_labels"] if x == -100])} for f in feats]
-    return tr, batch, float(loss), {k: float(v) for k, v in sorted(metrics.items())}, ids
+    return tr, batch, float(loss), {k: float(v) for k, v in sorted(metrics.items())}, ids, grads
 
 
 def make_other_trainers(adapter_sd, dpo_res):
@@ -639,12 +663,23 @@ def make_other_trainers(adapter_sd, dpo_res):
         ("cpo_simpo", CPOTrainer, CPOConfig, dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0)),
         ("orpo", ORPOTrainer, ORPOConfig, dict(beta=0.1)),
     ]
+    all_grads = {}
     for name, cls, cfg_cls, cfg in runs:
-        tr, batch, loss, metrics, ids = run_pairwise_trainer(cls, cfg_cls, adapter_sd, rows, **cfg)
+        tr, batch, loss, metrics, ids, grads = run_pairwise_trainer(cls, cfg_cls, adapter_sd, rows,
+                                                                    backward=True, **cfg)
         same = [ids[i]["chosen_input_ids"] == dpo_seqs[i] and ids[i]["rejected_input_ids"] == dpo_seqs[4 + i]
                 for i in range(4)]
+        gfile = "%s_grads.safetensors" % name
+        # one metadata key only: safetensors writes the metadata map in hash order
+        st.save_file(grads, str(OUT / gfile), metadata={
+            "description": "d/dLoRA of TRL %s %s loss (%s) from get_batch_loss_metrics(train) on the first "
+                           "4 rows of standard.jsonl; loss=%r" % (
+                               trl.__version__, cls.__name__,
+                               ", ".join("%s=%s" % kv for kv in sorted(cfg.items())), loss)})
+        all_grads[name] = grads
+        print("grads %-9s loss %.8g global norm %.8g" % (name, loss, global_norm(grads)))
         out[name] = {"trainer": cls.__name__, "config": cfg, "loss": f32(loss), "metrics": metrics,
-                     "same_token_ids_as_dpo": all(same)}
+                     "same_token_ids_as_dpo": all(same), "grads": gfile}
     # SimPO / ORPO components recomputed from per-pair averages, for the record
     pol_c = np.array(dpo_res["per_pair"]["policy_chosen_logps"], np.float64)
     pol_r = np.array(dpo_res["per_pair"]["policy_rejected_logps"], np.float64)
@@ -653,6 +688,25 @@ def make_other_trainers(adapter_sd, dpo_res):
     avg_c, avg_r = pol_c / nc, pol_r / nr
     simpo = float(np.mean(np.logaddexp(0.0, -2.0 * ((avg_c - avg_r) - 0.5 / 2.0))))
     assert abs(simpo - out["simpo"]["loss"]) < 1e-4, (simpo, out["simpo"]["loss"])
+
+    # independent check of the SimPO gradients: plain HF forward + log_softmax on a fresh PEFT model,
+    # loss from the per-pair average completion log-probs, on DPO's batch (the same token ids)
+    pm = peft_policy(adapter_sd)
+    pm.train()
+    ids = torch.tensor(dpo_res["batch"]["input_ids"])
+    am = torch.tensor(dpo_res["batch"]["attention_mask"])
+    shift = torch.tensor(dpo_res["batch"]["completion_mask"])[:, 1:].float()
+    lg = pm(input_ids=ids, attention_mask=am, use_cache=False).logits.float()
+    avg = (torch.log_softmax(lg[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0] * shift).sum(1) / shift.sum(1)
+    plain_loss = -F.logsigmoid(2.0 * ((avg[:4] - avg[4:]) - 0.5 / 2.0)).mean()
+    plain_loss.backward()
+    plain = lora_grads(pm)
+    num = math.sqrt(sum(float(((plain[k].double() - g.double()) ** 2).sum()) for k, g in all_grads["simpo"].items()))
+    rel = num / global_norm(all_grads["simpo"])
+    print("simpo grads vs plain recomputation: relative error %.3g" % rel)
+    assert rel < 1e-4, rel
+    for k, g in all_grads["simpo"].items():
+        assert torch.allclose(plain[k], g, atol=1e-6, rtol=1e-4), (k, (plain[k] - g).abs().max())
     log_odds = (avg_c - avg_r) - (np.log1p(-np.exp(avg_c)) - np.log1p(-np.exp(avg_r)))
     out["orpo"]["components"] = {
         "avg_chosen_logps": f32s(avg_c), "avg_rejected_logps": f32s(avg_r),
@@ -718,7 +772,8 @@ def main():
     res["versions"] = versions
     dump(OUT / "losses.json", res, indent=1)
     shutil.rmtree(TMP, ignore_errors=True)
-    (OUT / "sigmoid_grads.safetensors").chmod(0o644)
+    for name in ("sigmoid", "cpo", "simpo", "cpo_simpo", "orpo"):
+        (OUT / ("%s_grads.safetensors" % name)).chmod(0o644)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print("total bytes", total)
 

@@ -13,6 +13,7 @@ use prefer::{
             tokenize_rows,
         },
         evaluate_pairs,
+        loss::Method,
     },
     llama::{Checkpoint, DenseFactory, LinearFactory, LinearLayer},
     lora::{LoraConfig, LoraFactory, LoraLinear, load_peft, set_active_adapter},
@@ -21,7 +22,8 @@ use prefer::{
 
 pub const EXAMPLES: &str = "Examples:
   prefer eval --model path/to/hf-model --adapter runs/dpo/adapter --data pairs.jsonl
-  prefer eval --model model.gguf --adapter policy --ref-adapter sft --data dpo.json --loss-type sigmoid,sft --json";
+  prefer eval --model model.gguf --adapter policy --ref-adapter sft --data dpo.json --loss-type sigmoid,sft --json
+  prefer eval --model path/to/hf-model --adapter runs/orpo/adapter --data pairs.jsonl --method orpo";
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -40,9 +42,19 @@ pub struct EvalArgs {
     /// Force the data format instead of detecting it: standard, conversational, implicit, sharegpt.
     #[arg(long)]
     pub format: Option<DataFormat>,
-    /// DPO temperature β.
+    /// The method whose loss and metrics to report: dpo (against the reference), or the
+    /// reference-free cpo, simpo, orpo.
+    #[arg(long, default_value = "dpo")]
+    pub method: Method,
+    /// β (ORPO's λ).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+    /// CPO/SimPO: weight of the chosen completions' NLL (default 1 for cpo, 0 for simpo).
+    #[arg(long)]
+    pub cpo_alpha: Option<f64>,
+    /// SimPO's target reward margin γ.
+    #[arg(long, default_value_t = 0.5)]
+    pub simpo_gamma: f64,
     /// Loss types, comma-separated (TRL's names).
     #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
     pub loss_type: Vec<LossType>,
@@ -117,9 +129,18 @@ impl EvalJob {
             loss_types: a.loss_type.clone(),
             loss_weights: a.loss_weights.clone(),
             label_smoothing: a.label_smoothing,
+            method: a.method,
+            cpo_alpha: a.cpo_alpha.unwrap_or_else(|| a.method.default_cpo_alpha()),
+            simpo_gamma: a.simpo_gamma,
             ..Default::default()
         };
         loss.validate().map_err(anyhow::Error::msg)?;
+        if !a.method.uses_reference() && a.ref_adapter.is_some() {
+            bail!(
+                "--method {} uses no reference: remove --ref-adapter",
+                a.method
+            );
+        }
         let tok = ckpt
             .tokenizer
             .clone()

@@ -490,12 +490,15 @@ fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
     );
     s += &format!(
         "- loss: {} (beta {}), LoRA r {} alpha {} on {}, NF4 base: {}\n- {} optimiser steps in {:.1} s on {}{}\n- {}\n\n",
-        config
-            .loss_type
-            .iter()
-            .map(|t| t.name())
-            .collect::<Vec<_>>()
-            .join("+"),
+        match config.method {
+            prefer::dpo::loss::Method::Dpo => config
+                .loss_type
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join("+"),
+            m => format!("{m} (no reference)"),
+        },
         config.beta,
         config.r,
         config.lora_alpha,

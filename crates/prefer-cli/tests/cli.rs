@@ -342,6 +342,54 @@ fn eval_reports_trls_numbers_as_json() {
             "{backend}"
         );
     }
+    // `--method`: the reference-free trainers' loss and metrics, TRL's CPOTrainer / ORPOTrainer.
+    let trl: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("dpo/losses.json")).unwrap())
+            .unwrap();
+    for (method, extra, name, metric) in [
+        ("orpo", vec![], "orpo", "log_odds_ratio"),
+        ("simpo", vec!["--beta", "2.0"], "simpo", "rewards/margins"),
+        ("cpo", vec![], "cpo", "nll_loss"),
+    ] {
+        let run = prefer()
+            .args(["eval", "--model"])
+            .arg(tiny_model())
+            .arg("--adapter")
+            .arg(fixtures().join("dpo/adapter"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--json", "--method", method])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{method}: {}", stderr(&run));
+        let out: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let want = &trl["other_trainers"][name];
+        for (got, expected) in [
+            (&out["metrics"]["loss"], &want["loss"]),
+            (&out["metrics"][metric], &want["metrics"][metric]),
+        ] {
+            let (g, w) = (got.as_f64().unwrap(), expected.as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{method}: {out}");
+        }
+        assert!(out["metrics"].get("kl").is_none(), "{method}: {out}");
+    }
+    let refused = prefer()
+        .args(["eval", "--model"])
+        .arg(tiny_model())
+        .arg("--ref-adapter")
+        .arg(fixtures().join("dpo/adapter"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--method", "orpo"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("uses no reference"),
+        "{}",
+        stderr(&refused)
+    );
     let _ = std::fs::remove_file(&data);
 }
 

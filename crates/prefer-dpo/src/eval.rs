@@ -7,7 +7,10 @@ use crate::{
     data::{BadRow, DpoBatch, Packing, check_vocab},
     host::{DeviceReadError, read, values},
     logps::{LogpsExtras, SequenceLogps, sequence_logps, sequence_logps_with},
-    loss::{FDivergenceType, LossConfig, PairLogps, dpo_loss, wpo_weights},
+    loss::{
+        FDivergenceType, LossConfig, Method, PairLogps, PolicyPairs, dpo_loss, reference_free_loss,
+        wpo_weights,
+    },
     metrics::PairRecords,
 };
 
@@ -20,6 +23,8 @@ pub struct BatchEval<B: Backend> {
     pub pairs: PairLogps<B>,
     /// Policy log-prob results (for `logits/*`).
     pub policy: SequenceLogps<B>,
+    /// A reference-free method's NLL term per pair: the summed NLL and its tokens, `[P]` each.
+    pub nll: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
 }
 
 /// Computes the loss of `batch` with `policy`, taking the reference log-probs from `reference`.
@@ -29,6 +34,9 @@ pub fn evaluate_batch<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     reference: &LlamaModel<B, L>,
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
+    if !config.method.uses_reference() {
+        return evaluate_reference_free(config, policy, batch);
+    }
     let ref_sums = sequence_logps(reference, batch)
         .logps(config.ld_alpha)
         .detach();
@@ -45,6 +53,7 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
 ) -> BatchEval<B> {
     let extras = LogpsExtras {
         log_sum_sq_probs: config.use_weighting,
+        ..Default::default()
     };
     let pol = sequence_logps_with(policy, batch, extras);
     let (chosen, rejected) = SequenceLogps::split(pol.logps(config.ld_alpha));
@@ -86,6 +95,59 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         loss,
         pairs,
         policy: pol,
+        nll: None,
+    }
+}
+
+/// Computes the loss of `batch` under a reference-free method (CPO, SimPO, ORPO): the policy's
+/// log-probs alone, no reference run. The pairs' reference values are 0, so the rewards TRL logs
+/// for these trainers (β × the policy's log-probs) come out of the same metrics.
+pub fn evaluate_reference_free<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
+    config: &LossConfig,
+    policy: &LlamaModel<B, L>,
+    batch: &DpoBatch<B>,
+) -> BatchEval<B> {
+    let extras = LogpsExtras {
+        chosen_prompt_logps: config.method == Method::Orpo,
+        ..Default::default()
+    };
+    let pol = sequence_logps_with(policy, batch, extras);
+    let (sum_c, sum_r) = SequenceLogps::split(pol.sums.clone());
+    let (tokens_c, tokens_r) = SequenceLogps::split(pol.tokens.clone());
+    let (chosen, rejected) = if config.averages_logps() {
+        (sum_c.clone() / tokens_c.clone(), sum_r / tokens_r.clone())
+    } else {
+        (sum_c.clone(), sum_r)
+    };
+    let (nll, nll_tokens) = match &pol.chosen_prompt {
+        Some((prompt_sum, prompt_tokens)) => (
+            (sum_c.clone() + prompt_sum.clone()).neg(),
+            tokens_c.clone() + prompt_tokens.clone(),
+        ),
+        None => (sum_c.clone().neg(), tokens_c.clone()),
+    };
+    let x = PolicyPairs {
+        chosen: chosen.clone(),
+        rejected: rejected.clone(),
+        nll: nll.clone(),
+        nll_tokens: nll_tokens.clone(),
+    };
+    let loss = reference_free_loss(config, &x);
+    let zeros = chosen.zeros_like();
+    BatchEval {
+        loss,
+        pairs: PairLogps {
+            chosen,
+            rejected,
+            ref_chosen: zeros.clone(),
+            ref_rejected: zeros,
+            chosen_tokens: tokens_c,
+            chosen_unweighted: sum_c,
+            rejected_tokens: tokens_r,
+            weights: None,
+        },
+        policy: pol,
+        nll: Some((nll, nll_tokens)),
     }
 }
 
@@ -101,11 +163,12 @@ pub enum EvalError {
 }
 
 impl<B: Backend> BatchEval<B> {
-    /// The per-pair values on the host, for metrics: one read from the device for all eight.
+    /// The per-pair values on the host, for metrics: one read from the device for all eight (ten
+    /// with a reference-free method's NLL).
     pub fn records(&self) -> Result<PairRecords, DeviceReadError> {
         let (cl, rl) = SequenceLogps::split(self.policy.logit_sums.clone());
         let p = &self.pairs;
-        let data = Transaction::default()
+        let mut read = Transaction::default()
             .register(p.chosen.clone())
             .register(p.rejected.clone())
             .register(p.ref_chosen.clone())
@@ -113,24 +176,58 @@ impl<B: Backend> BatchEval<B> {
             .register(p.chosen_tokens.clone())
             .register(p.rejected_tokens.clone())
             .register(cl)
-            .register(rl)
+            .register(rl);
+        if let Some((nll, tokens)) = &self.nll {
+            read = read.register(nll.clone()).register(tokens.clone());
+        }
+        let data = read
             .try_execute()
             .map_err(|e| DeviceReadError::new(RECORDS, format!("{e:?}")))?;
         records_from_data(data)
+    }
+
+    /// Each pair's loss, `[P]`: the configured DPO losses, or a reference-free method's loss of the
+    /// pair alone (its own NLL); what `prefer eval` reports per pair.
+    pub fn per_pair_loss(&self, config: &LossConfig) -> Tensor<B, 1> {
+        match &self.nll {
+            Some((nll, tokens)) if !config.method.uses_reference() => {
+                crate::loss::method::per_pair_reference_free_loss(
+                    config,
+                    &PolicyPairs {
+                        chosen: self.pairs.chosen.clone(),
+                        rejected: self.pairs.rejected.clone(),
+                        nll: nll.clone(),
+                        nll_tokens: tokens.clone(),
+                    },
+                )
+            }
+            _ => crate::loss::per_pair_weighted_loss(config, &self.pairs),
+        }
     }
 }
 
 const RECORDS: &str = "per-pair values";
 
-/// The eight per-pair vectors of [`BatchEval::records`], in the order registered there, checked:
-/// each must read back whole and all must have one value per pair.
-pub fn records_from_data(data: Vec<TensorData>) -> Result<PairRecords, DeviceReadError> {
+/// The eight per-pair vectors of [`BatchEval::records`] (ten with a reference-free method's NLL
+/// and its tokens), in the order registered there, checked: each must read back whole and all
+/// must have one value per pair.
+pub fn records_from_data(mut data: Vec<TensorData>) -> Result<PairRecords, DeviceReadError> {
     let n = data.len();
-    let [c, r, rc, rr, ct, rt, cl, rl]: [TensorData; 8] = data
-        .try_into()
-        .map_err(|_| DeviceReadError::new(RECORDS, format!("{n} tensors read instead of 8")))?;
     let v = |d| values::<f64>(d, RECORDS);
+    let (nll, nll_tokens) = match n {
+        10 => {
+            let tokens = data.pop().map(v).transpose()?.unwrap_or_default();
+            let nll = data.pop().map(v).transpose()?.unwrap_or_default();
+            (nll, tokens)
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
+    let [c, r, rc, rr, ct, rt, cl, rl]: [TensorData; 8] = data.try_into().map_err(|_| {
+        DeviceReadError::new(RECORDS, format!("{n} tensors read instead of 8 or 10"))
+    })?;
     let records = PairRecords {
+        nll,
+        nll_tokens,
         chosen: v(c)?,
         rejected: v(r)?,
         ref_chosen: v(rc)?,
@@ -141,7 +238,7 @@ pub fn records_from_data(data: Vec<TensorData>) -> Result<PairRecords, DeviceRea
         rejected_logit_sums: v(rl)?,
     };
     let pairs = records.chosen.len();
-    let lengths = [
+    let mut lengths = vec![
         records.rejected.len(),
         records.ref_chosen.len(),
         records.ref_rejected.len(),
@@ -150,6 +247,9 @@ pub fn records_from_data(data: Vec<TensorData>) -> Result<PairRecords, DeviceRea
         records.chosen_logit_sums.len(),
         records.rejected_logit_sums.len(),
     ];
+    if !records.nll.is_empty() {
+        lengths.extend([records.nll.len(), records.nll_tokens.len()]);
+    }
     if lengths.iter().any(|&l| l != pairs) {
         return Err(DeviceReadError::new(
             RECORDS,
@@ -226,16 +326,16 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     let device = policy.embed_tokens.weight.device();
     let mut records = PairRecords::default();
     let mut results = Vec::with_capacity(pairs.len());
+    let mut loss_sum = 0.0;
     for chunk in pairs.chunks(options.batch_size.max(1)) {
         let refs: Vec<_> = chunk.iter().collect();
         let batch =
             crate::data::collate(&refs, pad_id, options.max_length, options.truncation_mode)
                 .to_device::<B>(&device, options.packing);
         let out = evaluate_batch(&options.loss, policy, reference, &batch);
-        let per_pair: Vec<f64> = read(
-            crate::loss::per_pair_weighted_loss(&options.loss, &out.pairs),
-            "per-pair losses",
-        )?;
+        let per_pair: Vec<f64> = read(out.per_pair_loss(&options.loss), "per-pair losses")?;
+        let loss: Vec<f64> = read(out.loss.clone(), "the loss")?;
+        loss_sum += loss.first().copied().unwrap_or(f64::NAN) * chunk.len() as f64;
         let r = out.records()?;
         for (i, loss) in per_pair.into_iter().enumerate() {
             results.push(PairResult {
@@ -248,12 +348,10 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         }
         records.extend(&r);
     }
-    let mut metrics = records.metrics(options.loss.beta);
-    let n = results.len().max(1) as f64;
-    metrics.insert(
-        "loss".into(),
-        results.iter().map(|p| p.loss).sum::<f64>() / n,
-    );
+    let mut metrics = records.metrics_of(options.loss.method, options.loss.beta);
+    // The batches' losses, each weighted by its pairs: as the trainer's evaluation and TRL's
+    // (a reference-free method's NLL is a mean over each batch's tokens, not over pairs).
+    metrics.insert("loss".into(), loss_sum / results.len().max(1) as f64);
     Ok(EvalReport {
         metrics,
         pairs: results,

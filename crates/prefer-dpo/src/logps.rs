@@ -1,7 +1,7 @@
 //! Per-sequence log-probabilities of completions: the model's hidden states, the LM head, a log-softmax
 //! and the target token's log-prob, summed over the completion tokens of each row.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{IndexingUpdateOp, Tensor, backend::Backend};
 use prefer_kernels::{DEFAULT_CHUNK, PreferBackend, fused_lm_head};
 use prefer_llama::{LinearLayer, LlamaModel};
 
@@ -25,6 +25,10 @@ pub struct SequenceLogps<B: Backend> {
     /// `log Σ_v p_v²` of each completion token's predicted distribution, `[2P, T − 1]`, 0
     /// elsewhere (not differentiable); only when asked for with [`LogpsExtras`] (WPO's weights).
     pub log_sum_sq_probs: Option<Tensor<B, 2>>,
+    /// Per pair, the log-prob sum over the chosen sequence's prompt tokens (from the second) and
+    /// their number, `[P]` each (differentiable); only when asked for with [`LogpsExtras`] (ORPO's
+    /// NLL).
+    pub chosen_prompt: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
 }
 
 /// Per-token quantities beyond the log-probs that a caller can ask [`sequence_logps_with`] for;
@@ -34,6 +38,9 @@ pub struct LogpsExtras {
     /// `log Σ_v p_v²` per completion token (WPO, `use_weighting`): one more pass of the LM head
     /// over the completion positions, forward only.
     pub log_sum_sq_probs: bool,
+    /// The chosen sequences' prompt-token log-probs (ORPO's NLL counts the prompt): one more pass
+    /// of the LM head over those positions, with gradients.
+    pub chosen_prompt_logps: bool,
 }
 
 impl<B: Backend> SequenceLogps<B> {
@@ -94,13 +101,17 @@ pub fn sequence_logps_with<B: PreferBackend, L: LinearLayer<B>>(
     };
     let [b, t, h] = hidden.dims();
     let device = hidden.device();
+    let hidden = hidden.reshape([b * t, h]);
+    let chosen_prompt = extras
+        .chosen_prompt_logps
+        .then(|| chosen_prompt_logps(hidden.clone(), model.lm_head_weight(), batch));
     let picked = batch.completion_tokens();
     let zeros = || Tensor::<B, 2>::zeros([n, tm1], &device);
     let (token_logps, mean_logits, log_sum_sq_probs) = if picked == 0 {
         let extra = extras.log_sum_sq_probs.then(zeros);
         (zeros(), zeros(), extra)
     } else {
-        let hidden = hidden.reshape([b * t, h]).select(0, batch.picks.clone());
+        let hidden = hidden.select(0, batch.picks.clone());
         let weight = model.lm_head_weight();
         let out = fused_lm_head(
             hidden.clone(),
@@ -127,7 +138,31 @@ pub fn sequence_logps_with<B: PreferBackend, L: LinearLayer<B>>(
         logit_sums: mean_logits.sum_dim(1).reshape([n]),
         mask,
         log_sum_sq_probs,
+        chosen_prompt,
     }
+}
+
+/// Per pair, the log-prob sum over the positions of the chosen row that predict a prompt token,
+/// and their number: `hidden` is the model's output flattened to `[rows × T, H]`.
+fn chosen_prompt_logps<B: PreferBackend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    batch: &DpoBatch<B>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let device = hidden.device();
+    let zeros = Tensor::<B, 1>::zeros([batch.pairs()], &device);
+    let picked = batch.prompt_picks.dims()[0];
+    if picked == 0 {
+        return (zeros.clone(), zeros);
+    }
+    let hidden = hidden.select(0, batch.prompt_picks.clone());
+    let out = fused_lm_head(hidden, weight, batch.prompt_targets.clone(), DEFAULT_CHUNK);
+    let add = |values| {
+        zeros
+            .clone()
+            .select_assign(0, batch.prompt_pairs.clone(), values, IndexingUpdateOp::Add)
+    };
+    (add(out.logp), add(Tensor::ones([picked], &device)))
 }
 
 /// Rows of logits built at a time by [`log_sum_sq_probs`]: about 16 M values whatever the

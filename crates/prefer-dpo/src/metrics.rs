@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::loss::{Method, orpo_log_odds_metrics};
+
 /// Per-pair values of one or more batches, on the host.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PairRecords {
@@ -21,6 +23,11 @@ pub struct PairRecords {
     pub chosen_logit_sums: Vec<f64>,
     /// The same for rejected completions.
     pub rejected_logit_sums: Vec<f64>,
+    /// A reference-free method's NLL summed over each chosen sequence's counted tokens (empty
+    /// under DPO).
+    pub nll: Vec<f64>,
+    /// The number of those tokens.
+    pub nll_tokens: Vec<f64>,
 }
 
 impl PairRecords {
@@ -34,6 +41,8 @@ impl PairRecords {
         self.rejected_tokens.extend(&other.rejected_tokens);
         self.chosen_logit_sums.extend(&other.chosen_logit_sums);
         self.rejected_logit_sums.extend(&other.rejected_logit_sums);
+        self.nll.extend(&other.nll);
+        self.nll_tokens.extend(&other.nll_tokens);
     }
 
     /// Number of pairs.
@@ -44,6 +53,33 @@ impl PairRecords {
     /// Whether there are no pairs.
     pub fn is_empty(&self) -> bool {
         self.chosen.is_empty()
+    }
+
+    /// The metrics of `method`'s trainer in TRL. DPO: [`PairRecords::metrics`]. CPO, SimPO and
+    /// ORPO (whose records hold the policy's log-probs, means where the method uses them, and a
+    /// reference of 0): the rewards as β × those log-probs, `logps/*`, `num_pairs`, `logits/*`
+    /// (the completion tokens' mean, as DPO's; TRL's CPO and ORPO trainers average every position
+    /// of the padded batch, so theirs depend on the padding),
+    /// and `nll_loss` (the mean NLL over the window's counted tokens; logged under SimPO too, where
+    /// TRL logs 0 when `cpo_alpha` is 0), plus ORPO's `log_odds_ratio` and `log_odds_chosen`;
+    /// no `kl`, as there is no reference to drift from.
+    pub fn metrics_of(&self, method: Method, beta: f64) -> BTreeMap<String, f64> {
+        let mut m = self.metrics(beta);
+        if method.uses_reference() {
+            return m;
+        }
+        m.remove("kl");
+        let tokens: f64 = self.nll_tokens.iter().sum();
+        m.insert(
+            "nll_loss".into(),
+            self.nll.iter().sum::<f64>() / tokens.max(1.0),
+        );
+        if method == Method::Orpo {
+            let (ratio, chosen) = orpo_log_odds_metrics(&self.chosen, &self.rejected);
+            m.insert("log_odds_ratio".into(), ratio);
+            m.insert("log_odds_chosen".into(), chosen);
+        }
+        m
     }
 
     /// TRL's metrics (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies` with a strict `>`,

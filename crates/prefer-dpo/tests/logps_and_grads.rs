@@ -147,15 +147,18 @@ fn check_logps<B: prefer_kernels::PreferBackend>(packing: Packing) {
 fn lora_grads<B: AutodiffBackend + prefer_kernels::PreferBackend>(
     packing: Packing,
 ) -> Vec<(String, Vec<f32>)> {
+    lora_grads_of::<B>(&LossConfig::default(), packing)
+}
+
+/// Every LoRA factor's gradient of `loss`'s loss, PEFT's key → values in PEFT's layout.
+fn lora_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
+    loss: &LossConfig,
+    packing: Packing,
+) -> Vec<(String, Vec<f32>)> {
     let device = Default::default();
     let f = fixture();
     let (policy, reference) = models::<B>(&device);
-    let out = evaluate_batch(
-        &LossConfig::default(),
-        &policy,
-        &reference,
-        &batch::<B>(&f, &device, packing),
-    );
+    let out = evaluate_batch(loss, &policy, &reference, &batch::<B>(&f, &device, packing));
     let grads = out.loss.backward();
     let mut all = Vec::new();
     for (site, layer) in policy.projections() {
@@ -185,9 +188,18 @@ fn worst_difference(got: &[(String, Vec<f32>)], want: &dyn Fn(&str) -> Vec<f32>)
 }
 
 fn check_grads<B: AutodiffBackend + prefer_kernels::PreferBackend>(packing: Packing) {
-    let got = lora_grads::<B>(packing);
+    check_grads_of::<B>(&LossConfig::default(), "sigmoid_grads", packing);
+}
+
+/// `loss`'s LoRA gradients against TRL's in `dpo/{file}.safetensors`.
+fn check_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
+    loss: &LossConfig,
+    file: &str,
+    packing: Packing,
+) {
+    let got = lora_grads_of::<B>(loss, packing);
     assert_eq!(got.len(), 28);
-    let bytes = std::fs::read(root().join("dpo/sigmoid_grads.safetensors")).unwrap();
+    let bytes = std::fs::read(root().join(format!("dpo/{file}.safetensors"))).unwrap();
     let want = SafeTensors::deserialize(&bytes).unwrap();
     let trl = |key: &str| -> Vec<f32> {
         want.tensor(key)
@@ -200,8 +212,94 @@ fn check_grads<B: AutodiffBackend + prefer_kernels::PreferBackend>(packing: Pack
     let worst = worst_difference(&got, &trl);
     assert!(
         worst <= 1e-4,
-        "{packing:?}: worst gradient difference from TRL relative to the tensor's largest entry: {worst:e}"
+        "{packing:?} {file}: worst gradient difference from TRL relative to the tensor's largest entry: {worst:e}"
     );
+}
+
+/// The reference-free methods of the fixture's `other_trainers` runs, as prefer configures them.
+fn method_runs() -> Vec<(&'static str, LossConfig)> {
+    use prefer_dpo::loss::Method;
+    let with = |method, beta, cpo_alpha| LossConfig {
+        method,
+        beta,
+        cpo_alpha,
+        simpo_gamma: 0.5,
+        ..Default::default()
+    };
+    vec![
+        ("cpo", with(Method::Cpo, 0.1, 1.0)),
+        ("simpo", with(Method::Simpo, 2.0, 0.0)),
+        ("cpo_simpo", with(Method::Simpo, 2.0, 1.0)),
+        ("orpo", with(Method::Orpo, 0.1, 0.0)),
+    ]
+}
+
+/// CPO, SimPO (with and without CPO's NLL term) and ORPO on the real forward pass: TRL's
+/// `CPOTrainer` / `ORPOTrainer` loss and logged metrics on the same batch, with no reference run.
+fn check_methods<B: prefer_kernels::PreferBackend>(packing: Packing) {
+    let device = Default::default();
+    let f = fixture();
+    let (policy, reference) = models::<B>(&device);
+    let batch = batch::<B>(&f, &device, packing);
+    for (name, loss_config) in method_runs() {
+        loss_config.validate().unwrap();
+        let trl = &f["other_trainers"][name];
+        let out = evaluate_batch(&loss_config, &policy, &reference, &batch);
+        let loss: f32 = out.loss.clone().into_scalar().elem();
+        let want = trl["loss"].as_f64().unwrap();
+        assert!(
+            (loss as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{packing:?} {name}: loss {loss} vs TRL {want}"
+        );
+        let metrics = out
+            .records()
+            .unwrap()
+            .metrics_of(loss_config.method, loss_config.beta);
+        let mut names = vec![
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ];
+        // TRL logs 0 for the NLL it does not add (SimPO's cpo_alpha = 0); prefer logs its value.
+        if loss_config.cpo_alpha > 0.0 || name == "orpo" {
+            names.push("nll_loss");
+        }
+        // Not `logits/*`: CPOTrainer and ORPOTrainer average the logits over every position of
+        // the padded batch, prompt and padding included, which depends on the padding; prefer
+        // reports the completion tokens' mean, as DPOTrainer does.
+        if name == "orpo" {
+            names.extend(["log_odds_ratio", "log_odds_chosen"]);
+        }
+        for m in names {
+            let (g, w) = (metrics[m], trl["metrics"][m].as_f64().unwrap());
+            assert!(
+                (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                "{packing:?} {name} {m}: {g} vs TRL {w}"
+            );
+        }
+        assert!(!metrics.contains_key("kl"), "{name}: no reference, no kl");
+    }
+}
+
+#[test]
+fn reference_free_methods_match_trl() {
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        check_methods::<NdArray>(packing);
+        check_methods::<Flex>(packing);
+    }
+}
+
+#[test]
+fn reference_free_method_gradients_match_trl() {
+    for (name, loss) in method_runs() {
+        for packing in [Packing::Padded, Packing::PaddingFree] {
+            check_grads_of::<Autodiff<NdArray>>(&loss, &format!("{name}_grads"), packing);
+            check_grads_of::<Autodiff<Flex>>(&loss, &format!("{name}_grads"), packing);
+        }
+    }
 }
 
 #[test]

@@ -149,6 +149,7 @@ fn metrics_match_trl() {
             .zip(v(&p["rejected_token_counts"]))
             .map(|(m, n)| m * n)
             .collect(),
+        ..Default::default()
     };
     let ours = records.metrics(0.1);
     let trl = f["losses"]["label_smoothing_0.1"]["sigmoid"]["metrics"]

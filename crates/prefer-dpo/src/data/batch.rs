@@ -46,6 +46,12 @@ pub struct DpoBatch<B: Backend> {
     pub unpack: Tensor<B, 1, Int>,
     /// 1 where the next token is a completion token, `[2P, T − 1]`.
     pub mask: Tensor<B, 2>,
+    /// The positions of the chosen rows that predict a prompt token (ORPO's NLL counts the prompt).
+    pub prompt_picks: Tensor<B, 1, Int>,
+    /// The prompt tokens those positions predict.
+    pub prompt_targets: Tensor<B, 1, Int>,
+    /// The pair each of those positions belongs to.
+    pub prompt_pairs: Tensor<B, 1, Int>,
     /// Real tokens (prompts and completions, no padding).
     pub tokens: usize,
     /// Tokens the model computes (with padding, when padded).
@@ -106,6 +112,17 @@ impl HostBatch {
                 }
             }
         }
+        let (mut prompt_picks, mut prompt_targets, mut prompt_pairs) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..n / 2 {
+            for j in 0..tm1.min(lengths[r].saturating_sub(1)) {
+                if self.completion_mask[r * t + j + 1] == 0 {
+                    prompt_picks.push((start[r] + j) as i64);
+                    prompt_targets.push(self.input_ids[r * t + j + 1]);
+                    prompt_pairs.push(r as i64);
+                }
+            }
+        }
         let zero_slot = picks.len();
         let unpack: Vec<i64> = slots
             .into_iter()
@@ -123,6 +140,9 @@ impl HostBatch {
             targets: ints(targets),
             unpack: ints(unpack),
             mask: Tensor::from_data(TensorData::new(mask, [n, tm1]), device),
+            prompt_picks: ints(prompt_picks),
+            prompt_targets: ints(prompt_targets),
+            prompt_pairs: ints(prompt_pairs),
             tokens: lengths.iter().sum(),
         }
     }
@@ -150,6 +170,9 @@ impl<B: AutodiffBackend> DpoBatch<B> {
             targets: self.targets.clone().inner(),
             unpack: self.unpack.clone().inner(),
             mask: self.mask.clone().inner(),
+            prompt_picks: self.prompt_picks.clone().inner(),
+            prompt_targets: self.prompt_targets.clone().inner(),
+            prompt_pairs: self.prompt_pairs.clone().inner(),
             tokens: self.tokens,
             computed_tokens: self.computed_tokens,
         }

@@ -3,6 +3,7 @@
 
 pub mod f_divergence;
 pub mod kto;
+pub mod method;
 mod pairwise;
 pub mod reference_free;
 pub mod wpo;
@@ -13,6 +14,9 @@ use burn::tensor::{Tensor, backend::Backend};
 
 pub use f_divergence::{FDivergence, FDivergenceType};
 pub use kto::{KtoConfig, kto_kl, kto_loss};
+pub use method::{
+    CPO_LOSS_TYPES, Method, PolicyPairs, batch_nll, orpo_log_odds_metrics, reference_free_loss,
+};
 pub use pairwise::per_pair_loss;
 pub use reference_free::{orpo_log_odds, orpo_loss, simpo_loss};
 pub use wpo::wpo_weights;
@@ -96,6 +100,11 @@ impl FromStr for LossType {
             .find(|(_, n)| *n == s)
             .map(|(t, _)| *t)
             .ok_or_else(|| {
+                if s == "simpo" {
+                    return "loss_type `simpo` is CPO's SimPO loss: set method = \"simpo\" \
+                            (cpo_alpha = 1 adds CPO's NLL term)"
+                        .to_string();
+                }
                 let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
                 format!("unknown loss_type `{s}` (valid: {})", names.join(", "))
             })
@@ -123,6 +132,12 @@ pub struct LossConfig {
     /// WPO: weigh each pair's loss by the policy's own probability of the pair
     /// (`use_weighting`, off).
     pub use_weighting: bool,
+    /// The method: DPO or a reference-free one (`method`, `dpo`).
+    pub method: Method,
+    /// CPO's weight of the chosen completions' NLL (`cpo_alpha`; 1 for CPO, 0 for SimPO).
+    pub cpo_alpha: f64,
+    /// SimPO's target reward margin γ (`simpo_gamma`, 0.5).
+    pub simpo_gamma: f64,
 }
 
 impl Default for LossConfig {
@@ -139,6 +154,9 @@ impl Default for LossConfig {
             },
             ld_alpha: None,
             use_weighting: false,
+            method: Method::Dpo,
+            cpo_alpha: 0.0,
+            simpo_gamma: 0.5,
         }
     }
 }
@@ -204,7 +222,7 @@ impl LossConfig {
                 t.name()
             ));
         }
-        Ok(())
+        method::validate_method(self)
     }
 }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::plateau::{PlateauMode, ThresholdMode};
 use crate::{
     data::{Packing, TruncationMode},
-    loss::{FDivergence, FDivergenceType, LossConfig, LossType},
+    loss::{FDivergence, FDivergenceType, LossConfig, LossType, Method},
 };
 
 /// The learning-rate schedule (`lr_scheduler_type`): Hugging Face's `SchedulerType` names.
@@ -265,8 +265,18 @@ pub struct TrainConfig {
     /// Where the adapter, checkpoints, metrics and plots go (`output_dir`).
     pub output_dir: PathBuf,
 
+    // --- the method ---
+    /// The preference method: `dpo` (against a reference), or `cpo`, `simpo`, `orpo`, which need
+    /// no reference (none is built or run).
+    pub method: Method,
+    /// CPO/SimPO: the weight of the chosen completions' NLL (TRL's `cpo_alpha`; unset: 1 for
+    /// `cpo`, 0 for `simpo`).
+    pub cpo_alpha: Option<f64>,
+    /// SimPO's target reward margin γ (TRL's `simpo_gamma`).
+    pub simpo_gamma: f64,
+
     // --- DPO ---
-    /// KL strength β.
+    /// KL strength β (ORPO's λ; CPO's and SimPO's β).
     pub beta: f64,
     /// Loss types (TRL's names), added up with `loss_weights`.
     #[serde(deserialize_with = "list_of", serialize_with = "names_of")]
@@ -414,6 +424,9 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             output_dir: PathBuf::from("runs/dpo"),
+            method: Method::Dpo,
+            cpo_alpha: None,
+            simpo_gamma: 0.5,
             beta: 0.1,
             loss_type: vec![LossType::Sigmoid],
             loss_weights: None,
@@ -527,6 +540,11 @@ impl TrainConfig {
             },
             ld_alpha: self.ld_alpha,
             use_weighting: self.use_weighting,
+            method: self.method,
+            cpo_alpha: self
+                .cpo_alpha
+                .unwrap_or_else(|| self.method.default_cpo_alpha()),
+            simpo_gamma: self.simpo_gamma,
         }
     }
 
@@ -676,8 +694,36 @@ impl TrainConfig {
         if !(self.discopop_tau > 0.0 && self.discopop_tau.is_finite()) {
             return Err(bad("discopop_tau", "must be positive"));
         }
+        self.validate_method()?;
         self.validate_reference_sync()?;
         self.validate_best_model()
+    }
+
+    /// A reference-free method refuses the options that only make sense with a reference, and
+    /// the methods' own options apply to their method only.
+    fn validate_method(&self) -> Result<(), ConfigError> {
+        let method = self.method;
+        if !method.uses_reference() {
+            for (key, set) in [
+                ("precompute_ref_log_probs", self.precompute_ref_log_probs),
+                ("sync_ref_model", self.sync_ref_model),
+                ("rpo_alpha", self.rpo_alpha.is_some()),
+            ] {
+                if set {
+                    return Err(bad(
+                        key,
+                        format!("method {method} uses no reference model: remove {key}"),
+                    ));
+                }
+            }
+        }
+        if self.cpo_alpha.is_some() && !matches!(method, Method::Cpo | Method::Simpo) {
+            return Err(bad(
+                "cpo_alpha",
+                format!("applies to method cpo and simpo, not {method}"),
+            ));
+        }
+        Ok(())
     }
 
     /// TR-DPO's options: α in [0, 1], at least one step between syncs, and a reference that runs

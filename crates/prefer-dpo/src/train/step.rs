@@ -14,7 +14,7 @@ use prefer_lora::{LoraLinear, set_active_adapter};
 use super::bounds::{BaseLayer, TrainBackend};
 use crate::{
     data::DpoBatch,
-    eval::{BatchEval, evaluate_batch_with},
+    eval::{BatchEval, evaluate_batch_with, evaluate_reference_free},
     host::{DeviceReadError, read},
     logps::sequence_logps,
     loss::LossConfig,
@@ -72,6 +72,9 @@ where
 {
     /// The loss of `input` with its per-pair values.
     pub fn evaluate(&self, input: &DpoInput<B>) -> BatchEval<B> {
+        if !self.loss.method.uses_reference() {
+            return evaluate_reference_free(&self.loss, &self.model, &input.batch);
+        }
         let ref_sums = match &input.ref_logps {
             Some(r) => r.clone(),
             None => {
@@ -118,7 +121,7 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
         &self,
         mut input: DpoInput<B>,
     ) -> Result<TrainOutput<DpoOutput>, DeviceReadError> {
-        if input.ref_logps.is_none() {
+        if input.ref_logps.is_none() && self.loss.method.uses_reference() {
             // The reference runs on the inner backend: no autodiff graph, nothing kept for the
             // backward pass, so it costs one forward's transient memory and no more.
             let mut reference = burn::module::AutodiffModule::valid(&self.model);

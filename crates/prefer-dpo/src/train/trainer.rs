@@ -476,7 +476,9 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         let config = self.inputs.config;
         let first = config.logging_first_step && at.step == 1;
         if first || at.due(config.logging_strategy, config.logging_steps) {
-            let record = self.window.take(at.step, at.epoch, self.inputs.config.beta);
+            let record = self
+                .window
+                .take(at.step, at.epoch, &self.inputs.config.loss());
             self.record(record)?;
         }
         Ok(())
@@ -654,6 +656,14 @@ fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
     for pairs in [&run.train, &run.eval] {
         check_vocab(pairs, run.pad_id, vocab).map_err(|b| TrainError::Data(b.to_string()))?;
     }
+    if !config.method.uses_reference()
+        && matches!(run.reference, ReferenceSource::Precomputed { .. })
+    {
+        return Err(TrainError::Data(format!(
+            "method {} uses no reference, yet precomputed reference log-probs were given",
+            config.method
+        )));
+    }
     if config.sync_ref_model && !matches!(run.reference, ReferenceSource::Snapshot) {
         return Err(TrainError::Data(
             "sync_ref_model moves the reference adapter towards the policy, so the reference must \
@@ -686,6 +696,8 @@ fn policy_with_reference<B: TrainBackend, L: BaseLayer<B>>(
         }
     }
     let reference = match source {
+        // A reference-free method keeps no snapshot: no second adapter in memory or checkpoints.
+        _ if !config.method.uses_reference() => None,
         ReferenceSource::Snapshot => {
             snapshot_adapter(&mut model, POLICY_ADAPTER, REFERENCE_ADAPTER);
             Some(REFERENCE_ADAPTER.to_string())
@@ -889,7 +901,7 @@ fn evaluate<B: TrainBackend, L: BaseLayer<B>>(
         tokens += out.tokens;
         records.extend(&out.records);
     }
-    let mut values = records.metrics(config.beta);
+    let mut values = records.metrics_of(config.method, config.beta);
     values.insert("loss".into(), loss_sum / run.eval.len().max(1) as f64);
     values.insert(
         "tokens_per_second".into(),

@@ -3,7 +3,7 @@
 //! gradient norm and learning rate, and tokens per second over the window's step time.
 
 use super::{metrics_log::LogRecord, step::DpoOutput};
-use crate::metrics::PairRecords;
+use crate::{loss::LossConfig, metrics::PairRecords};
 
 /// Metrics of the optimiser steps since the last log line.
 #[derive(Default)]
@@ -39,8 +39,8 @@ impl Window {
     }
 
     /// The log row of the steps since the last one, and a fresh window.
-    pub(crate) fn take(&mut self, step: usize, epoch: f64, beta: f64) -> LogRecord {
-        let mut values = self.records.metrics(beta);
+    pub(crate) fn take(&mut self, step: usize, epoch: f64, loss: &LossConfig) -> LogRecord {
+        let mut values = self.records.metrics_of(loss.method, loss.beta);
         values.insert("loss".into(), self.loss_sum / self.pairs.max(1) as f64);
         values.insert("grad_norm".into(), self.grad_norm);
         values.insert("learning_rate".into(), self.lr);
