@@ -689,3 +689,136 @@ fn pairs_are_made_from_scores_and_single_responses() {
     assert!(stderr(&out).contains("--from-scored"), "{}", stderr(&out));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `prefer pairs --from-prompts`: samples from the model (with an adapter), scores them with a
+/// judge, pairs each prompt's best with its worst, repeats exactly with the same seed, and a judge
+/// command that fails or prints the wrong number of lines stops it with nothing written.
+#[test]
+fn pairs_are_made_from_the_models_own_samples() {
+    let dir = std::env::temp_dir().join(format!("prefer-pairs-prompts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        concat!(
+            "{\"prompt\": \"Once upon a time\"}\n",
+            "{\"prompt\": \"The capital of France is\", \"reference\": \"Paris\"}\n",
+            "{\"prompt\": \"Hello\"}\n",
+        ),
+    )
+    .unwrap();
+    let run = |judge: &str, out: &std::path::Path| {
+        prefer()
+            .args(["pairs", "--from-prompts"])
+            .arg(&prompts)
+            .arg("--model")
+            .arg(tiny_model())
+            .arg("--adapter")
+            .arg(fixtures().join("dpo/adapter"))
+            .args([
+                "--samples",
+                "4",
+                "--max-new-tokens",
+                "6",
+                "--min-score-diff",
+                "1",
+            ])
+            .args(["--judge", judge, "--seed", "3", "--output"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let first = dir.join("pairs.jsonl");
+    let out = run("length", &first);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("from 12 completions of 3 prompts (judge length)"),
+        "{text}"
+    );
+    let written = std::fs::read_to_string(&first).unwrap();
+    let pairs: Vec<serde_json::Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!pairs.is_empty(), "{text}");
+    for p in &pairs {
+        let (c, r) = (
+            p["chosen"].as_str().unwrap(),
+            p["rejected"].as_str().unwrap(),
+        );
+        assert_eq!(
+            p["chosen_score"].as_f64().unwrap(),
+            c.chars().count() as f64
+        );
+        assert_eq!(
+            p["rejected_score"].as_f64().unwrap(),
+            r.chars().count() as f64
+        );
+        assert!(c.chars().count() > r.chars().count(), "{p}");
+    }
+    // The same seed samples the same completions.
+    let again = dir.join("again.jsonl");
+    let out = run("length", &again);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), written);
+    // A judge command: here each score is the length of the completion's JSON line.
+    let by_command = dir.join("by_command.jsonl");
+    let out = run("command:awk '{ print length($0) }'", &by_command);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(judge command:awk"));
+    assert!(by_command.is_file());
+    // A failing judge and a judge with too few lines: an error naming the judge, no output.
+    for (judge, says) in [
+        ("command:echo broken >&2; exit 2", "broken"),
+        ("command:echo 1", "printed 1 lines for"),
+    ] {
+        let out_file = dir.join("never.jsonl");
+        let out = run(judge, &out_file);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains(says) && err.contains("judge `command:"),
+            "{err}"
+        );
+        assert!(!out_file.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `examples/iterative_dpo.sh`: two rounds of sample → judge → pairs → train on the built-in task;
+/// the judge's score of the policy's samples and its accuracy on held-out judged pairs rise.
+#[test]
+fn iterative_dpo_example_raises_the_judged_accuracy() {
+    let out = std::env::temp_dir().join(format!("prefer-iterative-{}", std::process::id()));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/iterative_dpo.sh");
+    let run = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .env("PREFER", assert_cmd::cargo::cargo_bin("prefer"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{text}\n{}", stderr(&run));
+    // "round N...: judge score S, held-out accuracy A"
+    let rounds: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("round "))
+        .map(|l| {
+            let number = |key: &str| -> f64 {
+                let rest = &l[l.find(key).unwrap() + key.len()..];
+                rest.split(|c: char| c == ',' || c.is_whitespace())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            (number("judge score "), number("held-out accuracy "))
+        })
+        .collect();
+    assert_eq!(rounds.len(), 3, "{text}");
+    assert_eq!(rounds[0].1, 0.0, "the base against itself: {text}");
+    assert!(rounds[1].1 > 0.5 && rounds[2].1 > 0.5, "{text}");
+    assert!(rounds[2].0 > rounds[0].0, "{text}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

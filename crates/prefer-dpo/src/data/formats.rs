@@ -282,7 +282,7 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, String> {
+pub(crate) fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, String> {
     let list = field(obj, key)?
         .as_array()
         .ok_or_else(|| format!("`{key}` must be a list of messages"))?;
@@ -322,7 +322,7 @@ fn completion_messages(key: &str, list: Vec<ChatMessage>) -> Result<Vec<ChatMess
     Ok(list)
 }
 
-fn with_system(
+pub(crate) fn with_system(
     obj: &Map<String, Value>,
     mut prompt: Vec<ChatMessage>,
 ) -> Result<Vec<ChatMessage>, String> {

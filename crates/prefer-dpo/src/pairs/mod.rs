@@ -1,17 +1,24 @@
-//! Making preference pairs: from scored responses ([`from_scores`]) or from single good responses
-//! with a degraded copy as the rejected one ([`from_single`]). The output is TRL's format (prompt,
+//! Making preference pairs: from scored responses ([`from_scores`]), from single good responses
+//! with a degraded copy as the rejected one ([`from_single`]), or from the model's own samples
+//! scored by a [`Judge`] ([`from_prompts`]). The output is TRL's format (prompt,
 //! chosen, rejected) plus scores and metadata, which prefer's and TRL's loaders read.
 
+pub mod from_prompts;
 pub mod from_scores;
 pub mod from_single;
+pub mod judge;
 
 use std::path::Path;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub use from_prompts::{
+    PromptRow, PromptsReport, SampleOptions, pairs_from_samples, prompt_rows, sample_completions,
+};
 pub use from_scores::{ScoredReport, pairs_from_scores};
 pub use from_single::{Reject, SingleReport, pairs_from_single};
+pub use judge::{Judge, JudgeError, JudgeInput};
 
 use crate::data::BadRow;
 
