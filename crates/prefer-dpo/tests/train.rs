@@ -789,6 +789,100 @@ fn bad_options_are_named_before_any_work() {
     assert!(!out.exists());
 }
 
+/// The preference metrics as burn-train metrics, fed each logged window's micro-batch outputs
+/// through the adaptor, give exactly the values of `metrics.jsonl`, for DPO and ORPO.
+#[test]
+fn burn_train_metrics_equal_the_logged_metrics() {
+    use burn::train::metric::{Adaptor, Metric, MetricMetadata, Numeric};
+    use prefer_dpo::{
+        loss::Method,
+        metrics::PairRecords,
+        train::{DpoOutput, LogRecord, PreferenceMetric, TrainObserver},
+    };
+
+    /// Each logged window's outputs, in order.
+    #[derive(Default)]
+    struct Windows {
+        open: Vec<DpoOutput>,
+        closed: Vec<Vec<DpoOutput>>,
+    }
+    impl TrainObserver for Windows {
+        fn on_micro_batch(&mut self, output: &DpoOutput) {
+            self.open.push(output.clone());
+        }
+        fn on_log(&mut self, record: &LogRecord) {
+            if !record.is_eval() {
+                self.closed.push(std::mem::take(&mut self.open));
+            }
+        }
+    }
+    for method in [Method::Dpo, Method::Orpo] {
+        let out = scratch(&format!("burn-metrics-{method}"));
+        let config = TrainConfig {
+            method,
+            max_steps: 4,
+            gradient_accumulation_steps: 2,
+            per_device_train_batch_size: 4,
+            logging_steps: 2,
+            eval_steps: Some(0),
+            ..base_config(&out)
+        };
+        let mut windows = Windows::default();
+        {
+            let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+            let r = TrainRun {
+                train: pairs(64, 1),
+                eval: Vec::new(),
+                pad_id: 0,
+                reference: ReferenceSource::Snapshot,
+                base_model: Some("toy".into()),
+                model_fingerprint: prefer_dpo::train::Fingerprint::default().str("toy-model"),
+                resume: None,
+            };
+            train(nf4_model(&config), r, &config, &mut windows).unwrap();
+        }
+        let rows: Vec<LogRecord> = prefer_dpo::train::read_jsonl(&out.join("metrics.jsonl"))
+            .unwrap()
+            .into_iter()
+            .filter(|r| !r.is_eval())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(windows.closed.len(), 2);
+        let progress = || burn::data::dataloader::Progress {
+            items_processed: 1,
+            items_total: 1,
+        };
+        let meta = MetricMetadata {
+            progress: progress(),
+            global_progress: progress(),
+            iteration: None,
+            lr: None,
+        };
+        let mut metrics = PreferenceMetric::all(&config.loss());
+        assert!(metrics.len() >= 8, "{method}");
+        for (row, window) in rows.iter().zip(&windows.closed) {
+            assert_eq!(window.len(), 4, "two steps of two micro-batches");
+            for m in &mut metrics {
+                m.clear();
+                for output in window {
+                    let records: PairRecords = output.adapt();
+                    m.update(&records, &meta);
+                }
+                let name = m.trl_name().to_string();
+                let (got, logged) = (m.running_value().current(), row.get(&name).unwrap());
+                // The same computation on the same values; reading the JSON back may move the
+                // last bit (serde_json's default float parser).
+                assert!(
+                    (got - logged).abs() <= 4.0 * f64::EPSILON * logged.abs(),
+                    "{method} step {} {name}: {got} vs logged {logged}",
+                    row.step
+                );
+            }
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
 /// The policy is a burn-train model: `Learner` drives its `TrainStep` and AdamW moves the adapter.
 #[test]
 fn the_policy_plugs_into_burn_trains_learner() {

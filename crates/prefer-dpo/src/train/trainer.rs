@@ -98,6 +98,9 @@ pub trait TrainObserver {
     fn on_start(&mut self, _step: usize, _total: usize) {}
     /// An optimiser step finished.
     fn on_step(&mut self, _step: usize, _total: usize) {}
+    /// A micro-batch ran: its loss and per-pair values (what burn-train's metrics take, through
+    /// [`crate::train::PreferenceMetric`]).
+    fn on_micro_batch(&mut self, _output: &super::DpoOutput) {}
     /// A row of metrics was logged.
     fn on_log(&mut self, _record: &LogRecord) {}
     /// Something worth a line (a checkpoint written, the cache used, early stopping).
@@ -434,6 +437,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             state,
             &self.epoch_order,
             &mut self.window,
+            &mut *self.observer,
         )?;
         for (metric, value) in [("loss", loss), ("grad_norm", grad_norm)] {
             if !value.is_finite() {
@@ -840,6 +844,7 @@ fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
     state: &TrainerState,
     epoch_order: &[usize],
     window: &mut Window,
+    observer: &mut dyn TrainObserver,
 ) -> Result<StepResult, TrainError> {
     // Dropout draws from the backend's generator: seeding it per step makes a resumed run draw
     // the same masks as an uninterrupted one.
@@ -861,6 +866,7 @@ fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
         tokens += output.item.tokens;
         computed_tokens += output.item.computed_tokens;
         window.add(&output.item);
+        observer.on_micro_batch(&output.item);
     }
     let (grads, grad_norm) = average_and_clip(
         policy,
