@@ -281,14 +281,7 @@ where
         Some(path) => {
             let mut rckpt = Checkpoint::open(path)?;
             fingerprint = fingerprint.path(path);
-            let bare = LoraFactory {
-                inner,
-                config: LoraConfig {
-                    target_modules: vec![],
-                    ..lora.clone()
-                },
-                adapter_name: String::new(),
-            };
+            let bare = LoraFactory::without_adapters(inner);
             let reference = rckpt.build::<B, _>(&bare, &device)?;
             job.observer.on_message(&format!(
                 "computing reference log-probs with {}",

@@ -16,7 +16,7 @@ use prefer::{
         loss::Method,
     },
     llama::{Checkpoint, DenseFactory, LinearFactory, LinearLayer},
-    lora::{LoraConfig, LoraFactory, LoraLinear, load_peft, set_active_adapter},
+    lora::{LoraFactory, LoraLinear, load_peft, set_active_adapter},
     quant::Nf4Factory,
 };
 
@@ -174,14 +174,7 @@ impl EvalJob {
         }
 
         // One base; the policy and reference differ only in their active adapter.
-        let factory = LoraFactory {
-            inner,
-            config: LoraConfig {
-                target_modules: vec![],
-                ..Default::default()
-            },
-            adapter_name: String::new(),
-        };
+        let factory = LoraFactory::without_adapters(inner);
         let mut policy = ckpt.build(&factory, device)?;
         if let Some(dir) = &a.ref_adapter {
             load_peft(&mut policy, dir, "reference")?;

@@ -12,7 +12,7 @@ use prefer::{
         pairs_from_single, prompt_rows, sample_completions, write_pairs,
     },
     llama::{Checkpoint, DenseFactory, LinearFactory, LinearLayer, SamplingConfig},
-    lora::{LoraConfig, LoraFactory, LoraLinear, load_peft, set_active_adapter},
+    lora::{LoraFactory, LoraLinear, load_peft, set_active_adapter},
     quant::Nf4Factory,
 };
 
@@ -205,14 +205,7 @@ impl SampleJob<'_> {
         })?;
         // Prompts first: a bad row stops the command before any model work.
         let rows = prompt_rows(self.records, &tok)?;
-        let factory = LoraFactory {
-            inner,
-            config: LoraConfig {
-                target_modules: vec![],
-                ..Default::default()
-            },
-            adapter_name: String::new(),
-        };
+        let factory = LoraFactory::without_adapters(inner);
         let mut model = ckpt.build(&factory, device)?;
         if let Some(dir) = &a.adapter {
             load_peft(&mut model, dir, "policy")?;

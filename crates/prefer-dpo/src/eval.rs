@@ -186,21 +186,20 @@ impl<B: Backend> BatchEval<B> {
         records_from_data(data)
     }
 
-    /// Each pair's loss, `[P]`: the configured DPO losses, or a reference-free method's loss of the
-    /// pair alone (its own NLL); what `prefer eval` reports per pair.
+    /// Each pair's loss, `[P]`: the configured DPO losses, or (when the batch was evaluated by a
+    /// reference-free method, which sets `nll`) that method's loss of the pair alone, with its own
+    /// NLL; what `prefer eval` reports per pair.
     pub fn per_pair_loss(&self, config: &LossConfig) -> Tensor<B, 1> {
         match &self.nll {
-            Some((nll, tokens)) if !config.method.uses_reference() => {
-                crate::loss::method::per_pair_reference_free_loss(
-                    config,
-                    &PolicyPairs {
-                        chosen: self.pairs.chosen.clone(),
-                        rejected: self.pairs.rejected.clone(),
-                        nll: nll.clone(),
-                        nll_tokens: tokens.clone(),
-                    },
-                )
-            }
+            Some((nll, tokens)) => crate::loss::method::per_pair_reference_free_loss(
+                config,
+                &PolicyPairs {
+                    chosen: self.pairs.chosen.clone(),
+                    rejected: self.pairs.rejected.clone(),
+                    nll: nll.clone(),
+                    nll_tokens: tokens.clone(),
+                },
+            ),
             _ => crate::loss::per_pair_weighted_loss(config, &self.pairs),
         }
     }

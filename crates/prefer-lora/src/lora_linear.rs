@@ -212,6 +212,21 @@ pub struct LoraFactory<F> {
     pub adapter_name: String,
 }
 
+impl<F> LoraFactory<F> {
+    /// Wraps every base layer without creating an adapter: a model that adapters are loaded into
+    /// afterwards (`load_peft`), or that runs as the bare base.
+    pub fn without_adapters(inner: F) -> Self {
+        Self {
+            inner,
+            config: LoraConfig {
+                target_modules: vec![],
+                ..Default::default()
+            },
+            adapter_name: String::new(),
+        }
+    }
+}
+
 impl<B: LoraBackend, F: LinearFactory<B>> LinearFactory<B> for LoraFactory<F> {
     type Layer = LoraLinear<B, F::Layer>;
 
