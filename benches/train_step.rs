@@ -57,6 +57,7 @@ fn pairs() -> Vec<TokenizedPair> {
             prompt: (0..128).map(|_| next()).collect(),
             chosen: (0..128).map(|_| next()).collect(),
             rejected: (0..128).map(|_| next()).collect(),
+            label: None,
         })
         .collect()
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use burn::{backend::Autodiff, module::AutodiffModule, tensor::backend::Backend};
 use prefer_dpo::{
     data::{
-        OnBadRow, TokenizeOptions, TokenizedPair, drop_truncated_away, load_files,
-        split_train_eval, tokenize_rows,
+        BadRow, OnBadRow, TokenizeOptions, TokenizedPair, drop_truncated_away, kto_pairs,
+        load_examples, load_files, split_train_eval, tokenize_examples, tokenize_rows,
     },
     train::{
         BaseLayer, Fingerprint, LogRecord, ReferenceSource, Resume, TrainConfig, TrainError,
@@ -64,13 +64,13 @@ pub struct PreparedData {
 
 /// Loads `data` (its train split when it is a dataset) and the held-out pairs — `eval_data`, else
 /// the dataset's test split, else `eval_ratio` of `data` — and tokenises them with the checkpoint's
-/// tokenizer; bad rows stop the run or are skipped as `on_bad_row` says.
+/// tokenizer; bad rows stop the run or are skipped as `on_bad_row` says. Under KTO the rows are
+/// unpaired examples (or pairs, split in two), each carrying its KL completion.
 pub fn prepare_data(
     config: &RunConfig,
     tokenizer: &ChatTokenizer,
     pad_id: u32,
 ) -> Result<PreparedData, TrainingError> {
-    let policy = config.on_bad_row;
     let data = config
         .data
         .as_ref()
@@ -80,44 +80,93 @@ pub fn prepare_data(
         max_prompt_length: t.max_prompt_length,
         max_completion_length: t.max_completion_length,
     };
-    let mode = t.truncation_mode;
-    let mut skipped = 0;
     let dataset_config = config.dataset_config.as_deref();
-    let mut load = |path: &PathBuf, split: &str| -> Result<Vec<TokenizedPair>, TrainingError> {
-        let files = data_files(path, dataset_config, split).map_err(TrainingError::Data)?;
-        let loaded = load_files(&files, None)
-            .and_then(|l| l.check(policy))
-            .map_err(|e| TrainingError::Data(e.to_string()))?;
-        skipped += loaded.bad.len();
-        let (pairs, mut bad) = tokenize_rows(tokenizer, &loaded.rows, opts);
-        let (pairs, dropped) = drop_truncated_away(pairs, t.max_length, mode);
-        bad.extend(dropped);
-        if let (OnBadRow::Error, Some(b)) = (policy, bad.first()) {
-            return Err(TrainingError::Data(b.to_string()));
-        }
-        skipped += bad.len();
-        Ok(pairs)
+    let mut bad = BadRows {
+        policy: config.on_bad_row,
+        skipped: 0,
     };
-    let (train_split, test_split) = (&config.dataset_train_split, &config.dataset_test_split);
-    let all = load(data, train_split)?;
-    let has_test_split = || has_dataset_split(data, dataset_config, test_split);
-    let (train, eval) = match &config.eval_data {
-        Some(path) => (all, load(path, test_split)?),
-        None if has_test_split().map_err(TrainingError::Data)? => (all, load(data, test_split)?),
-        None if config.eval_ratio > 0.0 => split_train_eval(&all, config.eval_ratio, t.seed),
-        None => (all, Vec::new()),
+    let (train, eval) = if t.method.unpaired() {
+        let (train, eval) = splits(config, data, |path, split| {
+            let files = data_files(path, dataset_config, split).map_err(TrainingError::Data)?;
+            let loaded = load_examples(&files, None)
+                .and_then(|l| l.check(bad.policy))
+                .map_err(|e| TrainingError::Data(e.to_string()))?;
+            bad.skipped += loaded.bad.len();
+            let (examples, rejected) = tokenize_examples(tokenizer, &loaded.rows, opts);
+            bad.settle(rejected)?;
+            Ok(examples)
+        })?;
+        // TRL rotates the KL completions of both splits within training-batch-sized chunks.
+        let mut kto = |examples| {
+            let batch = t.per_device_train_batch_size;
+            let (pairs, dropped) = kto_pairs(examples, t.max_length, t.truncation_mode, batch);
+            bad.settle(dropped).map(|()| pairs)
+        };
+        (kto(train)?, kto(eval)?)
+    } else {
+        splits(config, data, |path, split| {
+            let files = data_files(path, dataset_config, split).map_err(TrainingError::Data)?;
+            let loaded = load_files(&files, None)
+                .and_then(|l| l.check(bad.policy))
+                .map_err(|e| TrainingError::Data(e.to_string()))?;
+            bad.skipped += loaded.bad.len();
+            let (pairs, rejected) = tokenize_rows(tokenizer, &loaded.rows, opts);
+            bad.settle(rejected)?;
+            let (pairs, dropped) = drop_truncated_away(pairs, t.max_length, t.truncation_mode);
+            bad.settle(dropped)?;
+            Ok(pairs)
+        })?
     };
     if train.is_empty() {
+        let what = if t.method.unpaired() { "examples" } else { "pairs" };
         return Err(TrainingError::Data(format!(
-            "{}: no usable training pairs",
+            "{}: no usable training {what}",
             data.display()
         )));
     }
     Ok(PreparedData {
         train,
         eval,
-        skipped,
+        skipped: bad.skipped,
         pad_id,
+    })
+}
+
+/// The bad-row policy and the count of rows it skipped.
+struct BadRows {
+    policy: OnBadRow,
+    skipped: usize,
+}
+
+impl BadRows {
+    /// Stops at the first bad row, or counts them all as skipped.
+    fn settle(&mut self, bad: Vec<BadRow>) -> Result<(), TrainingError> {
+        if let (OnBadRow::Error, Some(b)) = (self.policy, bad.first()) {
+            return Err(TrainingError::Data(b.to_string()));
+        }
+        self.skipped += bad.len();
+        Ok(())
+    }
+}
+
+/// The training rows and the held-out ones: `eval_data`, else the dataset's test split, else
+/// `eval_ratio` of the training rows (seeded), else none.
+fn splits<T: Clone>(
+    config: &RunConfig,
+    data: &PathBuf,
+    mut load: impl FnMut(&PathBuf, &str) -> Result<Vec<T>, TrainingError>,
+) -> Result<(Vec<T>, Vec<T>), TrainingError> {
+    let (train_split, test_split) = (&config.dataset_train_split, &config.dataset_test_split);
+    let dataset_config = config.dataset_config.as_deref();
+    let all = load(data, train_split)?;
+    let has_test_split = || has_dataset_split(data, dataset_config, test_split);
+    Ok(match &config.eval_data {
+        Some(path) => (all, load(path, test_split)?),
+        None if has_test_split().map_err(TrainingError::Data)? => (all, load(data, test_split)?),
+        None if config.eval_ratio > 0.0 => {
+            split_train_eval(&all, config.eval_ratio, config.train.seed)
+        }
+        None => (all, Vec::new()),
     })
 }
 

@@ -9,13 +9,14 @@ use prefer::{
     dpo::{
         EvalOptions, EvalReport, LossConfig, LossType, Packing,
         data::{
-            DataFormat, OnBadRow, TokenizeOptions, TruncationMode, drop_truncated_away, load_file,
+            DataFormat, OnBadRow, TokenizeOptions, TokenizedPair, TruncationMode,
+            drop_truncated_away, kto_pairs, load_examples, load_file, tokenize_examples,
             tokenize_rows,
         },
         evaluate_pairs,
         loss::Method,
     },
-    llama::{Checkpoint, DenseFactory, LinearFactory, LinearLayer},
+    llama::{ChatTokenizer, Checkpoint, DenseFactory, LinearFactory, LinearLayer},
     lora::{LoraFactory, LoraLinear, load_peft, set_active_adapter},
     quant::Nf4Factory,
 };
@@ -23,7 +24,8 @@ use prefer::{
 pub const EXAMPLES: &str = "Examples:
   prefer eval --model path/to/hf-model --adapter runs/dpo/adapter --data pairs.jsonl
   prefer eval --model model.gguf --adapter policy --ref-adapter sft --data dpo.json --loss-type sigmoid,sft --json
-  prefer eval --model path/to/hf-model --adapter runs/orpo/adapter --data pairs.jsonl --method orpo";
+  prefer eval --model path/to/hf-model --adapter runs/orpo/adapter --data pairs.jsonl --method orpo
+  prefer eval --model path/to/hf-model --adapter runs/kto/adapter --data unpaired.jsonl --method kto";
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -36,13 +38,14 @@ pub struct EvalArgs {
     /// The reference's PEFT adapter; without it the reference is the base model (TRL's behaviour).
     #[arg(long)]
     pub ref_adapter: Option<PathBuf>,
-    /// Preference pairs: JSON Lines or a JSON array (TRL standard/conversational/implicit, ShareGPT).
+    /// Preference pairs: JSON Lines or a JSON array (TRL standard/conversational/implicit, ShareGPT);
+    /// under `--method kto` also unpaired examples (`{"prompt", "completion", "label"}`).
     #[arg(long)]
     pub data: PathBuf,
     /// Force the data format instead of detecting it: standard, conversational, implicit, sharegpt.
     #[arg(long)]
     pub format: Option<DataFormat>,
-    /// The method whose loss and metrics to report: dpo (against the reference), or the
+    /// The method whose loss and metrics to report: dpo or kto (against the reference), or the
     /// reference-free cpo, simpo, orpo.
     #[arg(long, default_value = "dpo")]
     pub method: Method,
@@ -55,6 +58,12 @@ pub struct EvalArgs {
     /// SimPO's target reward margin γ.
     #[arg(long, default_value_t = 0.5)]
     pub simpo_gamma: f64,
+    /// KTO's weight of desirable examples.
+    #[arg(long, default_value_t = 1.0)]
+    pub desirable_weight: f64,
+    /// KTO's weight of undesirable examples.
+    #[arg(long, default_value_t = 1.0)]
+    pub undesirable_weight: f64,
     /// Loss types, comma-separated (TRL's names).
     #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
     pub loss_type: Vec<LossType>,
@@ -73,7 +82,8 @@ pub struct EvalArgs {
     /// Keep the first N tokens of each completion.
     #[arg(long)]
     pub max_completion_length: Option<usize>,
-    /// Pairs per batch.
+    /// Pairs per batch (KTO: examples per batch, which also sets whose completions serve as
+    /// each example's KL completion, as `per_device_train_batch_size` does in training).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// `error` stops at the first bad row; `skip` skips and counts them.
@@ -132,6 +142,8 @@ impl EvalJob {
             method: a.method,
             cpo_alpha: a.cpo_alpha.unwrap_or_else(|| a.method.default_cpo_alpha()),
             simpo_gamma: a.simpo_gamma,
+            desirable_weight: a.desirable_weight,
+            undesirable_weight: a.undesirable_weight,
             ..Default::default()
         };
         loss.validate().map_err(anyhow::Error::msg)?;
@@ -147,31 +159,7 @@ impl EvalJob {
             .with_context(|| format!("{}: the model has no tokenizer", a.model.display()))?;
 
         // Data first: bad rows stop the run before any model work.
-        let loaded = load_file(&a.data, a.format).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let loaded = loaded
-            .check(a.on_bad_row)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let opts = TokenizeOptions {
-            max_prompt_length: a.max_prompt_length,
-            max_completion_length: a.max_completion_length,
-        };
-        let (pairs, mut bad) = tokenize_rows(&tok, &loaded.rows, opts);
-        let (pairs, dropped) =
-            drop_truncated_away(pairs, Some(a.max_length), TruncationMode::KeepStart);
-        bad.extend(dropped);
-        if let (OnBadRow::Error, Some(b)) = (a.on_bad_row, bad.first()) {
-            bail!("{b}");
-        }
-        let skipped = loaded.bad.len() + bad.len();
-        if skipped > 0 {
-            eprintln!(
-                "skipped {skipped} bad rows of {} (on_bad_row = skip)",
-                loaded.rows.len() + loaded.bad.len()
-            );
-        }
-        if pairs.is_empty() {
-            bail!("{}: no usable pairs", a.data.display());
-        }
+        let pairs = self.pairs(&tok)?;
 
         // One base; the policy and reference differ only in their active adapter.
         let factory = LoraFactory::without_adapters(inner);
@@ -202,6 +190,51 @@ impl EvalJob {
             },
         };
         Ok(evaluate_pairs(&policy, &reference, &pairs, pad, &options)?)
+    }
+
+    /// The data as tokenised pairs (KTO: examples with their KL completions); bad rows stop here
+    /// or are skipped and counted.
+    fn pairs(&self, tok: &ChatTokenizer) -> Result<Vec<TokenizedPair>> {
+        let a = &self.0;
+        let opts = TokenizeOptions {
+            max_prompt_length: a.max_prompt_length,
+            max_completion_length: a.max_completion_length,
+        };
+        let (max, mode) = (Some(a.max_length), TruncationMode::KeepStart);
+        let (pairs, read, bad) = if a.method.unpaired() {
+            let loaded = load_examples(std::slice::from_ref(&a.data), a.format)
+                .and_then(|l| l.check(a.on_bad_row))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (examples, mut bad) = tokenize_examples(tok, &loaded.rows, opts);
+            let (pairs, dropped) = kto_pairs(examples, max, mode, a.batch_size.max(1));
+            bad.extend(dropped);
+            let read = loaded.rows.len() + loaded.bad.len();
+            bad.extend(loaded.bad);
+            (pairs, read, bad)
+        } else {
+            let loaded = load_file(&a.data, a.format)
+                .and_then(|l| l.check(a.on_bad_row))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (pairs, mut bad) = tokenize_rows(tok, &loaded.rows, opts);
+            let (pairs, dropped) = drop_truncated_away(pairs, max, mode);
+            bad.extend(dropped);
+            let read = loaded.rows.len() + loaded.bad.len();
+            bad.extend(loaded.bad);
+            (pairs, read, bad)
+        };
+        if let (OnBadRow::Error, Some(b)) = (a.on_bad_row, bad.first()) {
+            bail!("{b}");
+        }
+        if !bad.is_empty() {
+            eprintln!(
+                "skipped {} bad rows of {read} (on_bad_row = skip)",
+                bad.len()
+            );
+        }
+        if pairs.is_empty() {
+            bail!("{}: no usable pairs", a.data.display());
+        }
+        Ok(pairs)
     }
 }
 

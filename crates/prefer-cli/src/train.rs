@@ -497,6 +497,7 @@ fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
                 .map(|t| t.name())
                 .collect::<Vec<_>>()
                 .join("+"),
+            prefer::dpo::loss::Method::Kto => "kto".into(),
             m => format!("{m} (no reference)"),
         },
         config.beta,

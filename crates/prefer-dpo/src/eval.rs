@@ -8,8 +8,8 @@ use crate::{
     host::{DeviceReadError, read, values},
     logps::{LogpsExtras, SequenceLogps, sequence_logps, sequence_logps_with},
     loss::{
-        FDivergenceType, LossConfig, Method, PairLogps, PolicyPairs, dpo_loss, reference_free_loss,
-        wpo_weights,
+        FDivergenceType, LossConfig, Method, PairLogps, PolicyPairs, dpo_loss, kto_kl, kto_losses,
+        reference_free_loss, wpo_weights,
     },
     metrics::PairRecords,
 };
@@ -25,6 +25,10 @@ pub struct BatchEval<B: Backend> {
     pub policy: SequenceLogps<B>,
     /// A reference-free method's NLL term per pair: the summed NLL and its tokens, `[P]` each.
     pub nll: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    /// KTO's loss of each example, `[P]` (its mean is `loss`); `None` for pairs.
+    pub per_example: Option<Tensor<B, 1>>,
+    /// KTO's labels, one per example (empty for pairs).
+    pub labels: Vec<bool>,
 }
 
 /// Computes the loss of `batch` with `policy`, taking the reference log-probs from `reference`.
@@ -51,6 +55,9 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     ref_sums: Tensor<B, 1>,
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
+    if config.method == Method::Kto {
+        return evaluate_kto(config, policy, ref_sums, batch);
+    }
     let extras = LogpsExtras {
         log_sum_sq_probs: config.use_weighting,
         ..Default::default()
@@ -96,6 +103,53 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         pairs,
         policy: pol,
         nll: None,
+        per_example: None,
+        labels: Vec::new(),
+    }
+}
+
+/// Computes KTO's loss of a batch of examples: rows `[completions.., KL completions..]`, the
+/// reference sums `[2P]` in the same order (detached). The KL rows only set the reference point, so
+/// their log-probs are detached too; in the records, `chosen` holds the completions and `rejected`
+/// the KL completions.
+pub fn evaluate_kto<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
+    config: &LossConfig,
+    policy: &LlamaModel<B, L>,
+    ref_sums: Tensor<B, 1>,
+    batch: &DpoBatch<B>,
+) -> BatchEval<B> {
+    let pol = sequence_logps(policy, batch);
+    let (completion, kl_rows) = SequenceLogps::split(pol.sums.clone());
+    let kl_rows = kl_rows.detach();
+    let (ref_completion, ref_kl_rows) = SequenceLogps::split(ref_sums);
+    let (chosen_tokens, rejected_tokens) = SequenceLogps::split(pol.tokens.clone());
+    let kl = kto_kl(kl_rows.clone(), ref_kl_rows.clone());
+    let device = completion.device();
+    let desirable: Vec<f32> = batch.labels.iter().map(|&l| f32::from(u8::from(l))).collect();
+    let n = desirable.len();
+    let desirable = Tensor::from_data(TensorData::new(desirable, [n]), &device);
+    let per_example = kto_losses(
+        config,
+        completion.clone() - ref_completion.clone(),
+        kl,
+        desirable,
+    );
+    BatchEval {
+        loss: per_example.clone().mean(),
+        pairs: PairLogps {
+            chosen: completion.clone(),
+            rejected: kl_rows,
+            ref_chosen: ref_completion,
+            ref_rejected: ref_kl_rows,
+            chosen_tokens,
+            rejected_tokens,
+            chosen_unweighted: completion,
+            weights: None,
+        },
+        policy: pol,
+        nll: None,
+        per_example: Some(per_example),
+        labels: batch.labels.clone(),
     }
 }
 
@@ -148,6 +202,8 @@ pub fn evaluate_reference_free<B: prefer_kernels::PreferBackend, L: LinearLayer<
         },
         policy: pol,
         nll: Some((nll, nll_tokens)),
+        per_example: None,
+        labels: Vec::new(),
     }
 }
 
@@ -183,13 +239,19 @@ impl<B: Backend> BatchEval<B> {
         let data = read
             .try_execute()
             .map_err(|e| DeviceReadError::new(RECORDS, format!("{e:?}")))?;
-        records_from_data(data)
+        let mut records = records_from_data(data)?;
+        records.labels = self.labels.clone();
+        Ok(records)
     }
 
-    /// Each pair's loss, `[P]`: the configured DPO losses, or (when the batch was evaluated by a
-    /// reference-free method, which sets `nll`) that method's loss of the pair alone, with its own
-    /// NLL; what `prefer eval` reports per pair.
+    /// Each pair's loss, `[P]`: the configured DPO losses; when the batch was evaluated by a
+    /// reference-free method (which sets `nll`), that method's loss of the pair alone, with its own
+    /// NLL; under KTO, each example's loss against its batch's KL. What `prefer eval` reports per
+    /// pair.
     pub fn per_pair_loss(&self, config: &LossConfig) -> Tensor<B, 1> {
+        if let Some(per_example) = &self.per_example {
+            return per_example.clone();
+        }
         match &self.nll {
             Some((nll, tokens)) => crate::loss::method::per_pair_reference_free_loss(
                 config,
@@ -235,6 +297,7 @@ pub fn records_from_data(mut data: Vec<TensorData>) -> Result<PairRecords, Devic
         rejected_tokens: v(rt)?,
         chosen_logit_sums: v(cl)?,
         rejected_logit_sums: v(rl)?,
+        labels: Vec::new(),
     };
     let pairs = records.chosen.len();
     let mut lengths = vec![
@@ -285,9 +348,13 @@ impl Default for EvalOptions {
     }
 }
 
-/// One pair's numbers.
+/// One pair's numbers. Under KTO a pair is an example: `chosen` is its completion, `rejected`
+/// its KL completion, and `label` says whether it is desirable.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PairResult {
+    /// KTO: whether the example is desirable (absent for pairs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<bool>,
     /// Policy log-prob of the chosen completion.
     #[serde(rename = "logps/chosen")]
     pub chosen: f64,
@@ -313,7 +380,9 @@ pub struct EvalReport {
     pub pairs: Vec<PairResult>,
 }
 
-/// Evaluates tokenised pairs: batches of `batch_size`, the policy against the reference.
+/// Evaluates tokenised pairs: batches of `batch_size`, the policy against the reference. Under
+/// KTO the pairs are [`crate::data::kto_pairs`] made with the same `batch_size`, so that each
+/// batch holds its own KL completions.
 pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     policy: &LlamaModel<B, L>,
     reference: &LlamaModel<B, L>,
@@ -338,6 +407,7 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
         let r = out.records()?;
         for (i, loss) in per_pair.into_iter().enumerate() {
             results.push(PairResult {
+                label: r.labels.get(i).copied(),
                 chosen: r.chosen[i],
                 rejected: r.rejected[i],
                 ref_chosen: r.ref_chosen[i],

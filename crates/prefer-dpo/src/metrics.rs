@@ -28,6 +28,9 @@ pub struct PairRecords {
     pub nll: Vec<f64>,
     /// The number of those tokens.
     pub nll_tokens: Vec<f64>,
+    /// KTO: whether each example is desirable (empty for pairs). A KTO record's `chosen` is the
+    /// example's completion and its `rejected` the KL completion.
+    pub labels: Vec<bool>,
 }
 
 impl PairRecords {
@@ -43,6 +46,7 @@ impl PairRecords {
         self.rejected_logit_sums.extend(&other.rejected_logit_sums);
         self.nll.extend(&other.nll);
         self.nll_tokens.extend(&other.nll_tokens);
+        self.labels.extend(&other.labels);
     }
 
     /// Number of pairs.
@@ -55,7 +59,8 @@ impl PairRecords {
         self.chosen.is_empty()
     }
 
-    /// The metrics of `method`'s trainer in TRL. DPO: [`PairRecords::metrics`]. CPO, SimPO and
+    /// The metrics of `method`'s trainer in TRL. DPO: [`PairRecords::metrics`]; KTO:
+    /// [`PairRecords::kto_metrics`]. CPO, SimPO and
     /// ORPO (whose records hold the policy's log-probs, means where the method uses them, and a
     /// reference of 0): the rewards as β × those log-probs, `logps/*`, `num_pairs`, `logits/*`
     /// (the completion tokens' mean, as DPO's; TRL's CPO and ORPO trainers average every position
@@ -64,6 +69,9 @@ impl PairRecords {
     /// TRL logs 0 when `cpo_alpha` is 0), plus ORPO's `log_odds_ratio` and `log_odds_chosen`;
     /// no `kl`, as there is no reference to drift from.
     pub fn metrics_of(&self, method: Method, beta: f64) -> BTreeMap<String, f64> {
+        if method == Method::Kto {
+            return self.kto_metrics(beta);
+        }
         let mut m = self.metrics(beta);
         if method.uses_reference() {
             return m;
@@ -129,5 +137,41 @@ impl PairRecords {
             ("num_pairs".into(), n),
             ("kl".into(), drift / (ct + rt).max(1.0)),
         ])
+    }
+
+    /// KTOTrainer's metrics: `kl`, the reference point `max(0, mean(policy − reference))` over the
+    /// KL completions; `rewards/chosen` (β × log-ratio), `logps/chosen` and `logits/chosen` (token-
+    /// weighted) over the desirable examples, the same `…/rejected` over the undesirable ones, each
+    /// only when there are such examples, and `rewards/margins` when there are both; plus
+    /// `num_examples`. TRL averages its per-batch values over a logging window; these pool the
+    /// window's examples, which is the same for equal batches but for `kl`'s clamp at 0.
+    pub fn kto_metrics(&self, beta: f64) -> BTreeMap<String, f64> {
+        let n = self.len();
+        let drift: f64 = (0..n).map(|i| self.rejected[i] - self.ref_rejected[i]).sum();
+        let mut m = BTreeMap::from([
+            ("kl".to_string(), (drift / n.max(1) as f64).max(0.0)),
+            ("num_examples".to_string(), n as f64),
+        ]);
+        let mut rewards = [f64::NAN; 2];
+        for (slot, (label, side)) in [(true, "chosen"), (false, "rejected")].into_iter().enumerate() {
+            let idx: Vec<usize> = (0..n).filter(|&i| self.labels.get(i) == Some(&label)).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let count = idx.len() as f64;
+            let sum = |v: &[f64]| idx.iter().map(|&i| v[i]).sum::<f64>();
+            let logratio = sum(&self.chosen) - sum(&self.ref_chosen);
+            rewards[slot] = beta * logratio / count;
+            m.insert(format!("rewards/{side}"), rewards[slot]);
+            m.insert(format!("logps/{side}"), sum(&self.chosen) / count);
+            m.insert(
+                format!("logits/{side}"),
+                sum(&self.chosen_logit_sums) / sum(&self.chosen_tokens).max(1.0),
+            );
+        }
+        if rewards.iter().all(|r| !r.is_nan()) {
+            m.insert("rewards/margins".into(), rewards[0] - rewards[1]);
+        }
+        m
     }
 }

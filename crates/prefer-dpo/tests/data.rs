@@ -272,6 +272,7 @@ fn token_ids_beyond_the_vocabulary_are_named_with_the_row() {
         prompt: vec![1, 2],
         chosen,
         rejected: vec![3],
+        label: None,
     };
     let pairs = [
         pair("a.jsonl:1", vec![4]),

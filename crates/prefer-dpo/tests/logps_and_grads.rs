@@ -51,6 +51,7 @@ fn host_batch(f: &Value) -> HostBatch {
         attention_mask,
         completion_mask,
         shape,
+        labels: vec![],
     }
 }
 

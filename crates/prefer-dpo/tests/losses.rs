@@ -225,7 +225,9 @@ fn bad_options_name_the_option() {
 
 #[test]
 fn simpo_orpo_and_kto_match_trl() {
-    use prefer_dpo::loss::{KtoConfig, kto_kl, kto_loss, orpo_log_odds, orpo_loss, simpo_loss};
+    use prefer_dpo::loss::{
+        LossConfig, Method, kto_kl, kto_losses, orpo_log_odds, orpo_loss, simpo_loss,
+    };
     let f = fixture();
     let o = &f["other_trainers"];
     let p = &f["per_pair"];
@@ -274,11 +276,13 @@ fn simpo_orpo_and_kto_match_trl() {
     let diff = |a: &str, b: &str| -> Vec<f64> {
         v(&p[a]).iter().zip(v(&p[b])).map(|(x, y)| x - y).collect()
     };
-    let loss = kto_loss(
-        &KtoConfig::default(),
-        t(diff("policy_chosen_logps", "reference_chosen_logps")),
-        t(diff("policy_rejected_logps", "reference_rejected_logps")),
-        kl,
-    );
+    let mut logratios = diff("policy_chosen_logps", "reference_chosen_logps");
+    logratios.extend(diff("policy_rejected_logps", "reference_rejected_logps"));
+    let kto = LossConfig {
+        method: Method::Kto,
+        ..Default::default()
+    };
+    let desirable = t(vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    let loss = kto_losses(&kto, t(logratios), kl, desirable).mean();
     close("kto", loss.into_scalar(), k["loss"].as_f64().unwrap());
 }

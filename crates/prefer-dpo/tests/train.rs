@@ -187,6 +187,7 @@ fn pairs(n: usize, seed: u64) -> Vec<TokenizedPair> {
                 prompt: (0..prompt_len).map(|_| rng.random_range(1..40)).collect(),
                 chosen: (0..len).map(|_| rng.random_range(40..52)).collect(),
                 rejected: (0..len).map(|_| rng.random_range(52..64)).collect(),
+                label: None,
             }
         })
         .collect()

@@ -28,6 +28,8 @@ pub struct HostBatch {
     pub completion_mask: Vec<i64>,
     /// `[2P, T]`.
     pub shape: [usize; 2],
+    /// KTO examples' labels (desirable or not), one per pair; empty for preference pairs.
+    pub labels: Vec<bool>,
 }
 
 /// A batch on a device, ready for the model and the LM head.
@@ -56,6 +58,8 @@ pub struct DpoBatch<B: Backend> {
     pub tokens: usize,
     /// Tokens the model computes (with padding, when padded).
     pub computed_tokens: usize,
+    /// KTO examples' labels, one per pair (the host's copy); empty for preference pairs.
+    pub labels: Vec<bool>,
 }
 
 impl HostBatch {
@@ -144,6 +148,7 @@ impl HostBatch {
             prompt_targets: ints(prompt_targets),
             prompt_pairs: ints(prompt_pairs),
             tokens: lengths.iter().sum(),
+            labels: self.labels.clone(),
         }
     }
 }
@@ -175,6 +180,7 @@ impl<B: AutodiffBackend> DpoBatch<B> {
             prompt_pairs: self.prompt_pairs.clone().inner(),
             tokens: self.tokens,
             computed_tokens: self.computed_tokens,
+            labels: self.labels.clone(),
         }
     }
 }

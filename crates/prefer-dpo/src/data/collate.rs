@@ -113,6 +113,7 @@ pub fn collate(
         attention_mask: vec![],
         completion_mask: vec![],
         shape: [seqs.len(), t],
+        labels: pairs.iter().filter_map(|p| p.label).collect(),
     };
     for (ids, mask) in &seqs {
         b.input_ids.extend(

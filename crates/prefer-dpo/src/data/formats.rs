@@ -209,7 +209,7 @@ fn json_records(name: &str, bytes: &[u8]) -> Result<Vec<Record>, BadRow> {
 }
 
 /// Detects the format (or checks the forced one) of each record and normalises it to a pair.
-fn rows_from_records(
+pub(crate) fn rows_from_records(
     name: &str,
     records: Vec<Record>,
     format: Option<DataFormat>,
@@ -263,7 +263,7 @@ fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a Value, String
     obj.get(key).ok_or_else(|| format!("missing field `{key}`"))
 }
 
-fn text(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
+pub(crate) fn text(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
     match field(obj, key)? {
         Value::String(s) if s.trim().is_empty() => Err(format!("`{key}` is empty")),
         Value::String(s) => Ok(s.clone()),
@@ -271,7 +271,7 @@ fn text(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -311,7 +311,7 @@ pub(crate) fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMe
 
 /// A completion is the model's answer: every message of it must be the assistant's (a user turn in
 /// `chosen` would be trained on as if the model had said it).
-fn completion_messages(key: &str, list: Vec<ChatMessage>) -> Result<Vec<ChatMessage>, String> {
+pub(crate) fn completion_messages(key: &str, list: Vec<ChatMessage>) -> Result<Vec<ChatMessage>, String> {
     if let Some((i, m)) = list.iter().enumerate().find(|(_, m)| m.role != "assistant") {
         return Err(format!(
             "`{key}[{i}]` has role `{}`; a completion holds only `assistant` messages (put earlier \

@@ -1,5 +1,6 @@
 //! Preference data: files (JSON Lines, JSON, Parquet) in TRL's and ShareGPT's formats → checked rows → TRL's token ids →
-//! batches of `[chosen.., rejected..]`, right-padded or padding-free.
+//! batches of `[chosen.., rejected..]`, right-padded or padding-free. KTO's unpaired examples take
+//! the same road as pairs of a completion and its KL completion.
 
 pub mod batch;
 pub mod collate;
@@ -7,6 +8,7 @@ pub mod dataset_files;
 pub mod formats;
 pub mod parquet_rows;
 pub mod tokenize;
+pub mod unpaired;
 
 pub use batch::{DpoBatch, HostBatch, Packing};
 pub use collate::{TruncationMode, check_vocab, collate, drop_truncated_away, group_by_length};
@@ -16,3 +18,7 @@ pub use formats::{
     split_train_eval,
 };
 pub use tokenize::{TokenizeOptions, TokenizedPair, tokenize_rows};
+pub use unpaired::{
+    LoadedExamples, TokenizedExample, UnpairedRow, kto_pairs, load_examples, tokenize_examples,
+    unpair,
+};

@@ -11,16 +11,23 @@ use prefer_llama::{ChatMessage, ChatTokenizer};
 use super::formats::{BadRow, PreferenceRow, Turns};
 
 /// A pair as token ids.
+///
+/// A KTO example travels as a pair too, so that batching, shuffling, reference log-probs and
+/// resuming treat it alike: `chosen` holds its completion, `rejected` the KL completion (another
+/// example's, scored against this prompt for KTO's reference point), and `label` whether the
+/// completion is desirable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenizedPair {
     /// Where the row came from.
     pub location: String,
     /// Prompt ids.
     pub prompt: Vec<u32>,
-    /// Chosen completion ids.
+    /// Chosen completion ids (a KTO example's completion).
     pub chosen: Vec<u32>,
-    /// Rejected completion ids.
+    /// Rejected completion ids (a KTO example's KL completion).
     pub rejected: Vec<u32>,
+    /// A KTO example's label (desirable or not); `None` for a preference pair.
+    pub label: Option<bool>,
 }
 
 /// Length limits applied per row before batching.
@@ -41,41 +48,57 @@ pub type RowIds = (Vec<u32>, Vec<u32>, Vec<u32>);
 
 /// Tokenises one row.
 pub fn tokenize_row(tok: &ChatTokenizer, row: &PreferenceRow) -> Result<RowIds, String> {
-    let err = |e: prefer_llama::LoadError| e.to_string();
-    let (p, pc, pr) = match (&row.prompt, &row.chosen, &row.rejected) {
-        (Turns::Text(p), Turns::Text(c), Turns::Text(r)) => {
-            let eos = tok
-                .eos_token
-                .clone()
-                .ok_or("the tokenizer has no EOS token to end completions")?;
-            let end = |s: &str| {
-                if s.ends_with(&eos) {
-                    s.to_string()
-                } else {
-                    format!("{s}{eos}")
-                }
-            };
-            (
-                tok.encode(p, true).map_err(err)?,
-                tok.encode(&format!("{p}{}", end(c)), true).map_err(err)?,
-                tok.encode(&format!("{p}{}", end(r)), true).map_err(err)?,
-            )
-        }
-        (Turns::Messages(p), Turns::Messages(c), Turns::Messages(r)) => {
-            let render = |m: &[ChatMessage], generation_prompt: bool| -> Result<Vec<u32>, String> {
-                let text = tok.apply_chat_template(m, generation_prompt).map_err(err)?;
-                tok.encode(&text, false).map_err(err)
-            };
-            (
-                render(p, true)?,
-                render(&[p.clone(), c.clone()].concat(), false)?,
-                render(&[p.clone(), r.clone()].concat(), false)?,
-            )
-        }
-        _ => return Err("prompt and completions must be all text or all messages".into()),
-    };
+    let p = prompt_ids(tok, &row.prompt)?;
+    let pc = sequence_ids(tok, &row.prompt, &row.chosen)?;
+    let pr = sequence_ids(tok, &row.prompt, &row.rejected)?;
     let n = common_prefix(&p, &pc).min(common_prefix(&p, &pr));
     Ok((p[..n].to_vec(), pc[n..].to_vec(), pr[n..].to_vec()))
+}
+
+/// Prompt and completion ids of one prompt with one completion (a KTO example).
+pub fn tokenize_completion(
+    tok: &ChatTokenizer,
+    prompt: &Turns,
+    completion: &Turns,
+) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let p = prompt_ids(tok, prompt)?;
+    let pc = sequence_ids(tok, prompt, completion)?;
+    let n = common_prefix(&p, &pc);
+    Ok((p[..n].to_vec(), pc[n..].to_vec()))
+}
+
+/// The prompt alone: text with the tokenizer's special tokens, or messages rendered by the chat
+/// template with the generation prompt.
+fn prompt_ids(tok: &ChatTokenizer, prompt: &Turns) -> Result<Vec<u32>, String> {
+    match prompt {
+        Turns::Text(p) => tok.encode(p, true).map_err(|e| e.to_string()),
+        Turns::Messages(p) => render(tok, p, true),
+    }
+}
+
+/// The prompt followed by a completion: text completions end with the EOS text (unless they
+/// already do); messages are rendered whole, the template deciding what ends a turn.
+fn sequence_ids(tok: &ChatTokenizer, prompt: &Turns, completion: &Turns) -> Result<Vec<u32>, String> {
+    match (prompt, completion) {
+        (Turns::Text(p), Turns::Text(c)) => {
+            let eos = tok
+                .eos_token
+                .as_deref()
+                .ok_or("the tokenizer has no EOS token to end completions")?;
+            let end = if c.ends_with(eos) { "" } else { eos };
+            tok.encode(&format!("{p}{c}{end}"), true)
+                .map_err(|e| e.to_string())
+        }
+        (Turns::Messages(p), Turns::Messages(c)) => render(tok, &[p.clone(), c.clone()].concat(), false),
+        _ => Err("prompt and completions must be all text or all messages".into()),
+    }
+}
+
+fn render(tok: &ChatTokenizer, messages: &[ChatMessage], generation_prompt: bool) -> Result<Vec<u32>, String> {
+    let text = tok
+        .apply_chat_template(messages, generation_prompt)
+        .map_err(|e| e.to_string())?;
+    tok.encode(&text, false).map_err(|e| e.to_string())
 }
 
 /// Tokenises rows; rows that end up with an empty prompt or completion are bad rows.
@@ -107,6 +130,7 @@ pub fn tokenize_rows(
                 prompt,
                 chosen,
                 rejected,
+                label: None,
             })
         });
         match result {

@@ -1,4 +1,4 @@
-//! The preference method a run follows (`method`): DPO against a reference, or one of the
+//! The preference method a run follows (`method`): DPO or KTO against a reference, or one of the
 //! reference-free methods of TRL's `CPOTrainer` and `ORPOTrainer`, which score the policy alone and
 //! so never build or run a reference.
 
@@ -25,15 +25,19 @@ pub enum Method {
     /// `ORPOTrainer`: the chosen sequences' NLL (prompt included) minus β × the mean log-sigmoid of
     /// the log odds ratio of mean token log-probs.
     Orpo,
+    /// `KTOTrainer` (`loss_type = "kto"`): unpaired examples, each desirable or undesirable,
+    /// scored against the reference relative to the batch's estimated KL.
+    Kto,
 }
 
 impl Method {
     /// All methods with their names.
-    pub const ALL: [(Method, &'static str); 4] = [
+    pub const ALL: [(Method, &'static str); 5] = [
         (Self::Dpo, "dpo"),
         (Self::Cpo, "cpo"),
         (Self::Simpo, "simpo"),
         (Self::Orpo, "orpo"),
+        (Self::Kto, "kto"),
     ];
 
     /// The method's name.
@@ -45,9 +49,14 @@ impl Method {
             .unwrap_or("?")
     }
 
-    /// Whether the method compares the policy with a reference (only DPO does).
+    /// Whether the method compares the policy with a reference (DPO and KTO do).
     pub fn uses_reference(self) -> bool {
-        self == Self::Dpo
+        matches!(self, Self::Dpo | Self::Kto)
+    }
+
+    /// Whether the method trains on unpaired examples (KTO) rather than preference pairs.
+    pub fn unpaired(self) -> bool {
+        self == Self::Kto
     }
 
     /// `cpo_alpha`'s default: TRL's `CPOConfig` 1.0 for CPO, 0 for SimPO (the SimPO paper's and
@@ -104,7 +113,7 @@ impl LossConfig {
         match self.method {
             Method::Simpo | Method::Orpo => true,
             Method::Cpo => self.loss_types.first() == Some(&LossType::Ipo),
-            Method::Dpo => false,
+            Method::Dpo | Method::Kto => false,
         }
     }
 }
@@ -132,7 +141,7 @@ pub fn reference_free_loss<B: Backend>(config: &LossConfig, x: &PolicyPairs<B>) 
                 per_pair.mean() + batch_nll(x) * alpha
             }
         }
-        Method::Dpo => unreachable!("DPO takes the reference: dpo_loss"),
+        Method::Dpo | Method::Kto => unreachable!("DPO and KTO take the reference"),
     }
 }
 
@@ -174,6 +183,20 @@ fn cpo_per_pair<B: Backend>(
 
 /// Checks the options of a reference-free method, naming the key at fault.
 pub(super) fn validate_method(config: &LossConfig) -> Result<(), String> {
+    let kto_weights = [
+        ("desirable_weight", config.desirable_weight),
+        ("undesirable_weight", config.undesirable_weight),
+    ];
+    for (key, w) in kto_weights {
+        if !(w >= 0.0 && w.is_finite()) {
+            return Err(format!("{key} must be a non-negative number (got {w})"));
+        }
+        if w != 1.0 && config.method != Method::Kto {
+            return Err(format!(
+                "{key} is a KTO option: set method = \"kto\" or leave it unset"
+            ));
+        }
+    }
     if config.method == Method::Dpo {
         return Ok(());
     }
@@ -193,8 +216,10 @@ pub(super) fn validate_method(config: &LossConfig) -> Result<(), String> {
             ),
         });
     }
-    if config.method == Method::Orpo && config.label_smoothing != 0.0 {
-        return Err("label_smoothing does not apply to method orpo".into());
+    if matches!(config.method, Method::Orpo | Method::Kto) && config.label_smoothing != 0.0 {
+        return Err(format!(
+            "label_smoothing does not apply to method {name}"
+        ));
     }
     if config.ld_alpha.is_some() {
         return Err(format!(
@@ -208,8 +233,11 @@ pub(super) fn validate_method(config: &LossConfig) -> Result<(), String> {
     }
     if config.f_divergence.kind != super::FDivergenceType::ReverseKl {
         return Err(format!(
-            "f_divergence_type needs a reference: method {name} has none"
+            "f_divergence_type is a DPO option, not one of method {name}"
         ));
+    }
+    if config.method == Method::Kto && config.cpo_alpha != 0.0 {
+        return Err("cpo_alpha is a CPO option, not one of method kto".into());
     }
     if !(config.cpo_alpha >= 0.0 && config.cpo_alpha.is_finite()) {
         return Err("cpo_alpha must be a non-negative number".into());

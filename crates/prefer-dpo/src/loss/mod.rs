@@ -13,7 +13,7 @@ use std::{fmt, str::FromStr};
 use burn::tensor::{Tensor, backend::Backend};
 
 pub use f_divergence::{FDivergence, FDivergenceType};
-pub use kto::{KtoConfig, kto_kl, kto_loss};
+pub use kto::{kto_kl, kto_losses};
 pub use method::{
     CPO_LOSS_TYPES, Method, PolicyPairs, batch_nll, orpo_log_odds_metrics, reference_free_loss,
 };
@@ -105,6 +105,9 @@ impl FromStr for LossType {
                             (cpo_alpha = 1 adds CPO's NLL term)"
                         .to_string();
                 }
+                if s == "kto" {
+                    return "loss_type `kto` is KTOTrainer's loss: set method = \"kto\"".to_string();
+                }
                 let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
                 format!("unknown loss_type `{s}` (valid: {})", names.join(", "))
             })
@@ -138,6 +141,10 @@ pub struct LossConfig {
     pub cpo_alpha: f64,
     /// SimPO's target reward margin γ (`simpo_gamma`, 0.5).
     pub simpo_gamma: f64,
+    /// KTO's weight of desirable examples (`desirable_weight`, 1).
+    pub desirable_weight: f64,
+    /// KTO's weight of undesirable examples (`undesirable_weight`, 1).
+    pub undesirable_weight: f64,
 }
 
 impl Default for LossConfig {
@@ -157,6 +164,8 @@ impl Default for LossConfig {
             method: Method::Dpo,
             cpo_alpha: 0.0,
             simpo_gamma: 0.5,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 }

@@ -266,14 +266,21 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
 
     // --- the method ---
-    /// The preference method: `dpo` (against a reference), or `cpo`, `simpo`, `orpo`, which need
-    /// no reference (none is built or run).
+    /// The preference method: `dpo` or `kto` (against a reference), or `cpo`, `simpo`, `orpo`,
+    /// which need no reference (none is built or run). `kto` trains on unpaired examples
+    /// (`{"prompt", "completion", "label"}` rows, or preference pairs split into a desirable and
+    /// an undesirable example each, as TRL's `unpair_preference_dataset`).
     pub method: Method,
     /// CPO/SimPO: the weight of the chosen completions' NLL (TRL's `cpo_alpha`; unset: 1 for
     /// `cpo`, 0 for `simpo`).
     pub cpo_alpha: Option<f64>,
     /// SimPO's target reward margin γ (TRL's `simpo_gamma`).
     pub simpo_gamma: f64,
+    /// KTO's weight of desirable examples (TRL's `desirable_weight`); with `undesirable_weight`,
+    /// balances classes of unequal size (the KTO paper keeps `w_d·n_d / (w_u·n_u)` in [1, 4/3]).
+    pub desirable_weight: f64,
+    /// KTO's weight of undesirable examples (TRL's `undesirable_weight`).
+    pub undesirable_weight: f64,
 
     // --- DPO ---
     /// KL strength β (ORPO's λ; CPO's and SimPO's β).
@@ -427,6 +434,8 @@ impl Default for TrainConfig {
             method: Method::Dpo,
             cpo_alpha: None,
             simpo_gamma: 0.5,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
             beta: 0.1,
             loss_type: vec![LossType::Sigmoid],
             loss_weights: None,
@@ -545,6 +554,8 @@ impl TrainConfig {
                 .cpo_alpha
                 .unwrap_or_else(|| self.method.default_cpo_alpha()),
             simpo_gamma: self.simpo_gamma,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
         }
     }
 
@@ -722,6 +733,20 @@ impl TrainConfig {
                 "cpo_alpha",
                 format!("applies to method cpo and simpo, not {method}"),
             ));
+        }
+        if method == Method::Kto {
+            if self.rpo_alpha.is_some() {
+                return Err(bad("rpo_alpha", "is a DPO option, not one of method kto"));
+            }
+            // TRL's check: each example's KL completion is another example's of its batch.
+            if self.per_device_train_batch_size < 2 {
+                return Err(bad(
+                    "per_device_train_batch_size",
+                    "method kto needs at least 2 examples per batch: each example's KL \
+                     completion is its batch neighbour's (use gradient_accumulation_steps for \
+                     a small memory footprint)",
+                ));
+            }
         }
         Ok(())
     }

@@ -72,20 +72,22 @@ impl PreferenceMetric {
 
     /// The names the method logs from per-pair values (the loss is burn-train's own metric).
     fn names(loss: &LossConfig) -> Vec<String> {
+        // Two records, so that KTO's per-label metrics (one desirable, one undesirable) all show.
         let mut one = PairRecords {
-            chosen: vec![-1.0],
-            rejected: vec![-2.0],
-            ref_chosen: vec![0.0],
-            ref_rejected: vec![0.0],
-            chosen_tokens: vec![1.0],
-            rejected_tokens: vec![1.0],
-            chosen_logit_sums: vec![0.0],
-            rejected_logit_sums: vec![0.0],
+            chosen: vec![-1.0, -1.0],
+            rejected: vec![-2.0, -2.0],
+            ref_chosen: vec![0.0, 0.0],
+            ref_rejected: vec![0.0, 0.0],
+            chosen_tokens: vec![1.0, 1.0],
+            rejected_tokens: vec![1.0, 1.0],
+            chosen_logit_sums: vec![0.0, 0.0],
+            rejected_logit_sums: vec![0.0, 0.0],
+            labels: vec![true, false],
             ..Default::default()
         };
         if !loss.method.uses_reference() {
-            one.nll = vec![1.0];
-            one.nll_tokens = vec![1.0];
+            one.nll = vec![1.0, 1.0];
+            one.nll_tokens = vec![1.0, 1.0];
         }
         one.metrics_of(loss.method, loss.beta).into_keys().collect()
     }
@@ -229,6 +231,18 @@ mod tests {
             .collect();
         assert!(names.iter().any(|n| n == "log_odds_ratio"), "{names:?}");
         assert!(!names.iter().any(|n| n == "kl"), "{names:?}");
+        let kto = LossConfig {
+            method: Method::Kto,
+            ..Default::default()
+        };
+        let names: Vec<String> = PreferenceMetric::all(&kto)
+            .iter()
+            .map(|m| m.trl_name().to_string())
+            .collect();
+        for n in ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins"] {
+            assert!(names.iter().any(|k| k == n), "{n} in {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "rewards/accuracies"), "{names:?}");
         let err = PreferenceMetric::new("accuracy", &LossConfig::default()).unwrap_err();
         assert!(
             err.contains("valid: ") && err.contains("rewards/accuracies"),

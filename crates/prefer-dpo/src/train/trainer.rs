@@ -800,9 +800,13 @@ struct Inputs<'a, B: Backend> {
 }
 
 impl<B: Backend> Inputs<'_, B> {
-    /// The seeded order of the training pairs in `epoch`.
+    /// The seeded order of the training pairs in `epoch`; KTO's examples keep theirs (TRL's
+    /// sequential sampler), as each batch holds its examples' KL completions.
     fn order(&self, epoch: usize) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.run.train.len()).collect();
+        if self.config.method.unpaired() {
+            return idx;
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.config.seed, epoch as u64));
         idx.shuffle(&mut rng);
         idx
