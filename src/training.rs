@@ -118,7 +118,11 @@ pub fn prepare_data(
         })?
     };
     if train.is_empty() {
-        let what = if t.method.unpaired() { "examples" } else { "pairs" };
+        let what = if t.method.unpaired() {
+            "examples"
+        } else {
+            "pairs"
+        };
         return Err(TrainingError::Data(format!(
             "{}: no usable training {what}",
             data.display()

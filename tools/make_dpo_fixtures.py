@@ -42,10 +42,14 @@ tests/fixtures/dpo/
                           "other_trainers" (their "grads" field names the file): d(loss)/d(every
                           LoRA parameter), loss as get_batch_loss_metrics(model, batch, "train")
                           computes it on the same batch and adapter; same keys, shapes and float32.
+  kto_grads.safetensors   the same for KTOTrainer.compute_loss on the 8 examples (4 desirable, 4
+                          undesirable) TRL makes of those 4 rows, in one batch of 8.
 
 Versions used to generate the committed files:
   python 3.11.7, torch 2.15.0, transformers 5.23.0, trl 1.16.0, peft 0.21.2, accelerate 1.15.0,
-  datasets 5.2.0, tokenizers 0.23.3, safetensors 0.8.0, numpy 2.4.6.
+  datasets 5.2.0, tokenizers 0.23.3, safetensors 0.8.0, numpy 2.4.6; kto_grads.safetensors and
+  losses.json last with accelerate 1.16.0 (losses.json came out identical but for the KTO keys
+  added; the other gradient files differed by at most 7e-7 and were kept).
 """
 
 import copy
@@ -734,6 +738,27 @@ def make_other_trainers(adapter_sd, dpo_res):
         with tr.model.disable_adapter():
             kl_ref = tr._compute_kl_logps(tr.model, batch)
     metrics = {k: float(v[-1]) for k, v in sorted(tr._metrics["train"].items())}
+    # the same loss again with autograd, for d(loss)/d(LoRA)
+    tr.model.zero_grad(set_to_none=True)
+    gloss = tr.compute_loss(tr.model, batch)
+    assert abs(float(gloss.detach()) - loss) < 1e-7, (float(gloss), loss)
+    gloss.backward()
+    kto_grads = lora_grads(tr.model)
+    assert set(kto_grads) == set(adapter_sd)
+    st.save_file(kto_grads, str(OUT / "kto_grads.safetensors"), metadata={
+        "description": "d/dLoRA of TRL %s KTOTrainer loss (beta=0.1, loss_type=kto, batch 8) from "
+                       "compute_loss on the first 4 rows of standard.jsonl unpaired; loss=%r" % (
+                           trl.__version__, loss)})
+    print("grads kto       loss %.8g global norm %.8g" % (loss, global_norm(kto_grads)))
+    # class weights: a second trainer with undesirable_weight 1.33 on the same batch
+    wargs = KTOConfig(output_dir=os.path.join(TMP, "kto_w"), per_device_train_batch_size=8, beta=0.1,
+                      desirable_weight=1.0, undesirable_weight=1.33, **COMMON_ARGS)
+    wtr = KTOTrainer(model=base_model(), args=wargs, train_dataset=Dataset.from_list(copy.deepcopy(rows)),
+                     processing_class=tok, peft_config=lora_config())
+    load_adapter_into(wtr.model, adapter_sd)
+    wtr.model.train()
+    with torch.no_grad():
+        weighted_loss = float(wtr.compute_loss(wtr.model, wtr.data_collator(feats)))
     # check against the KTO formula with the DPO per-pair values (same sequences)
     labels = [bool(f["label"]) for f in feats]
     assert labels == [True] * 4 + [False] * 4
@@ -749,7 +774,8 @@ def make_other_trainers(adapter_sd, dpo_res):
         "examples": [{"label": bool(f["label"]), "prompt_ids": f["prompt_ids"], "completion_ids": f["completion_ids"],
                       "KL_completion_ids": f["KL_completion_ids"]} for f in feats],
         "policy_KL_logps": f32s(kl_pol), "reference_KL_logps": f32s(kl_ref),
-        "kl": metrics["kl"], "loss": f32(loss), "metrics": metrics,
+        "kl": metrics["kl"], "loss": f32(loss), "metrics": metrics, "grads": "kto_grads.safetensors",
+        "weighted": {"desirable_weight": 1.0, "undesirable_weight": 1.33, "loss": f32(weighted_loss)},
         "note": "kl = clamp(mean(policy_KL_logps - reference_KL_logps), min=0), detached",
     }
     return out
@@ -772,7 +798,7 @@ def main():
     res["versions"] = versions
     dump(OUT / "losses.json", res, indent=1)
     shutil.rmtree(TMP, ignore_errors=True)
-    for name in ("sigmoid", "cpo", "simpo", "cpo_simpo", "orpo"):
+    for name in ("sigmoid", "cpo", "simpo", "cpo_simpo", "orpo", "kto"):
         (OUT / ("%s_grads.safetensors" % name)).chmod(0o644)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print("total bytes", total)

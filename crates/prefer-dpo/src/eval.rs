@@ -125,7 +125,11 @@ pub fn evaluate_kto<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     let (chosen_tokens, rejected_tokens) = SequenceLogps::split(pol.tokens.clone());
     let kl = kto_kl(kl_rows.clone(), ref_kl_rows.clone());
     let device = completion.device();
-    let desirable: Vec<f32> = batch.labels.iter().map(|&l| f32::from(u8::from(l))).collect();
+    let desirable: Vec<f32> = batch
+        .labels
+        .iter()
+        .map(|&l| f32::from(u8::from(l)))
+        .collect();
     let n = desirable.len();
     let desirable = Tensor::from_data(TensorData::new(desirable, [n]), &device);
     let per_example = kto_losses(

@@ -147,14 +147,21 @@ impl PairRecords {
     /// window's examples, which is the same for equal batches but for `kl`'s clamp at 0.
     pub fn kto_metrics(&self, beta: f64) -> BTreeMap<String, f64> {
         let n = self.len();
-        let drift: f64 = (0..n).map(|i| self.rejected[i] - self.ref_rejected[i]).sum();
+        let drift: f64 = (0..n)
+            .map(|i| self.rejected[i] - self.ref_rejected[i])
+            .sum();
         let mut m = BTreeMap::from([
             ("kl".to_string(), (drift / n.max(1) as f64).max(0.0)),
             ("num_examples".to_string(), n as f64),
         ]);
         let mut rewards = [f64::NAN; 2];
-        for (slot, (label, side)) in [(true, "chosen"), (false, "rejected")].into_iter().enumerate() {
-            let idx: Vec<usize> = (0..n).filter(|&i| self.labels.get(i) == Some(&label)).collect();
+        for (slot, (label, side)) in [(true, "chosen"), (false, "rejected")]
+            .into_iter()
+            .enumerate()
+        {
+            let idx: Vec<usize> = (0..n)
+                .filter(|&i| self.labels.get(i) == Some(&label))
+                .collect();
             if idx.is_empty() {
                 continue;
             }

@@ -441,3 +441,105 @@ fn parquet_rows_are_their_json_lines_rows() {
     );
     std::fs::remove_file(&not_parquet).unwrap();
 }
+
+fn scratch_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("prefer-data-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Preference pairs under KTO: TRL's `KTOTrainer` splits the first four rows of `standard.jsonl`
+/// into four desirable then four undesirable examples, and gives each the completion of its
+/// batch neighbour as its KL completion; prefer's ids are TRL's, one by one.
+#[test]
+fn kto_examples_are_trls_with_their_kl_completions() {
+    use prefer_dpo::data::{kto_pairs, load_examples, tokenize_examples};
+    let standard = std::fs::read_to_string(root().join("dpo/standard.jsonl")).unwrap();
+    let four: String = standard.lines().take(4).map(|l| format!("{l}\n")).collect();
+    let path = scratch_file("kto-pairs.jsonl", &four);
+    let loaded = load_examples(&[path], None)
+        .unwrap()
+        .check(OnBadRow::Error)
+        .unwrap();
+    let (examples, bad) = tokenize_examples(&tokenizer(), &loaded.rows, Default::default());
+    assert!(bad.is_empty(), "{bad:?}");
+    let (pairs, dropped) = kto_pairs(examples, Some(1024), TruncationMode::KeepStart, 8);
+    assert!(dropped.is_empty());
+    let f: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("dpo/losses.json")).unwrap())
+            .unwrap();
+    let want = f["other_trainers"]["kto"]["examples"].as_array().unwrap();
+    assert_eq!(pairs.len(), want.len());
+    for (i, (p, w)) in pairs.iter().zip(want).enumerate() {
+        assert_eq!(p.label, w["label"].as_bool(), "example {i}");
+        assert_eq!(p.prompt, ids(&w["prompt_ids"]), "example {i}");
+        assert_eq!(p.chosen, ids(&w["completion_ids"]), "example {i}");
+        assert_eq!(p.rejected, ids(&w["KL_completion_ids"]), "example {i}");
+    }
+    assert!(
+        pairs[0].location.ends_with(":1 (chosen)"),
+        "{}",
+        pairs[0].location
+    );
+    assert!(
+        pairs[4].location.ends_with(":1 (rejected)"),
+        "{}",
+        pairs[4].location
+    );
+}
+
+/// Unpaired files: labels kept in order, conversational rows too; a bad label is a bad row with
+/// its line; a split is either unpaired examples or pairs, never both; KL completions rotate
+/// within each batch, the last (short) one included.
+#[test]
+fn unpaired_examples_rows_labels_and_kl_rotation() {
+    use prefer_dpo::data::{kto_pairs, load_examples, tokenize_examples};
+    let rows = concat!(
+        "{\"prompt\": \"The sky is\", \"completion\": \" blue.\", \"label\": true}\n",
+        "{\"prompt\": \"The sky is\", \"completion\": \" green.\", \"label\": false}\n",
+        "{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": [{\"role\": \"assistant\", \"content\": \"Hello.\"}], \"label\": true}\n",
+        "{\"prompt\": \"Water is\", \"completion\": \" wet.\", \"label\": \"yes\"}\n",
+        "{\"prompt\": \"Water is\", \"completion\": \" dry.\"}\n",
+        "{\"prompt\": \"Ice is\", \"completion\": \" cold.\", \"label\": true}\n",
+        "{\"prompt\": \"Fire is\", \"completion\": \" hot.\", \"label\": true}\n",
+    );
+    let path = scratch_file("unpaired.jsonl", rows);
+    let loaded = load_examples(std::slice::from_ref(&path), None).unwrap();
+    let labels: Vec<bool> = loaded.rows.iter().map(|(_, r)| r.label).collect();
+    assert_eq!(labels, [true, false, true, true, true]);
+    let bad: Vec<String> = loaded.bad.iter().map(ToString::to_string).collect();
+    let name = path.display();
+    assert_eq!(
+        bad,
+        [
+            format!("{name}:4: `label` must be true or false, found a string"),
+            format!("{name}:5: missing field `label` (true: desirable, false: undesirable)"),
+        ]
+    );
+    assert_eq!(
+        loaded
+            .clone()
+            .check(OnBadRow::Error)
+            .unwrap_err()
+            .to_string(),
+        bad[0]
+    );
+
+    let (examples, bad) = tokenize_examples(&tokenizer(), &loaded.rows, Default::default());
+    assert!(bad.is_empty(), "{bad:?}");
+    let completions: Vec<Vec<u32>> = examples.iter().map(|e| e.completion.clone()).collect();
+    let (pairs, _) = kto_pairs(examples, None, TruncationMode::KeepStart, 3);
+    // Batches [0 1 2] [3 4]: each example's KL completion is its predecessor's, the first's the last's.
+    let kl: Vec<&Vec<u32>> = pairs.iter().map(|p| &p.rejected).collect();
+    let c = &completions;
+    assert_eq!(kl, [&c[2], &c[0], &c[1], &c[4], &c[3]]);
+
+    let pairs_file = root().join("dpo/standard.jsonl");
+    let err = load_examples(&[path, pairs_file], None).unwrap_err();
+    assert!(
+        err.to_string().contains("a split is all one or the other"),
+        "{err}"
+    );
+}

@@ -10,7 +10,12 @@ use burn::{
         backend::{AutodiffBackend, Backend},
     },
 };
-use prefer_dpo::{DpoBatch, LossConfig, Packing, data::HostBatch, evaluate_batch};
+use prefer_dpo::{
+    DpoBatch, LossConfig, Packing,
+    data::{HostBatch, TokenizedPair, TruncationMode, collate},
+    evaluate_batch,
+    loss::Method,
+};
 use prefer_llama::{Checkpoint, DenseFactory, DenseLinear, LlamaModel};
 use prefer_lora::{LoraConfig, LoraFactory, LoraLinear, load_peft, peft_key, set_active_adapter};
 use safetensors::SafeTensors;
@@ -57,6 +62,52 @@ fn host_batch(f: &Value) -> HostBatch {
 
 fn batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> DpoBatch<B> {
     host_batch(f).to_device(device, packing)
+}
+
+/// TRL's eight KTO examples (completion and KL completion each) as prefer batches them.
+fn kto_batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> DpoBatch<B> {
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let pairs: Vec<TokenizedPair> = f["other_trainers"]["kto"]["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| TokenizedPair {
+            location: String::new(),
+            prompt: ids(&e["prompt_ids"]),
+            chosen: ids(&e["completion_ids"]),
+            rejected: ids(&e["KL_completion_ids"]),
+            label: e["label"].as_bool(),
+        })
+        .collect();
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    collate(&refs, 0, Some(1024), TruncationMode::KeepStart).to_device(device, packing)
+}
+
+/// The fixture's batch for `loss`'s method: TRL's DPO batch, or its KTO examples.
+fn batch_for<B: Backend>(
+    loss: &LossConfig,
+    f: &Value,
+    device: &B::Device,
+    packing: Packing,
+) -> DpoBatch<B> {
+    match loss.method {
+        Method::Kto => kto_batch(f, device, packing),
+        _ => batch(f, device, packing),
+    }
+}
+
+fn kto(undesirable_weight: f64) -> LossConfig {
+    LossConfig {
+        method: Method::Kto,
+        undesirable_weight,
+        ..Default::default()
+    }
 }
 
 type Model<B> = LlamaModel<B, LoraLinear<B, DenseLinear<B>>>;
@@ -159,7 +210,8 @@ fn lora_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
     let device = Default::default();
     let f = fixture();
     let (policy, reference) = models::<B>(&device);
-    let out = evaluate_batch(loss, &policy, &reference, &batch::<B>(&f, &device, packing));
+    let batch = batch_for::<B>(loss, &f, &device, packing);
+    let out = evaluate_batch(loss, &policy, &reference, &batch);
     let grads = out.loss.backward();
     let mut all = Vec::new();
     for (site, layer) in policy.projections() {
@@ -219,7 +271,6 @@ fn check_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
 
 /// The reference-free methods of the fixture's `other_trainers` runs, as prefer configures them.
 fn method_runs() -> Vec<(&'static str, LossConfig)> {
-    use prefer_dpo::loss::Method;
     let with = |method, beta, cpo_alpha| LossConfig {
         method,
         beta,
@@ -410,4 +461,80 @@ fn padding_free_equals_padded() {
     }
     check::<Autodiff<NdArray>>();
     check::<Autodiff<Flex>>();
+}
+
+/// KTO on the real forward pass: TRL's `KTOTrainer` loss (with and without class weights), its
+/// KL reference point and logged metrics, and the KL completions' log-probs, on TRL's examples.
+fn check_kto<B: prefer_kernels::PreferBackend>(packing: Packing) {
+    let device = Default::default();
+    let f = fixture();
+    let k = &f["other_trainers"]["kto"];
+    let (policy, reference) = models::<B>(&device);
+    let batch = kto_batch::<B>(&f, &device, packing);
+    let close = |what: &str, got: f64, want: f64| {
+        assert!(
+            (got - want).abs() <= 1e-5 + 1e-5 * want.abs(),
+            "{packing:?} kto {what}: {got} vs TRL {want}"
+        );
+    };
+    for (config, want) in [(kto(1.0), &k["loss"]), (kto(1.33), &k["weighted"]["loss"])] {
+        config.validate().unwrap();
+        let out = evaluate_batch(&config, &policy, &reference, &batch);
+        let loss: f32 = out.loss.clone().into_scalar().elem();
+        close("loss", loss as f64, want.as_f64().unwrap());
+    }
+    let config = kto(1.0);
+    let out = evaluate_batch(&config, &policy, &reference, &batch);
+    let records = out.records().unwrap();
+    for (got, want) in [
+        (&records.rejected, "policy_KL_logps"),
+        (&records.ref_rejected, "reference_KL_logps"),
+    ] {
+        for (g, w) in got.iter().zip(floats(&k[want])) {
+            close(want, *g, w);
+        }
+    }
+    let metrics = records.metrics_of(Method::Kto, config.beta);
+    for m in [
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+    ] {
+        close(m, metrics[m], k["metrics"][m].as_f64().unwrap());
+    }
+    assert_eq!(metrics["num_examples"], 8.0);
+    assert!(!metrics.contains_key("rewards/accuracies"));
+    // Each example's loss, averaged, is the batch's.
+    let per: Vec<f64> = out
+        .per_pair_loss(&config)
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .unwrap();
+    close(
+        "mean of per-example losses",
+        per.iter().sum::<f64>() / 8.0,
+        k["loss"].as_f64().unwrap(),
+    );
+}
+
+#[test]
+fn kto_loss_and_metrics_match_trl() {
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        check_kto::<NdArray>(packing);
+        check_kto::<Flex>(packing);
+    }
+}
+
+#[test]
+fn kto_gradients_match_trl() {
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        check_grads_of::<Autodiff<NdArray>>(&kto(1.0), "kto_grads", packing);
+        check_grads_of::<Autodiff<Flex>>(&kto(1.0), "kto_grads", packing);
+    }
 }

@@ -311,7 +311,10 @@ pub(crate) fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMe
 
 /// A completion is the model's answer: every message of it must be the assistant's (a user turn in
 /// `chosen` would be trained on as if the model had said it).
-pub(crate) fn completion_messages(key: &str, list: Vec<ChatMessage>) -> Result<Vec<ChatMessage>, String> {
+pub(crate) fn completion_messages(
+    key: &str,
+    list: Vec<ChatMessage>,
+) -> Result<Vec<ChatMessage>, String> {
     if let Some((i, m)) = list.iter().enumerate().find(|(_, m)| m.role != "assistant") {
         return Err(format!(
             "`{key}[{i}]` has role `{}`; a completion holds only `assistant` messages (put earlier \

@@ -78,7 +78,11 @@ fn prompt_ids(tok: &ChatTokenizer, prompt: &Turns) -> Result<Vec<u32>, String> {
 
 /// The prompt followed by a completion: text completions end with the EOS text (unless they
 /// already do); messages are rendered whole, the template deciding what ends a turn.
-fn sequence_ids(tok: &ChatTokenizer, prompt: &Turns, completion: &Turns) -> Result<Vec<u32>, String> {
+fn sequence_ids(
+    tok: &ChatTokenizer,
+    prompt: &Turns,
+    completion: &Turns,
+) -> Result<Vec<u32>, String> {
     match (prompt, completion) {
         (Turns::Text(p), Turns::Text(c)) => {
             let eos = tok
@@ -89,12 +93,18 @@ fn sequence_ids(tok: &ChatTokenizer, prompt: &Turns, completion: &Turns) -> Resu
             tok.encode(&format!("{p}{c}{end}"), true)
                 .map_err(|e| e.to_string())
         }
-        (Turns::Messages(p), Turns::Messages(c)) => render(tok, &[p.clone(), c.clone()].concat(), false),
+        (Turns::Messages(p), Turns::Messages(c)) => {
+            render(tok, &[p.clone(), c.clone()].concat(), false)
+        }
         _ => Err("prompt and completions must be all text or all messages".into()),
     }
 }
 
-fn render(tok: &ChatTokenizer, messages: &[ChatMessage], generation_prompt: bool) -> Result<Vec<u32>, String> {
+fn render(
+    tok: &ChatTokenizer,
+    messages: &[ChatMessage],
+    generation_prompt: bool,
+) -> Result<Vec<u32>, String> {
     let text = tok
         .apply_chat_template(messages, generation_prompt)
         .map_err(|e| e.to_string())?;

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 use super::{
     collate::{TruncationMode, drop_truncated_away},
     formats::{
-        BadRow, DataFormat, OnBadRow, PreferenceRow, Turns, completion_messages, file_records, kind, messages,
-        rows_from_records, text, with_system,
+        BadRow, DataFormat, OnBadRow, PreferenceRow, Turns, completion_messages, file_records,
+        kind, messages, rows_from_records, text, with_system,
     },
     tokenize::{TokenizeOptions, TokenizedPair, tokenize_completion},
 };
@@ -77,9 +77,10 @@ pub fn load_examples(
     for path in paths {
         let name = path.display().to_string();
         let records = file_records(path)?;
-        let unpaired = records.iter().find_map(|(_, r)| r.as_ref().ok()).is_some_and(|v| {
-            v.as_object().is_some_and(|o| o.contains_key("label"))
-        });
+        let unpaired = records
+            .iter()
+            .find_map(|(_, r)| r.as_ref().ok())
+            .is_some_and(|v| v.as_object().is_some_and(|o| o.contains_key("label")));
         match &first_kind {
             Some((k, first)) if *k != unpaired => {
                 return Err(BadRow {

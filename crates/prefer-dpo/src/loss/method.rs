@@ -217,9 +217,7 @@ pub(super) fn validate_method(config: &LossConfig) -> Result<(), String> {
         });
     }
     if matches!(config.method, Method::Orpo | Method::Kto) && config.label_smoothing != 0.0 {
-        return Err(format!(
-            "label_smoothing does not apply to method {name}"
-        ));
+        return Err(format!("label_smoothing does not apply to method {name}"));
     }
     if config.ld_alpha.is_some() {
         return Err(format!(

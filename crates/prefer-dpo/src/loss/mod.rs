@@ -106,7 +106,8 @@ impl FromStr for LossType {
                         .to_string();
                 }
                 if s == "kto" {
-                    return "loss_type `kto` is KTOTrainer's loss: set method = \"kto\"".to_string();
+                    return "loss_type `kto` is KTOTrainer's loss: set method = \"kto\""
+                        .to_string();
                 }
                 let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
                 format!("unknown loss_type `{s}` (valid: {})", names.join(", "))

@@ -239,10 +239,18 @@ mod tests {
             .iter()
             .map(|m| m.trl_name().to_string())
             .collect();
-        for n in ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins"] {
+        for n in [
+            "kl",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+        ] {
             assert!(names.iter().any(|k| k == n), "{n} in {names:?}");
         }
-        assert!(!names.iter().any(|n| n == "rewards/accuracies"), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n == "rewards/accuracies"),
+            "{names:?}"
+        );
         let err = PreferenceMetric::new("accuracy", &LossConfig::default()).unwrap_err();
         assert!(
             err.contains("valid: ") && err.contains("rewards/accuracies"),
