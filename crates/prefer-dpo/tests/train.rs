@@ -1255,3 +1255,130 @@ fn sync_ref_model_refuses_a_precomputed_reference() {
     assert!(err.contains("remove ref_model"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The toy pairs as KTO examples, in TRL's `unpair_preference_dataset` order (all chosen
+/// completions as desirable, then all rejected as undesirable), each with its KL completion.
+fn kto_examples(pairs: Vec<TokenizedPair>, batch: usize) -> Vec<TokenizedPair> {
+    use prefer_dpo::data::{TokenizedExample, TruncationMode, kto_pairs};
+    let examples = [true, false]
+        .into_iter()
+        .flat_map(|label| {
+            pairs.iter().map(move |p| TokenizedExample {
+                location: p.location.clone(),
+                prompt: p.prompt.clone(),
+                completion: if label { &p.chosen } else { &p.rejected }.clone(),
+                label,
+            })
+        })
+        .collect();
+    kto_pairs(examples, Some(32), TruncationMode::KeepStart, batch).0
+}
+
+/// KTO learns the built-in task from its pairs split into desirable and undesirable examples:
+/// in sequential batches, against the snapshot reference, with TRL's metrics logged; the trained
+/// adapter then prefers the chosen completion of held-out pairs it never saw as pairs.
+#[test]
+fn kto_learns_the_preference_from_unpaired_examples() {
+    use prefer_dpo::{EvalOptions, LossConfig, evaluate_pairs, loss::Method};
+    let out = scratch("kto");
+    let config = TrainConfig {
+        method: Method::Kto,
+        max_steps: 40,
+        eval_steps: Some(40),
+        ..base_config(&out)
+    };
+    let s = {
+        let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let r = TrainRun {
+            train: kto_examples(pairs(64, 1), 8),
+            eval: kto_examples(pairs(32, 2), 8),
+            pad_id: 0,
+            reference: ReferenceSource::Snapshot,
+            base_model: Some("toy".into()),
+            model_fingerprint: prefer_dpo::train::Fingerprint::default().str("toy-model"),
+            resume: None,
+        };
+        train(nf4_model(&config), r, &config, &mut Silent).unwrap()
+    };
+    let e = s.final_eval.unwrap();
+    for k in ["eval_kl", "eval_rewards/chosen", "eval_logits/rejected"] {
+        assert!(e.get(k).is_some_and(f64::is_finite), "{k} in {e:?}");
+    }
+    assert!(e.get("eval_rewards/chosen").unwrap() > 0.0, "{e:?}");
+    assert!(e.get("eval_rewards/rejected").unwrap() < 0.0, "{e:?}");
+    assert!(
+        e.get("eval_rewards/accuracies").is_none(),
+        "no pairs, no accuracy"
+    );
+    let rows = prefer_dpo::train::read_jsonl(&out.join("metrics.jsonl")).unwrap();
+    let first = rows.iter().find(|r| !r.is_eval()).unwrap();
+    for k in ["loss", "kl", "num_examples", "grad_norm"] {
+        assert!(first.get(k).is_some_and(f64::is_finite), "{k} in {first:?}");
+    }
+
+    // The trained adapter on held-out pairs, scored as DPO scores them.
+    let dev = Default::default();
+    let mut weights = MemoryWeights::random(&model_config(), 0.3, 11);
+    let factory = LoraFactory::without_adapters(Nf4Factory::default());
+    let mut policy: LlamaModel<NdArray, _> =
+        LlamaModel::from_weights(&model_config(), &mut weights, &factory, &dev).unwrap();
+    prefer_lora::load_peft(&mut policy, &out.join("adapter"), "policy").unwrap();
+    let mut reference = policy.clone();
+    prefer_lora::set_active_adapter(&mut reference, None);
+    let options = EvalOptions {
+        loss: LossConfig::default(),
+        max_length: Some(32),
+        ..Default::default()
+    };
+    let report = evaluate_pairs(&policy, &reference, &pairs(32, 2), 0, &options).unwrap();
+    let acc = report.metrics["rewards/accuracies"];
+    assert!(acc >= 0.9, "held-out pairwise accuracy after KTO: {acc}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// KTO's options are KTO's: a batch of one has no KL completion, TRL's `loss_type = "kto"` is
+/// the method, and the class weights belong to KTO alone.
+#[test]
+fn kto_options_are_checked_with_their_key() {
+    use prefer_dpo::loss::Method;
+    let out = scratch("kto-refuse");
+    let kto = |c: TrainConfig| TrainConfig {
+        method: Method::Kto,
+        ..c
+    };
+    for (config, key) in [
+        (
+            kto(TrainConfig {
+                per_device_train_batch_size: 1,
+                ..base_config(&out)
+            }),
+            "per_device_train_batch_size",
+        ),
+        (
+            kto(TrainConfig {
+                undesirable_weight: -1.0,
+                ..base_config(&out)
+            }),
+            "undesirable_weight",
+        ),
+        (
+            kto(TrainConfig {
+                rpo_alpha: Some(1.0),
+                ..base_config(&out)
+            }),
+            "rpo_alpha",
+        ),
+        (
+            TrainConfig {
+                desirable_weight: 1.33,
+                ..base_config(&out)
+            },
+            "desirable_weight",
+        ),
+    ] {
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let err = "kto".parse::<prefer_dpo::loss::LossType>().unwrap_err();
+    assert!(err.contains("method = \"kto\""), "{err}");
+}

@@ -587,6 +587,8 @@ impl TrainConfig {
 
     /// Checks every option before any work starts; the error names the option.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // First: a method's own refusals name the key better than the loss they would build.
+        self.validate_method()?;
         self.loss().validate().map_err(|m| {
             let key = m.split_whitespace().next().unwrap_or("beta").to_string();
             bad(&key, m)
@@ -705,7 +707,6 @@ impl TrainConfig {
         if !(self.discopop_tau > 0.0 && self.discopop_tau.is_finite()) {
             return Err(bad("discopop_tau", "must be positive"));
         }
-        self.validate_method()?;
         self.validate_reference_sync()?;
         self.validate_best_model()
     }
