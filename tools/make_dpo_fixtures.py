@@ -42,6 +42,11 @@ tests/fixtures/dpo/
                           "other_trainers" (their "grads" field names the file): d(loss)/d(every
                           LoRA parameter), loss as get_batch_loss_metrics(model, batch, "train")
                           computes it on the same batch and adapter; same keys, shapes and float32.
+  unpaired.jsonl, unpaired_conversational.jsonl
+                          KTO's unpaired rows {"prompt","completion","label"}, standard (row 2 has
+                          the trailing-space prompt) and conversational (a system message, a
+                          multi-turn prompt); <file>.expected.json: KTOTrainer's train_dataset ids
+                          per row (prompt, completion, KL completion with batch size 2), in order.
   kto_grads.safetensors   the same for KTOTrainer.compute_loss on the 8 examples (4 desirable, 4
                           undesirable) TRL makes of those 4 rows, in one batch of 8.
 
@@ -781,6 +786,49 @@ def make_other_trainers(adapter_sd, dpo_res):
     return out
 
 
+# --------------------------------------------------------------------------- KTO's unpaired data
+UNPAIRED_STANDARD = [
+    {"prompt": "The sky is", "completion": " blue.", "label": True},
+    {"prompt": "Two plus two is", "completion": " five.", "label": False},
+    {"prompt": "Q: Sky color?\nA: ", "completion": "blue.", "label": True},
+    {"prompt": "Water is", "completion": " dry.", "label": False},
+    {"prompt": "Cats like to", "completion": " nap in the sun.", "label": True},
+]
+
+UNPAIRED_CONVERSATIONAL = [
+    {"prompt": [msg("user", "Hi!")], "completion": [msg("assistant", "Hello.")], "label": True},
+    {"prompt": [msg("system", "Be brief."), msg("user", "Sky color?")],
+     "completion": [msg("assistant", "It depends.")], "label": False},
+    {"prompt": [msg("user", "Hi"), msg("assistant", "Hello."), msg("user", "Name?")],
+     "completion": [msg("assistant", "Ada.")], "label": True},
+    {"prompt": [msg("user", "2+2?")], "completion": [msg("assistant", "5")], "label": False},
+]
+
+
+def make_unpaired_fixtures():
+    """KTOTrainer's token ids of unpaired files (batch 2: each example's KL completion is its
+    batch neighbour's)."""
+    for name, rows in (("unpaired.jsonl", UNPAIRED_STANDARD),
+                       ("unpaired_conversational.jsonl", UNPAIRED_CONVERSATIONAL)):
+        with open(OUT / name, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        args = KTOConfig(output_dir=os.path.join(TMP, "kto_" + name), per_device_train_batch_size=2,
+                         **COMMON_ARGS)
+        tr = KTOTrainer(model=base_model(), args=args, train_dataset=Dataset.from_list(copy.deepcopy(rows)),
+                        processing_class=tokenizer(), peft_config=lora_config())
+        ds = tr.train_dataset
+        assert len(ds) == len(rows)
+        dump(OUT / (name + ".expected.json"), {
+            "trl_version": trl.__version__, "model": MODEL_REL,
+            "config": {"per_device_train_batch_size": 2, "max_length": 1024},
+            "fields": "KTOTrainer(...).train_dataset columns (TRL 1.16 names), in order",
+            "rows": [{"label": bool(ds[i]["label"]), "prompt_ids": ds[i]["prompt_ids"],
+                      "completion_ids": ds[i]["completion_ids"],
+                      "KL_completion_ids": ds[i]["KL_completion_ids"]} for i in range(len(ds))],
+        })
+
+
 # --------------------------------------------------------------------------- main
 def main():
     os.chdir(ROOT)
@@ -792,6 +840,7 @@ def main():
     print("versions", versions)
     summary = make_data_fixtures()
     print("data", summary)
+    make_unpaired_fixtures()
     adapter_sd = make_adapter()
     res = make_dpo_losses(adapter_sd)
     res["other_trainers"] = make_other_trainers(adapter_sd, res)

@@ -402,7 +402,7 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
     let summary = summary_markdown(&config, &outcome);
     std::fs::write(out.join("summary.md"), &summary)
         .with_context(|| format!("{}", out.join("summary.md").display()))?;
-    println!("{}", summary_table(&outcome));
+    println!("{}", summary_table(&config, &outcome));
     println!("adapter:  {}", outcome.summary.adapter_dir.display());
     println!("metrics:  {}", out.join("metrics.jsonl").display());
     println!("plots:    {}", svg.display());
@@ -434,6 +434,8 @@ fn summary_rows(o: &TrainingOutcome) -> Vec<(String, String, String, String)> {
                 cell(eval, &e),
             )
         })
+        // A metric the method does not log (`kl` without a reference, accuracies under KTO).
+        .filter(|(_, t, b, a)| [t, b, a].iter().any(|c| *c != "-"))
         .collect()
 }
 
@@ -450,14 +452,24 @@ fn speed(t: &Throughput) -> String {
     )
 }
 
-fn summary_table(o: &TrainingOutcome) -> String {
+/// What the run trains on: preference pairs, or KTO's examples.
+fn unit(run: &RunConfig) -> &'static str {
+    if run.train.method.unpaired() {
+        "examples"
+    } else {
+        "pairs"
+    }
+}
+
+fn summary_table(run: &RunConfig, o: &TrainingOutcome) -> String {
     let mut s = format!(
-        "\n{} steps in {:.1} s on {} ({}; {} training pairs, {} held out{})\n\n{:<20} {:>12} {:>14} {:>14}\n",
+        "\n{} steps in {:.1} s on {} ({}; {} training {}, {} held out{})\n\n{:<20} {:>12} {:>14} {:>14}\n",
         o.summary.steps,
         o.summary.seconds,
         o.backend,
         speed(&o.summary.throughput),
         o.pairs.0,
+        unit(run),
         o.pairs.1,
         if o.summary.stopped_early {
             ", stopped early"
@@ -480,12 +492,14 @@ fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
     let mut s = String::from("# prefer train: summary\n\n");
     let show = |p: &Option<PathBuf>| p.as_ref().map_or("-".into(), |p| p.display().to_string());
     s += &format!(
-        "- model: `{}`\n- data: `{}` ({} pairs), eval: `{}` ({} pairs), skipped rows: {}\n",
+        "- model: `{}`\n- data: `{}` ({} {}), eval: `{}` ({} {}), skipped rows: {}\n",
         show(&run.model),
         show(&run.data),
         o.pairs.0,
+        unit(run),
         show(&run.eval_data),
         o.pairs.1,
+        unit(run),
         o.skipped
     );
     s += &format!(

@@ -342,7 +342,8 @@ fn eval_reports_trls_numbers_as_json() {
             "{backend}"
         );
     }
-    // `--method`: the reference-free trainers' loss and metrics, TRL's CPOTrainer / ORPOTrainer.
+    // `--method`: the reference-free trainers' loss and metrics, TRL's CPOTrainer / ORPOTrainer;
+    // KTOTrainer's on the pairs split into 8 examples, one batch of 8 as TRL's.
     let trl: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("dpo/losses.json")).unwrap())
             .unwrap();
@@ -350,6 +351,7 @@ fn eval_reports_trls_numbers_as_json() {
         ("orpo", vec![], "orpo", "log_odds_ratio"),
         ("simpo", vec!["--beta", "2.0"], "simpo", "rewards/margins"),
         ("cpo", vec![], "cpo", "nll_loss"),
+        ("kto", vec!["--batch-size", "8"], "kto", "kl"),
     ] {
         let run = prefer()
             .args(["eval", "--model"])
@@ -372,7 +374,16 @@ fn eval_reports_trls_numbers_as_json() {
             let (g, w) = (got.as_f64().unwrap(), expected.as_f64().unwrap());
             assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{method}: {out}");
         }
-        assert!(out["metrics"].get("kl").is_none(), "{method}: {out}");
+        if method == "kto" {
+            let examples = out["pairs"].as_array().unwrap();
+            let labels: Vec<bool> = examples
+                .iter()
+                .map(|e| e["label"].as_bool().unwrap())
+                .collect();
+            assert_eq!(labels, [true, true, true, true, false, false, false, false]);
+        } else {
+            assert!(out["metrics"].get("kl").is_none(), "{method}: {out}");
+        }
     }
     let refused = prefer()
         .args(["eval", "--model"])

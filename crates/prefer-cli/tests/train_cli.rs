@@ -403,3 +403,81 @@ fn a_hub_dataset_trains_on_its_train_split_and_holds_out_its_test_split() {
     );
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+/// `--method kto` trains on unpaired examples: labels read per row, the held-out share split
+/// off before each example gets its KL completion, and KTOTrainer's metrics in the log.
+#[test]
+fn kto_trains_on_unpaired_examples() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = scratch("kto");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("unpaired.jsonl");
+    let lines: String = [
+        ("The sky is", " blue.", true),
+        ("The sky is", " green.", false),
+        ("Two plus two is", " four.", true),
+        ("Two plus two is", " five.", false),
+        ("Water is", " wet.", true),
+        ("Water is", " dry.", false),
+        ("Cats like to", " nap.", true),
+        ("Cats like to", " bark.", false),
+    ]
+    .iter()
+    .map(|(p, c, l)| format!("{{\"prompt\": \"{p}\", \"completion\": \"{c}\", \"label\": {l}}}\n"))
+    .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = dir.join("out");
+    let run = prefer()
+        .args(["train", "--model"])
+        .arg(fixtures.join("llama/gqa_f32"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--method", "kto", "--per-device-train-batch-size", "2"])
+        .args([
+            "--eval-ratio",
+            "0.25",
+            "--max-steps",
+            "2",
+            "--logging-steps",
+            "1",
+        ])
+        .args(["--eval-strategy", "steps", "--eval-steps", "2"])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("6 training examples, 2 held out"),
+        "{stdout}"
+    );
+    let log = rows(&out);
+    let train = log.iter().find(|r| r.get("loss").is_some()).unwrap();
+    for k in ["kl", "num_examples"] {
+        assert!(
+            train[k].as_f64().is_some_and(f64::is_finite),
+            "{k}: {train}"
+        );
+    }
+    assert!(log.iter().any(|r| r.get("eval_kl").is_some()), "{log:?}");
+
+    // A batch of one has no neighbour to take a KL completion from.
+    let run = prefer()
+        .args(["train", "--model"])
+        .arg(fixtures.join("llama/gqa_f32"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--method", "kto", "--per-device-train-batch-size", "1"])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        stderr(&run).contains("per_device_train_batch_size"),
+        "{}",
+        stderr(&run)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

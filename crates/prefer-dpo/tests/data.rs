@@ -543,3 +543,40 @@ fn unpaired_examples_rows_labels_and_kl_rotation() {
         "{err}"
     );
 }
+
+/// Unpaired files, standard and conversational, give the ids of TRL's `KTOTrainer` dataset: the
+/// prompt, the completion (the common-prefix rule, the chat template's end of turn) and the KL
+/// completion of batches of 2 (a last batch of one takes its own).
+#[test]
+fn unpaired_files_give_trls_kto_token_ids() {
+    use prefer_dpo::data::{kto_pairs, load_examples, tokenize_examples};
+    for file in ["unpaired.jsonl", "unpaired_conversational.jsonl"] {
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join(format!("dpo/{file}.expected.json"))).unwrap(),
+        )
+        .unwrap();
+        let loaded = load_examples(&[root().join("dpo").join(file)], None)
+            .unwrap()
+            .check(OnBadRow::Error)
+            .unwrap();
+        let (examples, bad) = tokenize_examples(&tokenizer(), &loaded.rows, Default::default());
+        assert!(bad.is_empty(), "{file}: {bad:?}");
+        let (pairs, _) = kto_pairs(examples, Some(1024), TruncationMode::KeepStart, 2);
+        let want = expected["rows"].as_array().unwrap();
+        assert_eq!(pairs.len(), want.len(), "{file}");
+        for (i, (p, w)) in pairs.iter().zip(want).enumerate() {
+            assert_eq!(p.label, w["label"].as_bool(), "{file} row {i}");
+            assert_eq!(p.prompt, ids(&w["prompt_ids"]), "{file} row {i}: prompt");
+            assert_eq!(
+                p.chosen,
+                ids(&w["completion_ids"]),
+                "{file} row {i}: completion"
+            );
+            assert_eq!(
+                p.rejected,
+                ids(&w["KL_completion_ids"]),
+                "{file} row {i}: KL"
+            );
+        }
+    }
+}
