@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod early_stopping;
+pub mod learner;
 pub mod metrics_log;
 pub mod plan;
 pub mod plateau;
@@ -29,6 +30,7 @@ pub use config::{
     SaveStrategy, TrainConfig, WsdShape,
 };
 pub use early_stopping::{EarlyStopping, Progress};
+pub use learner::{DpoLearner, Shared, TrlSchedule};
 pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
 pub use plan::StepPlan;
 pub use plateau::{Plateau, PlateauMode, PlateauOptions, ThresholdMode};

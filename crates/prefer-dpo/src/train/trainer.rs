@@ -1,9 +1,10 @@
 //! The training loop: micro-batches through `TrainStep`, gradients averaged over
-//! `gradient_accumulation_steps` and clipped by their global norm, one AdamW step and one scheduler
-//! step per optimiser step, and logging, evaluation, checkpoints and early stopping counted in
-//! optimiser steps — TRL's semantics, which burn-train's `SupervisedTraining` loop does not have
-//! (it steps the rate per micro-batch, sums accumulated gradients, clips per tensor and checkpoints
-//! per epoch only), so the loop is here and the model plugs into burn-train through its step traits.
+//! `gradient_accumulation_steps` and clipped by their global norm, then one `lr_step` and one
+//! `optimizer_step` of burn-train's `Learner` per optimiser step, and logging, evaluation,
+//! checkpoints and early stopping counted in optimiser steps — TRL's semantics, which burn-train's
+//! `SupervisedTraining` loop does not have (it steps the rate per micro-batch, sums accumulated
+//! gradients, clips per tensor and checkpoints per epoch only), so the loop is here and drives the
+//! `Learner` itself.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,10 +12,10 @@ use std::{
 };
 
 use burn::{
-    module::AutodiffModule,
+    module::{AutodiffModule, Module},
     optim::{AdamWConfig, GradientsAccumulator},
     tensor::backend::Backend,
-    train::TrainStep,
+    train::Learner,
 };
 use prefer_llama::LlamaModel;
 use prefer_lora::{LoraConfig, LoraLinear, snapshot_adapter};
@@ -30,6 +31,7 @@ use super::{
     clip::average_and_clip,
     config::{IntervalStrategy, LrSchedulerType, SaveStrategy, TrainConfig},
     early_stopping::{EarlyStopping, Progress},
+    learner::{DpoLearner, Shared, TrlSchedule},
     metrics_log::{LogRecord, MetricsLog},
     plan::StepPlan,
     plateau::{Plateau, PlateauOptions},
@@ -199,18 +201,17 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     let plan = StepPlan::new(config, run.train.len());
     let (optim, state) = optimiser_and_state(&mut policy, &run, config, plan, &out, observer)?;
     remove_unfinished_checkpoints(&out);
-    let mut steps = StepLoop::open(inputs, plan, optim, state, &out, &lora, observer)?;
-    steps.evaluate_on_start(&policy)?;
+    let mut steps = StepLoop::open(inputs, plan, policy, optim, state, &out, &lora, observer)?;
+    steps.evaluate_on_start()?;
 
     steps.announce_start();
     let started = Instant::now();
     let mut stopped_early = false;
     while !steps.finished() {
-        let at;
-        (policy, at) = steps.optimiser_step(policy)?;
+        let at = steps.optimiser_step()?;
         steps.log_window_if_due(at)?;
-        let stop = steps.evaluate_if_due(&policy, at)?;
-        steps.checkpoint_if_due(&policy, at)?;
+        let stop = steps.evaluate_if_due(at)?;
+        steps.checkpoint_if_due(at)?;
         if stop {
             steps.announce_early_stop(at);
             stopped_early = true;
@@ -222,7 +223,7 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     match steps.best_checkpoint_to_keep() {
         Some(best) => steps.adopt_best_checkpoint(best, &adapter_dir)?,
         None => prefer_lora::save_peft(
-            &policy.model,
+            &steps.learner.model().model,
             POLICY_ADAPTER,
             &lora,
             run.base_model.as_deref(),
@@ -311,16 +312,19 @@ impl StepAt {
     }
 }
 
-/// Everything the loop carries from one optimiser step to the next except the policy, which the
-/// optimiser takes by value and gives back: the optimiser and its schedule, the trainer state that
+/// Everything the loop carries from one optimiser step to the next: the Learner (policy, optimiser,
+/// schedule) with the loop's handles to its optimiser and schedule, the trainer state that
 /// checkpoints save, the metrics log, the current log window and the run's totals.
 struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
     inputs: Inputs<'a, B>,
     plan: StepPlan,
     out: &'a Path,
     lora: &'a LoraConfig,
-    optim: DpoOptimizer<B, L>,
-    schedule: LrSchedule,
+    learner: DpoLearner<B, L>,
+    /// The Learner's optimiser, read for checkpoints.
+    optim: Shared<DpoOptimizer<B, L>>,
+    /// The Learner's schedule, given `reduce_lr_on_plateau`'s rate.
+    schedule: Shared<TrlSchedule>,
     state: TrainerState,
     early_stopping: Option<EarlyStopping>,
     log: MetricsLog,
@@ -343,9 +347,11 @@ struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
 impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
     /// The loop at `state` (fresh or resumed): its schedule at the same step, and the metrics log
     /// truncated to the rows up to that step.
+    #[allow(clippy::too_many_arguments)]
     fn open(
         inputs: Inputs<'a, B>,
         plan: StepPlan,
+        policy: DpoPolicy<B, L>,
         optim: DpoOptimizer<B, L>,
         mut state: TrainerState,
         out: &'a Path,
@@ -357,14 +363,19 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         {
             state.plateau = Some(Plateau::new(config.learning_rate));
         }
-        let schedule = LrSchedule {
-            kind: config.lr_scheduler_type,
-            kwargs: config.lr_scheduler_kwargs.clone(),
-            peak: config.learning_rate,
-            warmup: plan.warmup_steps,
-            total: plan.total_steps,
-            step: state.global_step,
-        };
+        let schedule = Shared::new(TrlSchedule {
+            schedule: LrSchedule {
+                kind: config.lr_scheduler_type,
+                kwargs: config.lr_scheduler_kwargs.clone(),
+                peak: config.learning_rate,
+                warmup: plan.warmup_steps,
+                total: plan.total_steps,
+                step: state.global_step,
+            },
+            plateau_lr: None,
+        });
+        let optim = Shared::new(optim);
+        let learner = Learner::new(policy, optim.clone(), schedule.clone());
         let log = MetricsLog::open(out, state.global_step)?;
         let history = log.read()?;
         Ok(Self {
@@ -375,6 +386,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             plan,
             out,
             lora,
+            learner,
             optim,
             schedule,
             state,
@@ -400,21 +412,19 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
     }
 
     /// `eval_on_start`: one evaluation before the first step of a fresh run.
-    fn evaluate_on_start(&mut self, policy: &DpoPolicy<B, L>) -> Result<(), TrainError> {
+    fn evaluate_on_start(&mut self) -> Result<(), TrainError> {
         let eval_pairs = !self.inputs.run.eval.is_empty();
         if self.inputs.config.eval_on_start && self.state.global_step == 0 && eval_pairs {
-            let record = evaluate(policy, &self.inputs, 0, 0.0)?;
+            let record = evaluate(&self.learner.model(), &self.inputs, 0, 0.0)?;
             self.record(record)?;
         }
         Ok(())
     }
 
     /// One optimiser step: its micro-batches, a refusal of a non-finite loss or gradient norm, the
-    /// learning rate's step and the parameter update; the step's time and tokens are counted.
-    fn optimiser_step(
-        &mut self,
-        policy: DpoPolicy<B, L>,
-    ) -> Result<(DpoPolicy<B, L>, StepAt), TrainError> {
+    /// Learner's rate step and parameter update (and TR-DPO's reference sync when due); the step's
+    /// time and tokens are counted.
+    fn optimiser_step(&mut self) -> Result<StepAt, TrainError> {
         let step_started = Instant::now();
         let (plan, state) = (self.plan, &mut self.state);
         if state.batch_in_epoch >= plan.batches_per_epoch {
@@ -431,7 +441,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             tokens,
             computed_tokens,
         } = micro_batches(
-            &policy,
+            &self.learner.model(),
             &self.inputs,
             &plan,
             state,
@@ -449,10 +459,14 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
                 });
             }
         }
-        let scheduled = burn::optim::lr_scheduler::LrScheduler::step(&mut self.schedule);
-        let lr = state.plateau.map_or(scheduled, |p| p.lr);
-        let mut policy = TrainStep::optimize(policy, &mut self.optim, lr, grads);
-        sync_reference_if_due(&mut policy, self.inputs.config, step);
+        self.schedule.lock().plateau_lr = state.plateau.map(|p| p.lr);
+        self.learner.lr_step();
+        let lr = self.learner.lr_current();
+        self.learner.optimizer_step(grads);
+        let mut policy = self.learner.model();
+        if sync_reference_if_due(&mut policy, self.inputs.config, step) {
+            self.learner.load_model(policy.into_record());
+        }
         let seconds = step_started.elapsed().as_secs_f64();
         self.window.finish_step(seconds, grad_norm, lr);
         let totals = &mut self.totals;
@@ -471,7 +485,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             epoch_end: state.batch_in_epoch >= plan.batches_per_epoch,
             last: step == plan.total_steps,
         };
-        Ok((policy, at))
+        Ok(at)
     }
 
     /// When `logging_strategy` falls due (and after the first step with `logging_first_step`):
@@ -491,17 +505,13 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
     /// When `eval_strategy` falls due and there are held-out pairs: one evaluation, logged, fed to
     /// early stopping and compared with the best checkpoint's. Returns whether early stopping ends
     /// the run.
-    fn evaluate_if_due(
-        &mut self,
-        policy: &DpoPolicy<B, L>,
-        at: StepAt,
-    ) -> Result<bool, TrainError> {
+    fn evaluate_if_due(&mut self, at: StepAt) -> Result<bool, TrainError> {
         let config = self.inputs.config;
         self.new_best = None;
         if self.inputs.run.eval.is_empty() || !at.due(config.eval_strategy(), config.eval_every()) {
             return Ok(false);
         }
-        let record = evaluate(policy, &self.inputs, at.step, at.epoch)?;
+        let record = evaluate(&self.learner.model(), &self.inputs, at.step, at.epoch)?;
         self.record(record.clone())?;
         if self.state.plateau.is_some() {
             let value = best_metric_of(config, &record)?;
@@ -552,11 +562,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
     /// When `save_strategy` falls due: adapter, optimiser and trainer state in
     /// `checkpoint-<step>` (after the evaluation, so the saved state holds its early-stopping
     /// progress and, when this step's evaluation is the best so far, marks itself the best).
-    fn checkpoint_if_due(
-        &mut self,
-        policy: &DpoPolicy<B, L>,
-        at: StepAt,
-    ) -> Result<(), TrainError> {
+    fn checkpoint_if_due(&mut self, at: StepAt) -> Result<(), TrainError> {
         let config = self.inputs.config;
         let due = match config.save_strategy {
             SaveStrategy::No => false,
@@ -574,8 +580,8 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         }
         let dir = save_checkpoint(
             self.out,
-            policy,
-            &self.optim,
+            &self.learner.model(),
+            &self.optim.lock(),
             &self.state,
             self.lora,
             self.inputs.run.base_model.as_deref(),
@@ -864,6 +870,8 @@ fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
         let ids = &epoch_order[plan.batch(b, train.len())];
         let refs = inputs.precomputed.map(|p| &p.0);
         let input = inputs.input::<B>(ids, train, refs, &inputs.device);
+        // The Learner's `train_step` is this same step through burn-train's `TrainStep`, which
+        // cannot return an error: the model's own method returns a failed device read as one.
         let output = policy.train_step(input)?;
         accumulator.accumulate(policy, output.grads);
         loss += output.item.loss / group as f64;
