@@ -49,6 +49,8 @@ tests/fixtures/dpo/
                           per row (prompt, completion, KL completion with batch size 2), in order.
   kto_grads.safetensors   the same for KTOTrainer.compute_loss on the 8 examples (4 desirable, 4
                           undesirable) TRL makes of those 4 rows, in one batch of 8.
+  kto_apo_zero_unpaired_grads.safetensors
+                          the same with KTOConfig(loss_type="apo_zero_unpaired").
 
 Versions used to generate the committed files:
   python 3.11.7, torch 2.15.0, transformers 5.23.0, trl 1.16.0, peft 0.21.2, accelerate 1.15.0,
@@ -764,6 +766,26 @@ def make_other_trainers(adapter_sd, dpo_res):
     wtr.model.train()
     with torch.no_grad():
         weighted_loss = float(wtr.compute_loss(wtr.model, wtr.data_collator(feats)))
+    # loss_type apo_zero_unpaired: no KL estimate; loss and gradients on the same examples
+    aargs = KTOConfig(output_dir=os.path.join(TMP, "kto_apo"), per_device_train_batch_size=8, beta=0.1,
+                      loss_type="apo_zero_unpaired", **COMMON_ARGS)
+    atr = KTOTrainer(model=base_model(), args=aargs, train_dataset=Dataset.from_list(copy.deepcopy(rows)),
+                     processing_class=tok, peft_config=lora_config())
+    load_adapter_into(atr.model, adapter_sd)
+    atr.model.train()
+    afeats = [atr.train_dataset[i] for i in range(len(atr.train_dataset))]
+    assert [(f["prompt_ids"], f["completion_ids"]) for f in afeats] == \
+        [(f["prompt_ids"], f["completion_ids"]) for f in feats]
+    atr.model.zero_grad(set_to_none=True)
+    aloss = atr.compute_loss(atr.model, atr.data_collator(afeats))
+    aloss.backward()
+    apo_grads = lora_grads(atr.model)
+    st.save_file(apo_grads, str(OUT / "kto_apo_zero_unpaired_grads.safetensors"), metadata={
+        "description": "d/dLoRA of TRL %s KTOTrainer loss (beta=0.1, loss_type=apo_zero_unpaired, batch 8) "
+                       "from compute_loss on the first 4 rows of standard.jsonl unpaired; loss=%r" % (
+                           trl.__version__, float(aloss.detach()))})
+    apo_zero_unpaired = {"loss_type": "apo_zero_unpaired", "loss": f32(float(aloss.detach())),
+                         "grads": "kto_apo_zero_unpaired_grads.safetensors"}
     # check against the KTO formula with the DPO per-pair values (same sequences)
     labels = [bool(f["label"]) for f in feats]
     assert labels == [True] * 4 + [False] * 4
@@ -781,6 +803,7 @@ def make_other_trainers(adapter_sd, dpo_res):
         "policy_KL_logps": f32s(kl_pol), "reference_KL_logps": f32s(kl_ref),
         "kl": metrics["kl"], "loss": f32(loss), "metrics": metrics, "grads": "kto_grads.safetensors",
         "weighted": {"desirable_weight": 1.0, "undesirable_weight": 1.33, "loss": f32(weighted_loss)},
+        "apo_zero_unpaired": apo_zero_unpaired,
         "note": "kl = clamp(mean(policy_KL_logps - reference_KL_logps), min=0), detached",
     }
     return out
@@ -847,7 +870,7 @@ def main():
     res["versions"] = versions
     dump(OUT / "losses.json", res, indent=1)
     shutil.rmtree(TMP, ignore_errors=True)
-    for name in ("sigmoid", "cpo", "simpo", "cpo_simpo", "orpo", "kto"):
+    for name in ("sigmoid", "cpo", "simpo", "cpo_simpo", "orpo", "kto", "kto_apo_zero_unpaired"):
         (OUT / ("%s_grads.safetensors" % name)).chmod(0o644)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print("total bytes", total)

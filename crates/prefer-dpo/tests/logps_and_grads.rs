@@ -477,7 +477,11 @@ fn check_kto<B: prefer_kernels::PreferBackend>(packing: Packing) {
             "{packing:?} kto {what}: {got} vs TRL {want}"
         );
     };
-    for (config, want) in [(kto(1.0), &k["loss"]), (kto(1.33), &k["weighted"]["loss"])] {
+    for (config, want) in [
+        (kto(1.0), &k["loss"]),
+        (kto(1.33), &k["weighted"]["loss"]),
+        (apo_zero_unpaired(), &k["apo_zero_unpaired"]["loss"]),
+    ] {
         config.validate().unwrap();
         let out = evaluate_batch(&config, &policy, &reference, &batch);
         let loss: f32 = out.loss.clone().into_scalar().elem();
@@ -531,10 +535,20 @@ fn kto_loss_and_metrics_match_trl() {
     }
 }
 
+fn apo_zero_unpaired() -> LossConfig {
+    LossConfig {
+        loss_types: vec![prefer_dpo::loss::LossType::ApoZeroUnpaired],
+        ..kto(1.0)
+    }
+}
+
 #[test]
 fn kto_gradients_match_trl() {
     for packing in [Packing::Padded, Packing::PaddingFree] {
         check_grads_of::<Autodiff<NdArray>>(&kto(1.0), "kto_grads", packing);
         check_grads_of::<Autodiff<Flex>>(&kto(1.0), "kto_grads", packing);
+        let apo = apo_zero_unpaired();
+        check_grads_of::<Autodiff<NdArray>>(&apo, "kto_apo_zero_unpaired_grads", packing);
+        check_grads_of::<Autodiff<Flex>>(&apo, "kto_apo_zero_unpaired_grads", packing);
     }
 }

@@ -1336,8 +1336,8 @@ fn kto_learns_the_preference_from_unpaired_examples() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// KTO's options are KTO's: a batch of one has no KL completion, TRL's `loss_type = "kto"` is
-/// the method, and the class weights belong to KTO alone.
+/// KTO's options are KTO's: a batch of one has no KL completion (unless the loss takes none),
+/// TRL's KTO loss types need the method, and the class weights belong to KTO alone.
 #[test]
 fn kto_options_are_checked_with_their_key() {
     use prefer_dpo::loss::Method;
@@ -1379,6 +1379,22 @@ fn kto_options_are_checked_with_their_key() {
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains(key), "{key}: {err}");
     }
-    let err = "kto".parse::<prefer_dpo::loss::LossType>().unwrap_err();
+    // TRL's KTO loss names are KTO's: under DPO they point to the method.
+    let kto_loss: prefer_dpo::loss::LossType = "kto".parse().unwrap();
+    let err = TrainConfig {
+        loss_type: vec![kto_loss],
+        ..base_config(&out)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("method = \"kto\""), "{err}");
+    // apo_zero_unpaired takes no KL estimate, so a batch of one is fine.
+    kto(TrainConfig {
+        loss_type: vec!["apo_zero_unpaired".parse().unwrap()],
+        per_device_train_batch_size: 1,
+        ..base_config(&out)
+    })
+    .validate()
+    .unwrap();
 }

@@ -197,6 +197,15 @@ pub(super) fn validate_method(config: &LossConfig) -> Result<(), String> {
             ));
         }
     }
+    let kto_loss = config
+        .loss_types
+        .iter()
+        .find(|t| matches!(t, LossType::Kto | LossType::ApoZeroUnpaired));
+    if let Some(t) = kto_loss.filter(|_| config.method != Method::Kto) {
+        return Err(format!(
+            "loss_type `{t}` is KTOTrainer's: set method = \"kto\""
+        ));
+    }
     if config.method == Method::Dpo {
         return Ok(());
     }
@@ -204,12 +213,17 @@ pub(super) fn validate_method(config: &LossConfig) -> Result<(), String> {
     let single = config.loss_types.len() == 1 && config.loss_weights.is_none();
     let allowed: &[LossType] = match config.method {
         Method::Cpo => &CPO_LOSS_TYPES,
+        // `sigmoid` is prefer's default for every method: under kto it means `kto`.
+        Method::Kto => &[LossType::Sigmoid, LossType::Kto, LossType::ApoZeroUnpaired],
         _ => &[LossType::Sigmoid],
     };
     if !single || !allowed.contains(&config.loss_types[0]) {
         return Err(match config.method {
             Method::Cpo => "loss_type under method cpo must be one of sigmoid, hinge, ipo (one \
                             loss, no loss_weights); SimPO is method = \"simpo\""
+                .into(),
+            Method::Kto => "loss_type under method kto must be kto or apo_zero_unpaired (one \
+                            loss, no loss_weights)"
                 .into(),
             _ => format!(
                 "loss_type does not apply to method {name}: leave it unset (or \"sigmoid\")"

@@ -54,10 +54,21 @@ pub enum LossType {
     Sft,
     /// Sigmoid on length-normalised log-ratios.
     SigmoidNorm,
+    /// KTO's loss (`method = "kto"` only): each example against the batch's KL estimate.
+    Kto,
+    /// KTO's unpaired APO-zero (`method = "kto"` only): desirable `1 − σ(βρ)`, undesirable
+    /// `σ(βρ)`, no KL estimate.
+    ApoZeroUnpaired,
 }
 
+/// The losses of TRL's `KTOConfig.loss_type`, with their names (per example, `method = "kto"`).
+pub const KTO_LOSS_TYPES: [(LossType, &str); 2] = [
+    (LossType::Kto, "kto"),
+    (LossType::ApoZeroUnpaired, "apo_zero_unpaired"),
+];
+
 impl LossType {
-    /// All losses with their TRL names.
+    /// All pairwise losses with their TRL names (`DPOConfig.loss_type`'s).
     pub const ALL: [(LossType, &'static str); 15] = [
         (Self::Sigmoid, "sigmoid"),
         (Self::Robust, "robust"),
@@ -80,6 +91,7 @@ impl LossType {
     pub fn name(self) -> &'static str {
         Self::ALL
             .iter()
+            .chain(&KTO_LOSS_TYPES)
             .find(|(t, _)| *t == self)
             .map(|(_, n)| *n)
             .unwrap_or("?")
@@ -97,16 +109,13 @@ impl FromStr for LossType {
     fn from_str(s: &str) -> Result<Self, String> {
         Self::ALL
             .iter()
+            .chain(&KTO_LOSS_TYPES)
             .find(|(_, n)| *n == s)
             .map(|(t, _)| *t)
             .ok_or_else(|| {
                 if s == "simpo" {
                     return "loss_type `simpo` is CPO's SimPO loss: set method = \"simpo\" \
                             (cpo_alpha = 1 adds CPO's NLL term)"
-                        .to_string();
-                }
-                if s == "kto" {
-                    return "loss_type `kto` is KTOTrainer's loss: set method = \"kto\""
                         .to_string();
                 }
                 let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();

@@ -74,5 +74,9 @@ pub fn per_pair_loss<B: Backend>(t: LossType, cfg: &LossConfig, x: &PairLogps<B>
             nll.expand([x.chosen.dims()[0]])
         }
         LossType::SigmoidNorm => log_sigmoid(length_normalised() * beta).neg(),
+        // Validation keeps KTO's losses to method kto, whose loss is per example (`kto_losses`).
+        LossType::Kto | LossType::ApoZeroUnpaired => {
+            unreachable!("KTO's loss types are validated to method kto")
+        }
     }
 }

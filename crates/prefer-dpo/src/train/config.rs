@@ -740,7 +740,7 @@ impl TrainConfig {
                 return Err(bad("rpo_alpha", "is a DPO option, not one of method kto"));
             }
             // TRL's check: each example's KL completion is another example's of its batch.
-            if self.per_device_train_batch_size < 2 {
+            if self.per_device_train_batch_size < 2 && crate::loss::kto::uses_kl(&self.loss()) {
                 return Err(bad(
                     "per_device_train_batch_size",
                     "method kto needs at least 2 examples per batch: each example's KL \
