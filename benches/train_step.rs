@@ -102,7 +102,11 @@ fn measure<B: PreferBackend>(snapshot: bool) -> Measured {
         collate(&picked, 0, None, Default::default()).to_device::<AD<B>>(&dev, Default::default());
     let tokens = batch.input_ids.dims().iter().product::<usize>();
     let ref_logps = (!snapshot).then(|| Tensor::<AD<B>, 1>::from_floats([-700.0; 8], &dev));
-    let input = DpoInput { batch, ref_logps };
+    let input = DpoInput {
+        batch,
+        kl_batch: None,
+        ref_logps,
+    };
     let (warmup, steps) = (2, 5);
     let mut peak = 0;
     let mut total = 0.0;

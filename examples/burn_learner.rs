@@ -58,6 +58,7 @@ impl<Bk: Backend> Batcher<Bk, TokenizedPair, DpoInput<Bk>> for PairBatcher {
         DpoInput {
             batch: collate(&refs, self.pad_id, self.max_length, Default::default())
                 .to_device(device, Packing::PaddingFree),
+            kl_batch: None,
             ref_logps: None,
         }
     }

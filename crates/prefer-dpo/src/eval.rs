@@ -21,8 +21,10 @@ pub struct BatchEval<B: Backend> {
     pub loss: Tensor<B, 1>,
     /// The per-pair inputs of the loss.
     pub pairs: PairLogps<B>,
-    /// Policy log-prob results (for `logits/*`).
+    /// Policy log-prob results of the batch's rows.
     pub policy: SequenceLogps<B>,
+    /// The chosen and the rejected rows' logit sums (for `logits/*`), `[P]` each.
+    pub logit_sums: (Tensor<B, 1>, Tensor<B, 1>),
     /// A reference-free method's NLL term per pair: the summed NLL and its tokens, `[P]` each.
     pub nll: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
     /// KTO's loss of each example, `[P]` (its mean is `loss`); `None` for pairs.
@@ -56,7 +58,7 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     batch: &DpoBatch<B>,
 ) -> BatchEval<B> {
     if config.method == Method::Kto {
-        return evaluate_kto(config, policy, ref_sums, batch);
+        return evaluate_kto(config, policy, ref_sums, batch, None);
     }
     let extras = LogpsExtras {
         log_sum_sq_probs: config.use_weighting,
@@ -101,6 +103,7 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     BatchEval {
         loss,
         pairs,
+        logit_sums: SequenceLogps::split(pol.logit_sums.clone()),
         policy: pol,
         nll: None,
         per_example: None,
@@ -108,21 +111,43 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     }
 }
 
-/// Computes KTO's loss of a batch of examples: rows `[completions.., KL completions..]`, the
-/// reference sums `[2P]` in the same order (detached). The KL rows only set the reference point, so
-/// their log-probs are detached too; in the records, `chosen` holds the completions and `rejected`
-/// the KL completions.
+/// Computes KTO's loss of a batch of examples: rows `[completions.., KL completions..]`, or — with
+/// `kl_batch`, as the trainer runs them — the completions alone with the KL completions in
+/// `kl_batch`, so that the backward pass only runs over the rows that take gradients. The
+/// reference sums `[2P]` are in `[completions.., KL completions..]` order (detached). The KL rows
+/// only set the reference point, so their log-probs are detached too; in the records, `chosen`
+/// holds the completions and `rejected` the KL completions.
 pub fn evaluate_kto<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     config: &LossConfig,
     policy: &LlamaModel<B, L>,
     ref_sums: Tensor<B, 1>,
     batch: &DpoBatch<B>,
+    kl_batch: Option<&DpoBatch<B>>,
 ) -> BatchEval<B> {
     let pol = sequence_logps(policy, batch);
-    let (completion, kl_rows) = SequenceLogps::split(pol.sums.clone());
-    let kl_rows = kl_rows.detach();
+    let apart = |kl: SequenceLogps<B>| {
+        let pair = |a: &Tensor<B, 1>, b: &Tensor<B, 1>| (a.clone(), b.clone().detach());
+        (
+            pair(&pol.sums, &kl.sums),
+            pair(&pol.tokens, &kl.tokens),
+            pair(&pol.logit_sums, &kl.logit_sums),
+        )
+    };
+    let ((completion, kl_rows), (chosen_tokens, rejected_tokens), logit_sums) = match kl_batch {
+        Some(kl) => apart(sequence_logps(policy, kl)),
+        None => {
+            let halves = |t: &Tensor<B, 1>| {
+                let (a, b) = SequenceLogps::split(t.clone());
+                (a, b.detach())
+            };
+            (
+                halves(&pol.sums),
+                halves(&pol.tokens),
+                halves(&pol.logit_sums),
+            )
+        }
+    };
     let (ref_completion, ref_kl_rows) = SequenceLogps::split(ref_sums);
-    let (chosen_tokens, rejected_tokens) = SequenceLogps::split(pol.tokens.clone());
     let kl = kto_kl(kl_rows.clone(), ref_kl_rows.clone());
     let device = completion.device();
     let desirable: Vec<f32> = batch
@@ -150,6 +175,7 @@ pub fn evaluate_kto<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
             chosen_unweighted: completion,
             weights: None,
         },
+        logit_sums,
         policy: pol,
         nll: None,
         per_example: Some(per_example),
@@ -204,6 +230,7 @@ pub fn evaluate_reference_free<B: prefer_kernels::PreferBackend, L: LinearLayer<
             rejected_tokens: tokens_r,
             weights: None,
         },
+        logit_sums: SequenceLogps::split(pol.logit_sums.clone()),
         policy: pol,
         nll: Some((nll, nll_tokens)),
         per_example: None,
@@ -226,7 +253,7 @@ impl<B: Backend> BatchEval<B> {
     /// The per-pair values on the host, for metrics: one read from the device for all eight (ten
     /// with a reference-free method's NLL).
     pub fn records(&self) -> Result<PairRecords, DeviceReadError> {
-        let (cl, rl) = SequenceLogps::split(self.policy.logit_sums.clone());
+        let (cl, rl) = self.logit_sums.clone();
         let p = &self.pairs;
         let mut read = Transaction::default()
             .register(p.chosen.clone())

@@ -12,8 +12,10 @@ use burn::{
 };
 use prefer_dpo::{
     DpoBatch, LossConfig, Packing,
-    data::{HostBatch, TokenizedPair, TruncationMode, collate},
+    data::{HostBatch, TokenizedPair, TruncationMode, collate, collate_kto},
+    eval::evaluate_kto,
     evaluate_batch,
+    logps::sequence_logps,
     loss::Method,
 };
 use prefer_llama::{Checkpoint, DenseFactory, DenseLinear, LlamaModel};
@@ -64,8 +66,8 @@ fn batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> DpoBatc
     host_batch(f).to_device(device, packing)
 }
 
-/// TRL's eight KTO examples (completion and KL completion each) as prefer batches them.
-fn kto_batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> DpoBatch<B> {
+/// TRL's eight KTO examples, each a completion with its KL completion.
+fn kto_examples(f: &Value) -> Vec<TokenizedPair> {
     let ids = |v: &Value| -> Vec<u32> {
         v.as_array()
             .unwrap()
@@ -73,7 +75,7 @@ fn kto_batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> Dpo
             .map(|x| x.as_u64().unwrap() as u32)
             .collect()
     };
-    let pairs: Vec<TokenizedPair> = f["other_trainers"]["kto"]["examples"]
+    f["other_trainers"]["kto"]["examples"]
         .as_array()
         .unwrap()
         .iter()
@@ -84,7 +86,12 @@ fn kto_batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> Dpo
             rejected: ids(&e["KL_completion_ids"]),
             label: e["label"].as_bool(),
         })
-        .collect();
+        .collect()
+}
+
+/// TRL's eight KTO examples as `[completions.., KL completions..]` rows.
+fn kto_batch<B: Backend>(f: &Value, device: &B::Device, packing: Packing) -> DpoBatch<B> {
+    let pairs = kto_examples(f);
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
     collate(&refs, 0, Some(1024), TruncationMode::KeepStart).to_device(device, packing)
 }
@@ -212,7 +219,15 @@ fn lora_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
     let (policy, reference) = models::<B>(&device);
     let batch = batch_for::<B>(loss, &f, &device, packing);
     let out = evaluate_batch(loss, &policy, &reference, &batch);
-    let grads = out.loss.backward();
+    adapter_grads(&policy, out.loss)
+}
+
+/// Every LoRA factor's gradient of `loss`, PEFT's key → values in PEFT's layout.
+fn adapter_grads<B: AutodiffBackend + prefer_kernels::PreferBackend>(
+    policy: &Model<B>,
+    loss: burn::tensor::Tensor<B, 1>,
+) -> Vec<(String, Vec<f32>)> {
+    let grads = loss.backward();
     let mut all = Vec::new();
     for (site, layer) in policy.projections() {
         let ad = layer.adapter("default").unwrap();
@@ -225,6 +240,20 @@ fn lora_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
         }
     }
     all
+}
+
+/// TRL's gradients in `dpo/{file}.safetensors`, by PEFT key.
+fn trl_grads(file: &str) -> impl Fn(&str) -> Vec<f32> {
+    let bytes = std::fs::read(root().join(format!("dpo/{file}.safetensors"))).unwrap();
+    move |key: &str| -> Vec<f32> {
+        let want = SafeTensors::deserialize(&bytes).unwrap();
+        want.tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
 }
 
 /// The largest difference between two gradient sets, relative to each tensor's largest entry.
@@ -252,17 +281,7 @@ fn check_grads_of<B: AutodiffBackend + prefer_kernels::PreferBackend>(
 ) {
     let got = lora_grads_of::<B>(loss, packing);
     assert_eq!(got.len(), 28);
-    let bytes = std::fs::read(root().join(format!("dpo/{file}.safetensors"))).unwrap();
-    let want = SafeTensors::deserialize(&bytes).unwrap();
-    let trl = |key: &str| -> Vec<f32> {
-        want.tensor(key)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
-    let worst = worst_difference(&got, &trl);
+    let worst = worst_difference(&got, &trl_grads(file));
     assert!(
         worst <= 1e-4,
         "{packing:?} {file}: worst gradient difference from TRL relative to the tensor's largest entry: {worst:e}"
@@ -532,6 +551,66 @@ fn kto_loss_and_metrics_match_trl() {
     for packing in [Packing::Padded, Packing::PaddingFree] {
         check_kto::<NdArray>(packing);
         check_kto::<Flex>(packing);
+    }
+}
+
+/// TRL's KTO examples as the trainer batches them: the completions, and the KL completions apart.
+fn kto_split<B: Backend>(
+    f: &Value,
+    device: &B::Device,
+    packing: Packing,
+) -> (DpoBatch<B>, DpoBatch<B>) {
+    let pairs = kto_examples(f);
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let (batch, kl) = collate_kto(&refs, 0, Some(1024), TruncationMode::KeepStart);
+    (
+        batch.to_device(device, packing),
+        kl.to_device(device, packing),
+    )
+}
+
+/// The trainer's KTO batches (completions, and the KL completions run apart so the backward pass
+/// skips them) give TRL's loss and LoRA gradients too.
+#[test]
+fn kto_with_the_kl_completions_apart_matches_trl() {
+    type AB = Autodiff<NdArray>;
+    for packing in [Packing::Padded, Packing::PaddingFree] {
+        let device = Default::default();
+        let f = fixture();
+        let (policy, reference) = models::<AB>(&device);
+        let (batch, kl) = kto_split::<AB>(&f, &device, packing);
+        let ref_sums = burn::tensor::Tensor::cat(
+            vec![
+                sequence_logps(&reference, &batch).sums,
+                sequence_logps(&reference, &kl).sums,
+            ],
+            0,
+        )
+        .detach();
+        let config = kto(1.0);
+        let out = evaluate_kto(&config, &policy, ref_sums, &batch, Some(&kl));
+        let loss: f32 = out.loss.clone().into_scalar().elem();
+        let want = f["other_trainers"]["kto"]["loss"].as_f64().unwrap();
+        assert!(
+            (loss as f64 - want).abs() <= 1e-5,
+            "{packing:?}: {loss} vs TRL {want}"
+        );
+        let metrics = out.records().unwrap().metrics_of(Method::Kto, config.beta);
+        let want_kl = f["other_trainers"]["kto"]["metrics"]["kl"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (metrics["kl"] - want_kl).abs() <= 1e-5,
+            "{packing:?}: kl {}",
+            metrics["kl"]
+        );
+        let got = adapter_grads(&policy, out.loss);
+        let trl = trl_grads("kto_grads");
+        let worst = worst_difference(&got, &trl);
+        assert!(
+            worst <= 1e-4,
+            "{packing:?}: worst gradient difference {worst:e}"
+        );
     }
 }
 

@@ -924,6 +924,7 @@ fn the_policy_plugs_into_burn_trains_learner() {
     learner.lr_step();
     let step = learner.train_step(DpoInput {
         batch: batch.clone(),
+        kl_batch: None,
         ref_logps: None,
     });
     assert!(
@@ -948,6 +949,7 @@ fn the_policy_plugs_into_burn_trains_learner() {
         &valid,
         DpoInput {
             batch,
+            kl_batch: None,
             ref_logps: None,
         },
     );

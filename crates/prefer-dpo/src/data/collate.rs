@@ -77,35 +77,63 @@ pub fn check_vocab(pairs: &[TokenizedPair], pad_id: u32, vocab_size: usize) -> R
     Ok(())
 }
 
-/// Builds a batch from pairs (whose ids [`check_vocab`] has checked).
+/// Builds a batch from pairs (whose ids [`check_vocab`] has checked): the chosen sequences, then
+/// the rejected ones.
 pub fn collate(
     pairs: &[&TokenizedPair],
     pad_id: u32,
     max_length: Option<usize>,
     mode: TruncationMode,
 ) -> HostBatch {
-    let mut seqs: Vec<(Vec<u32>, Vec<i64>)> = Vec::with_capacity(2 * pairs.len());
-    for pick_chosen in [true, false] {
-        for p in pairs {
-            let completion = if pick_chosen { &p.chosen } else { &p.rejected };
-            let mut ids = p.prompt.clone();
-            ids.extend(completion);
-            let mut mask = vec![0i64; p.prompt.len()];
-            mask.extend(std::iter::repeat_n(1, completion.len()));
-            if let Some(m) = max_length.filter(|m| ids.len() > *m) {
-                match mode {
-                    TruncationMode::KeepStart => {
-                        ids.truncate(m);
-                        mask.truncate(m);
-                    }
-                    TruncationMode::KeepEnd => {
-                        ids.drain(..ids.len() - m);
-                        mask.drain(..mask.len() - m);
-                    }
+    let chosen = pairs.iter().map(|p| (&p.prompt, &p.chosen));
+    let rejected = pairs.iter().map(|p| (&p.prompt, &p.rejected));
+    let mut batch = collate_rows(chosen.chain(rejected), pad_id, max_length, mode);
+    batch.labels = pairs.iter().filter_map(|p| p.label).collect();
+    batch
+}
+
+/// KTO's examples as two batches of one row per example: their completions (with the labels), and their
+/// KL completions — which only set the reference point, so they run apart from the rows that
+/// take gradients.
+pub fn collate_kto(
+    examples: &[&TokenizedPair],
+    pad_id: u32,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+) -> (HostBatch, HostBatch) {
+    let completions = examples.iter().map(|p| (&p.prompt, &p.chosen));
+    let mut batch = collate_rows(completions, pad_id, max_length, mode);
+    batch.labels = examples.iter().filter_map(|p| p.label).collect();
+    let kl = examples.iter().map(|p| (&p.prompt, &p.rejected));
+    (batch, collate_rows(kl, pad_id, max_length, mode))
+}
+
+/// One right-padded row per (prompt, completion), each truncated to `max_length` as `mode` says.
+fn collate_rows<'a>(
+    rows: impl Iterator<Item = (&'a Vec<u32>, &'a Vec<u32>)>,
+    pad_id: u32,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+) -> HostBatch {
+    let mut seqs: Vec<(Vec<u32>, Vec<i64>)> = Vec::new();
+    for (prompt, completion) in rows {
+        let mut ids = prompt.clone();
+        ids.extend(completion);
+        let mut mask = vec![0i64; prompt.len()];
+        mask.extend(std::iter::repeat_n(1, completion.len()));
+        if let Some(m) = max_length.filter(|m| ids.len() > *m) {
+            match mode {
+                TruncationMode::KeepStart => {
+                    ids.truncate(m);
+                    mask.truncate(m);
+                }
+                TruncationMode::KeepEnd => {
+                    ids.drain(..ids.len() - m);
+                    mask.drain(..mask.len() - m);
                 }
             }
-            seqs.push((ids, mask));
         }
+        seqs.push((ids, mask));
     }
     let t = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
     let mut b = HostBatch {
@@ -113,7 +141,7 @@ pub fn collate(
         attention_mask: vec![],
         completion_mask: vec![],
         shape: [seqs.len(), t],
-        labels: pairs.iter().filter_map(|p| p.label).collect(),
+        labels: Vec::new(),
     };
     for (ids, mask) in &seqs {
         b.input_ids.extend(

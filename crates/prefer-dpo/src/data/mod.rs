@@ -11,7 +11,9 @@ pub mod tokenize;
 pub mod unpaired;
 
 pub use batch::{DpoBatch, HostBatch, Packing};
-pub use collate::{TruncationMode, check_vocab, collate, drop_truncated_away, group_by_length};
+pub use collate::{
+    TruncationMode, check_vocab, collate, collate_kto, drop_truncated_away, group_by_length,
+};
 pub use dataset_files::{has_split, split_files};
 pub use formats::{
     BadRow, DataFormat, Loaded, OnBadRow, PreferenceRow, Turns, load_file, load_files, parse_rows,

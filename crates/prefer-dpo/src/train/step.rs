@@ -14,10 +14,10 @@ use prefer_lora::{LoraLinear, set_active_adapter};
 use super::bounds::{BaseLayer, TrainBackend};
 use crate::{
     data::DpoBatch,
-    eval::{BatchEval, evaluate_batch_with, evaluate_reference_free},
+    eval::{BatchEval, evaluate_batch_with, evaluate_kto, evaluate_reference_free},
     host::{DeviceReadError, read},
     logps::sequence_logps,
-    loss::LossConfig,
+    loss::{LossConfig, Method},
     metrics::PairRecords,
 };
 
@@ -40,10 +40,33 @@ pub struct DpoPolicy<B: Backend, L> {
 /// A step's input: a batch and, when precomputed, the reference's per-row log-prob sums.
 #[derive(Debug, Clone)]
 pub struct DpoInput<B: Backend> {
-    /// `[chosen.., rejected..]` rows.
+    /// `[chosen.., rejected..]` rows; KTO's examples' completions when `kl_batch` is given.
     pub batch: DpoBatch<B>,
-    /// Reference sums `[2P]` in the same row order, or `None` to run the reference model.
+    /// KTO: the examples' KL completions, run apart from `batch` (`None` for pairs, or for KTO
+    /// examples batched as `[completions.., KL completions..]`).
+    pub kl_batch: Option<DpoBatch<B>>,
+    /// Reference sums `[2P]` in `[chosen.., rejected..]` (KTO: `[completions.., KL..]`) order, or
+    /// `None` to run the reference model.
     pub ref_logps: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> DpoInput<B> {
+    /// The reference's sums `[2P]` under `reference`, over the batch and, for KTO, its KL rows.
+    fn reference_sums<L: LinearLayer<B>>(
+        &self,
+        reference: &LlamaModel<B, LoraLinear<B, L>>,
+        ld_alpha: Option<f64>,
+    ) -> Tensor<B, 1>
+    where
+        B: PreferBackend,
+        LoraLinear<B, L>: LinearLayer<B>,
+    {
+        let sums = sequence_logps(reference, &self.batch).logps(ld_alpha);
+        match &self.kl_batch {
+            Some(kl) => Tensor::cat(vec![sums, sequence_logps(reference, kl).logps(ld_alpha)], 0),
+            None => sums,
+        }
+    }
 }
 
 /// A step's numbers on the host: the loss and the per-pair values behind TRL's metrics.
@@ -85,11 +108,15 @@ where
                 for (_, layer) in reference.projections_mut() {
                     layer.dropout.prob = 0.0;
                 }
-                sequence_logps(&reference, &input.batch)
-                    .logps(self.loss.ld_alpha)
+                input
+                    .reference_sums(&reference, self.loss.ld_alpha)
                     .detach()
             }
         };
+        if self.loss.method == Method::Kto {
+            let kl_batch = input.kl_batch.as_ref();
+            return evaluate_kto(&self.loss, &self.model, ref_sums, &input.batch, kl_batch);
+        }
         evaluate_batch_with(&self.loss, &self.model, ref_sums, &input.batch)
     }
 
@@ -108,8 +135,9 @@ where
         Ok(DpoOutput {
             loss: loss.first().copied().unwrap_or(f64::NAN),
             records: eval.records()?,
-            tokens: input.batch.tokens,
-            computed_tokens: input.batch.computed_tokens,
+            tokens: input.batch.tokens + input.kl_batch.as_ref().map_or(0, |k| k.tokens),
+            computed_tokens: input.batch.computed_tokens
+                + input.kl_batch.as_ref().map_or(0, |k| k.computed_tokens),
         })
     }
 }
@@ -126,7 +154,12 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
             // backward pass, so it costs one forward's transient memory and no more.
             let mut reference = burn::module::AutodiffModule::valid(&self.model);
             set_active_adapter(&mut reference, self.reference.as_deref());
-            let sums = sequence_logps(&reference, &input.batch.inner()).logps(self.loss.ld_alpha);
+            let inner = DpoInput {
+                batch: input.batch.inner(),
+                kl_batch: input.kl_batch.as_ref().map(DpoBatch::inner),
+                ref_logps: None,
+            };
+            let sums = inner.reference_sums(&reference, self.loss.ld_alpha);
             input.ref_logps = Some(Tensor::from_inner(sums));
         }
         let eval = self.evaluate(&input);

@@ -45,7 +45,7 @@ use super::{
     window::Window,
 };
 use crate::{
-    data::{TokenizedPair, check_vocab, collate},
+    data::{TokenizedPair, check_vocab, collate, collate_kto},
     metrics::PairRecords,
 };
 
@@ -829,10 +829,24 @@ impl<B: Backend> Inputs<'_, B> {
     ) -> DpoInput<E> {
         let picked: Vec<&TokenizedPair> = ids.iter().map(|&i| &pairs[i]).collect();
         let c = self.config;
-        let batch = collate(&picked, self.run.pad_id, c.max_length, c.truncation_mode)
-            .to_device::<E>(device, c.packing());
+        let (pad, max, mode, packing) = (
+            self.run.pad_id,
+            c.max_length,
+            c.truncation_mode,
+            c.packing(),
+        );
+        let (batch, kl_batch) = if c.method.unpaired() {
+            let (batch, kl) = collate_kto(&picked, pad, max, mode);
+            (batch, Some(kl.to_device::<E>(device, packing)))
+        } else {
+            (collate(&picked, pad, max, mode), None)
+        };
         let ref_logps = refs.map(|r| ref_tensor::<E>(r, ids, device));
-        DpoInput { batch, ref_logps }
+        DpoInput {
+            batch: batch.to_device::<E>(device, packing),
+            kl_batch,
+            ref_logps,
+        }
     }
 }
 
