@@ -186,7 +186,6 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
 ) -> Result<TrainSummary, TrainError> {
     config.validate()?;
     check_inputs(&model, &run, config)?;
-    let lora = config.lora()?;
     let out = create_output_dir(&config.output_dir)?;
     let device = model.embed_tokens.weight.device();
     let mut policy = policy_with_reference(model, &run.reference, config);
@@ -201,7 +200,7 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     let plan = StepPlan::new(config, run.train.len());
     let (optim, state) = optimiser_and_state(&mut policy, &run, config, plan, &out, observer)?;
     remove_unfinished_checkpoints(&out);
-    let mut steps = StepLoop::open(inputs, plan, policy, optim, state, &out, &lora, observer)?;
+    let mut steps = StepLoop::open(inputs, plan, policy, optim, state, &out, observer)?;
     steps.evaluate_on_start()?;
 
     steps.announce_start();
@@ -225,7 +224,7 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
         None => prefer_lora::save_peft(
             &steps.learner.model().model,
             POLICY_ADAPTER,
-            &lora,
+            &steps.lora,
             run.base_model.as_deref(),
             &adapter_dir,
         )?,
@@ -319,7 +318,8 @@ struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
     inputs: Inputs<'a, B>,
     plan: StepPlan,
     out: &'a Path,
-    lora: &'a LoraConfig,
+    /// The adapter's options, written beside every saved adapter.
+    lora: LoraConfig,
     learner: DpoLearner<B, L>,
     /// The Learner's optimiser, read for checkpoints.
     optim: Shared<DpoOptimizer<B, L>>,
@@ -347,7 +347,6 @@ struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
 impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
     /// The loop at `state` (fresh or resumed): its schedule at the same step, and the metrics log
     /// truncated to the rows up to that step.
-    #[allow(clippy::too_many_arguments)]
     fn open(
         inputs: Inputs<'a, B>,
         plan: StepPlan,
@@ -355,7 +354,6 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         optim: DpoOptimizer<B, L>,
         mut state: TrainerState,
         out: &'a Path,
-        lora: &'a LoraConfig,
         observer: &'a mut dyn TrainObserver,
     ) -> Result<Self, TrainError> {
         let config = inputs.config;
@@ -385,7 +383,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             inputs,
             plan,
             out,
-            lora,
+            lora: config.lora()?,
             learner,
             optim,
             schedule,
@@ -583,7 +581,7 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             &self.learner.model(),
             &self.optim.lock(),
             &self.state,
-            self.lora,
+            &self.lora,
             self.inputs.run.base_model.as_deref(),
             config.save_total_limit,
         )?;
