@@ -3,7 +3,9 @@
 //! hidden 256, 4 layers, vocab 4096, 4 heads / 2 KV heads, 4 pairs of 256-token sequences with
 //! 128-token prompts, LoRA r = 8 on all seven projections over an NF4 base, f32 compute — with the
 //! reference as a frozen adapter snapshot over the same base, and with no reference forward at all
-//! (reference log-probs given), to price the snapshot.
+//! (reference log-probs given), to price the snapshot; and one KTO step on as many rows (4
+//! examples, each a completion and a KL completion) with the KL completions in the same batch as
+//! the completions or apart from them, as the trainer runs them.
 //!
 //! Peak memory is counted by this binary's global allocator: the largest number of heap bytes held
 //! during the step, above what was held before it.
@@ -20,7 +22,9 @@ use burn::{
 };
 use prefer::{
     dpo::{
-        data::{TokenizedPair, collate},
+        LossConfig,
+        data::{TokenizedPair, collate, collate_kto},
+        loss::Method,
         train::{DpoInput, DpoPolicy},
     },
     kernels::PreferBackend,
@@ -68,7 +72,16 @@ struct Measured {
     peak_bytes: usize,
 }
 
-fn measure<B: PreferBackend>(snapshot: bool) -> Measured {
+/// How the step is set up: DPO with or without the snapshot reference, or KTO (snapshot
+/// reference) with its KL completions in the batch or apart.
+#[derive(Clone, Copy)]
+enum Run {
+    Dpo { snapshot: bool },
+    Kto { apart: bool },
+}
+
+fn measure<B: PreferBackend>(run: Run) -> Measured {
+    let snapshot = !matches!(run, Run::Dpo { snapshot: false });
     type AD<B> = Autodiff<B>;
     let dev = Default::default();
     AD::<B>::seed(&dev, 1);
@@ -87,24 +100,47 @@ fn measure<B: PreferBackend>(snapshot: bool) -> Measured {
     if snapshot {
         snapshot_adapter(&mut model, "default", "reference");
     }
+    let loss = match run {
+        Run::Kto { .. } => LossConfig {
+            method: Method::Kto,
+            ..Default::default()
+        },
+        Run::Dpo { .. } => Default::default(),
+    };
     let mut policy = DpoPolicy::<AD<B>, Nf4Linear<AD<B>>> {
         model,
-        loss: Default::default(),
+        loss,
         reference: snapshot.then(|| "reference".to_string()),
     };
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)
         .init();
-    let data = pairs();
+    let mut data = pairs();
+    if let Run::Kto { .. } = run {
+        // Each pair as one example: its chosen completion, alternately desirable or not, with the
+        // neighbouring example's completion as its KL completion.
+        let completions: Vec<Vec<u32>> = data.iter().map(|p| p.chosen.clone()).collect();
+        for (i, p) in data.iter_mut().enumerate() {
+            p.rejected = completions[(i + completions.len() - 1) % completions.len()].clone();
+            p.label = Some(i % 2 == 0);
+        }
+    }
     let picked: Vec<&TokenizedPair> = data.iter().collect();
-    let batch =
-        collate(&picked, 0, None, Default::default()).to_device::<AD<B>>(&dev, Default::default());
-    let tokens = batch.input_ids.dims().iter().product::<usize>();
+    let layout = Default::default();
+    let (batch, kl_batch) = match run {
+        Run::Kto { apart: true } => {
+            let (batch, kl) = collate_kto(&picked, 0, None, Default::default());
+            (batch, Some(kl.to_device::<AD<B>>(&dev, layout)))
+        }
+        _ => (collate(&picked, 0, None, Default::default()), None),
+    };
+    let batch = batch.to_device::<AD<B>>(&dev, layout);
+    let tokens = 8 * 256;
     let ref_logps = (!snapshot).then(|| Tensor::<AD<B>, 1>::from_floats([-700.0; 8], &dev));
     let input = DpoInput {
         batch,
-        kl_batch: None,
+        kl_batch,
         ref_logps,
     };
     let (warmup, steps) = (2, 5);
@@ -132,8 +168,8 @@ fn table<B: PreferBackend>(name: &str) {
     println!(
         "DPO step, {name}, hidden 256 / 4 layers / vocab 4096, 4 pairs × 256 tokens, LoRA r 8 on 7 projections, NF4 base"
     );
-    let none = measure::<B>(false);
-    let snap = measure::<B>(true);
+    let none = measure::<B>(Run::Dpo { snapshot: false });
+    let snap = measure::<B>(Run::Dpo { snapshot: true });
     for (name, m) in [
         ("no reference forward", &none),
         ("snapshot reference", &snap),
@@ -149,6 +185,18 @@ fn table<B: PreferBackend>(name: &str) {
         "snapshot reference costs {:+.1} % peak memory over no reference",
         100.0 * (snap.peak_bytes as f64 / none.peak_bytes as f64 - 1.0)
     );
+    println!(
+        "KTO step, {name}, the same shape: 4 examples × (completion + KL completion), snapshot reference"
+    );
+    for (label, apart) in [("KL rows in the batch", false), ("KL rows apart", true)] {
+        let m = measure::<B>(Run::Kto { apart });
+        println!(
+            "{label:<22} step {:>7.3} s  {:>8.0} tokens/s  peak {:>7.1} MB",
+            m.step_s,
+            m.tokens_per_s,
+            m.peak_bytes as f64 / 1e6
+        );
+    }
 }
 
 fn main() {

@@ -111,30 +111,57 @@ pub fn evaluate_batch_with<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     }
 }
 
+/// The policy's values on KTO's KL completions, `[P]` each, without gradients: they only set the
+/// reference point.
+#[derive(Debug, Clone)]
+pub struct KlValues<B: Backend> {
+    /// Log-prob sums.
+    pub sums: Tensor<B, 1>,
+    /// Completion tokens.
+    pub tokens: Tensor<B, 1>,
+    /// Logit sums (for `logits/*`).
+    pub logit_sums: Tensor<B, 1>,
+}
+
+impl<B: Backend> KlValues<B> {
+    /// The values of a forward pass over the KL completions, detached.
+    pub fn of(s: SequenceLogps<B>) -> Self {
+        Self {
+            sums: s.sums.detach(),
+            tokens: s.tokens,
+            logit_sums: s.logit_sums.detach(),
+        }
+    }
+
+    /// The values moved to another backend (the inner backend's onto the autodiff one).
+    pub fn map<E: Backend>(self, f: impl Fn(Tensor<B, 1>) -> Tensor<E, 1>) -> KlValues<E> {
+        KlValues {
+            sums: f(self.sums),
+            tokens: f(self.tokens),
+            logit_sums: f(self.logit_sums),
+        }
+    }
+}
+
 /// Computes KTO's loss of a batch of examples: rows `[completions.., KL completions..]`, or — with
-/// `kl_batch`, as the trainer runs them — the completions alone with the KL completions in
-/// `kl_batch`, so that the backward pass only runs over the rows that take gradients. The
-/// reference sums `[2P]` are in `[completions.., KL completions..]` order (detached). The KL rows
-/// only set the reference point, so their log-probs are detached too; in the records, `chosen`
-/// holds the completions and `rejected` the KL completions.
+/// `kl`, as the trainer runs them — the completions alone, with the policy's values on the KL
+/// completions computed apart, so that the backward pass only runs over the rows that take
+/// gradients. The reference sums `[2P]` are in `[completions.., KL completions..]` order
+/// (detached). In the records, `chosen` holds the completions and `rejected` the KL completions.
 pub fn evaluate_kto<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     config: &LossConfig,
     policy: &LlamaModel<B, L>,
     ref_sums: Tensor<B, 1>,
     batch: &DpoBatch<B>,
-    kl_batch: Option<&DpoBatch<B>>,
+    kl: Option<KlValues<B>>,
 ) -> BatchEval<B> {
     let pol = sequence_logps(policy, batch);
-    let apart = |kl: SequenceLogps<B>| {
-        let pair = |a: &Tensor<B, 1>, b: &Tensor<B, 1>| (a.clone(), b.clone().detach());
-        (
-            pair(&pol.sums, &kl.sums),
-            pair(&pol.tokens, &kl.tokens),
-            pair(&pol.logit_sums, &kl.logit_sums),
-        )
-    };
-    let ((completion, kl_rows), (chosen_tokens, rejected_tokens), logit_sums) = match kl_batch {
-        Some(kl) => apart(sequence_logps(policy, kl)),
+    let ((completion, kl_rows), (chosen_tokens, rejected_tokens), logit_sums) = match kl {
+        Some(kl) => (
+            (pol.sums.clone(), kl.sums),
+            (pol.tokens.clone(), kl.tokens),
+            (pol.logit_sums.clone(), kl.logit_sums),
+        ),
         None => {
             let halves = |t: &Tensor<B, 1>| {
                 let (a, b) = SequenceLogps::split(t.clone());

@@ -13,9 +13,7 @@ use burn::{
 use prefer_dpo::{
     DpoBatch, LossConfig, Packing,
     data::{HostBatch, TokenizedPair, TruncationMode, collate, collate_kto},
-    eval::evaluate_kto,
     evaluate_batch,
-    logps::sequence_logps,
     loss::Method,
 };
 use prefer_llama::{Checkpoint, DenseFactory, DenseLinear, LlamaModel};
@@ -569,44 +567,55 @@ fn kto_split<B: Backend>(
     )
 }
 
-/// The trainer's KTO batches (completions, and the KL completions run apart so the backward pass
-/// skips them) give TRL's loss and LoRA gradients too.
+/// The trainer's KTO step — the completions with gradients, the KL completions and the reference
+/// apart on the inner backend — gives TRL's loss, `kl` and LoRA gradients.
 #[test]
-fn kto_with_the_kl_completions_apart_matches_trl() {
+fn kto_training_step_matches_trl() {
+    use prefer_dpo::train::{DpoInput, DpoPolicy};
     type AB = Autodiff<NdArray>;
     for packing in [Packing::Padded, Packing::PaddingFree] {
         let device = Default::default();
         let f = fixture();
-        let (policy, reference) = models::<AB>(&device);
+        let (model, _) = models::<AB>(&device);
         let (batch, kl) = kto_split::<AB>(&f, &device, packing);
-        let ref_sums = burn::tensor::Tensor::cat(
-            vec![
-                sequence_logps(&reference, &batch).sums,
-                sequence_logps(&reference, &kl).sums,
-            ],
-            0,
-        )
-        .detach();
         let config = kto(1.0);
-        let out = evaluate_kto(&config, &policy, ref_sums, &batch, Some(&kl));
-        let loss: f32 = out.loss.clone().into_scalar().elem();
-        let want = f["other_trainers"]["kto"]["loss"].as_f64().unwrap();
+        // No reference adapter: the reference is the base with the adapter off, as TRL's.
+        let policy = DpoPolicy {
+            model,
+            loss: config.clone(),
+            reference: None,
+        };
+        let input = DpoInput {
+            batch,
+            kl_batch: Some(kl),
+            ref_logps: None,
+        };
+        let out = policy.train_step(input).unwrap();
+        let k = &f["other_trainers"]["kto"];
+        let want = k["loss"].as_f64().unwrap();
+        let loss = out.item.loss;
         assert!(
-            (loss as f64 - want).abs() <= 1e-5,
+            (loss - want).abs() <= 1e-5,
             "{packing:?}: {loss} vs TRL {want}"
         );
-        let metrics = out.records().unwrap().metrics_of(Method::Kto, config.beta);
-        let want_kl = f["other_trainers"]["kto"]["metrics"]["kl"]
-            .as_f64()
-            .unwrap();
+        let metrics = out.item.records.metrics_of(Method::Kto, config.beta);
+        let want_kl = k["metrics"]["kl"].as_f64().unwrap();
+        let kl = metrics["kl"];
         assert!(
-            (metrics["kl"] - want_kl).abs() <= 1e-5,
-            "{packing:?}: kl {}",
-            metrics["kl"]
+            (kl - want_kl).abs() <= 1e-5,
+            "{packing:?}: kl {kl} vs TRL {want_kl}"
         );
-        let got = adapter_grads(&policy, out.loss);
-        let trl = trl_grads("kto_grads");
-        let worst = worst_difference(&got, &trl);
+        let mut got = Vec::new();
+        for (site, layer) in policy.model.projections() {
+            let ad = layer.adapter("default").unwrap();
+            for (factor, param) in [("A", &ad.a), ("B", &ad.b)] {
+                let g = out.grads.get::<NdArray, 2>(param.id).expect("gradient");
+                let g = g.transpose().into_data().convert::<f32>().to_vec().unwrap();
+                got.push((peft_key(&site, factor), g));
+            }
+        }
+        assert_eq!(got.len(), 28);
+        let worst = worst_difference(&got, &trl_grads("kto_grads"));
         assert!(
             worst <= 1e-4,
             "{packing:?}: worst gradient difference {worst:e}"

@@ -14,7 +14,7 @@ use prefer_lora::{LoraLinear, set_active_adapter};
 use super::bounds::{BaseLayer, TrainBackend};
 use crate::{
     data::DpoBatch,
-    eval::{BatchEval, evaluate_batch_with, evaluate_kto, evaluate_reference_free},
+    eval::{BatchEval, KlValues, evaluate_batch_with, evaluate_kto, evaluate_reference_free},
     host::{DeviceReadError, read},
     logps::sequence_logps,
     loss::{LossConfig, Method},
@@ -95,6 +95,12 @@ where
 {
     /// The loss of `input` with its per-pair values.
     pub fn evaluate(&self, input: &DpoInput<B>) -> BatchEval<B> {
+        self.evaluate_with(input, None)
+    }
+
+    /// [`DpoPolicy::evaluate`], with KTO's KL values given when already computed (the training
+    /// step computes them without an autodiff graph).
+    fn evaluate_with(&self, input: &DpoInput<B>, kl: Option<KlValues<B>>) -> BatchEval<B> {
         if !self.loss.method.uses_reference() {
             return evaluate_reference_free(&self.loss, &self.model, &input.batch);
         }
@@ -114,8 +120,11 @@ where
             }
         };
         if self.loss.method == Method::Kto {
-            let kl_batch = input.kl_batch.as_ref();
-            return evaluate_kto(&self.loss, &self.model, ref_sums, &input.batch, kl_batch);
+            let kl = kl.or_else(|| {
+                let kl_batch = input.kl_batch.as_ref()?;
+                Some(KlValues::of(sequence_logps(&self.model, kl_batch)))
+            });
+            return evaluate_kto(&self.loss, &self.model, ref_sums, &input.batch, kl);
         }
         evaluate_batch_with(&self.loss, &self.model, ref_sums, &input.batch)
     }
@@ -149,20 +158,25 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
         &self,
         mut input: DpoInput<B>,
     ) -> Result<TrainOutput<DpoOutput>, DeviceReadError> {
+        // The reference and KTO's KL completions run on the inner backend: no autodiff graph,
+        // nothing kept for the backward pass, so they cost one forward's transient memory.
+        let inner_model = burn::module::AutodiffModule::valid(&self.model);
+        let inner = DpoInput {
+            batch: input.batch.inner(),
+            kl_batch: input.kl_batch.as_ref().map(DpoBatch::inner),
+            ref_logps: None,
+        };
         if input.ref_logps.is_none() && self.loss.method.uses_reference() {
-            // The reference runs on the inner backend: no autodiff graph, nothing kept for the
-            // backward pass, so it costs one forward's transient memory and no more.
-            let mut reference = burn::module::AutodiffModule::valid(&self.model);
+            let mut reference = inner_model.clone();
             set_active_adapter(&mut reference, self.reference.as_deref());
-            let inner = DpoInput {
-                batch: input.batch.inner(),
-                kl_batch: input.kl_batch.as_ref().map(DpoBatch::inner),
-                ref_logps: None,
-            };
             let sums = inner.reference_sums(&reference, self.loss.ld_alpha);
             input.ref_logps = Some(Tensor::from_inner(sums));
         }
-        let eval = self.evaluate(&input);
+        let kl = inner
+            .kl_batch
+            .as_ref()
+            .map(|kl| KlValues::of(sequence_logps(&inner_model, kl)).map(Tensor::from_inner));
+        let eval = self.evaluate_with(&input, kl);
         let grads = eval.loss.backward();
         let out = self.output(&input, &eval)?;
         Ok(TrainOutput::new(self, grads, out))
