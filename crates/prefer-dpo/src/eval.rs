@@ -4,7 +4,7 @@ use burn::tensor::{Tensor, TensorData, Transaction, backend::Backend};
 use prefer_llama::{LinearLayer, LlamaModel};
 
 use crate::{
-    data::{BadRow, DpoBatch, Packing, check_vocab},
+    data::{BadRow, DpoBatch, Packing, check_labels, check_vocab},
     host::{DeviceReadError, read, values},
     logps::{LogpsExtras, SequenceLogps, sequence_logps, sequence_logps_with},
     loss::{
@@ -449,6 +449,9 @@ pub fn evaluate_pairs<B: prefer_kernels::PreferBackend, L: LinearLayer<B>>(
     options: &EvalOptions,
 ) -> Result<EvalReport, EvalError> {
     check_vocab(pairs, pad_id, policy.config.vocab_size)?;
+    if options.loss.method == Method::Kto {
+        check_labels(pairs)?;
+    }
     let device = policy.embed_tokens.weight.device();
     let mut records = PairRecords::default();
     let mut results = Vec::with_capacity(pairs.len());

@@ -21,6 +21,6 @@ pub use formats::{
 };
 pub use tokenize::{TokenizeOptions, TokenizedPair, tokenize_rows};
 pub use unpaired::{
-    LoadedExamples, TokenizedExample, UnpairedRow, kto_pairs, load_examples, tokenize_examples,
-    unpair,
+    LoadedExamples, TokenizedExample, UnpairedRow, check_labels, kto_pairs, load_examples,
+    tokenize_examples, unpair,
 };

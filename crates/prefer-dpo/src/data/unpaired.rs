@@ -235,6 +235,21 @@ pub fn tokenize_examples(
     (examples, bad)
 }
 
+/// Checks that every pair is a KTO example (it has a label), as [`kto_pairs`] makes them: a
+/// preference pair given to KTO as it is would have no label to train on.
+pub fn check_labels(pairs: &[TokenizedPair]) -> Result<(), BadRow> {
+    match pairs.iter().find(|p| p.label.is_none()) {
+        Some(p) => Err(BadRow {
+            location: p.location.clone(),
+            reason: "method kto trains on labelled examples, and this is a preference pair: \
+                     split pairs into examples with `kto_pairs` (`prefer train` and `prefer eval` \
+                     do)"
+            .into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Examples as the trainer runs them: those whose prompt fills `max_length` dropped (bad rows,
 /// as for pairs), then each given the KL completion of its neighbour, rotating the completions by
 /// one within consecutive batches of `batch_size` as TRL does —

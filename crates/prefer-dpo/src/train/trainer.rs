@@ -45,7 +45,7 @@ use super::{
     window::Window,
 };
 use crate::{
-    data::{TokenizedPair, check_vocab, collate, collate_kto},
+    data::{TokenizedPair, check_labels, check_vocab, collate, collate_kto},
     metrics::PairRecords,
 };
 
@@ -663,6 +663,9 @@ fn check_inputs<B: TrainBackend, L: BaseLayer<B>>(
     let vocab = model.config.vocab_size;
     for pairs in [&run.train, &run.eval] {
         check_vocab(pairs, run.pad_id, vocab).map_err(|b| TrainError::Data(b.to_string()))?;
+        if config.method.unpaired() {
+            check_labels(pairs).map_err(|b| TrainError::Data(b.to_string()))?;
+        }
     }
     if !config.method.uses_reference()
         && matches!(run.reference, ReferenceSource::Precomputed { .. })
