@@ -1382,9 +1382,13 @@ fn kto_options_are_checked_with_their_key() {
         assert!(err.contains(key), "{key}: {err}");
     }
     // Preference pairs given to KTO as they are have no labels: an error naming the row.
-    let err = run_on(pairs(8, 1), &kto(base_config(&out)), ReferenceSource::Snapshot)
-        .unwrap_err()
-        .to_string();
+    let err = run_on(
+        pairs(8, 1),
+        &kto(base_config(&out)),
+        ReferenceSource::Snapshot,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("toy:0") && err.contains("kto_pairs"), "{err}");
     // TRL's KTO loss names are KTO's: under DPO they point to the method.
     let kto_loss: prefer_dpo::loss::LossType = "kto".parse().unwrap();
