@@ -597,7 +597,35 @@ fn precomputed_reference_is_cached_and_matches_the_snapshot() {
         assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{k}: {x} vs {y}");
         assert_eq!(y, z, "{k}: the cached run differs");
     }
-    for d in [a, b, cache] {
+    // KTO: the reference's sums of the completions and of the KL completions, cached the same way.
+    let (c, d) = (scratch("kto-snap"), scratch("kto-pre"));
+    let kto = |out: &Path, pre| TrainConfig {
+        method: prefer_dpo::loss::Method::Kto,
+        ..cfg(out, pre)
+    };
+    let snap = run_kto(&kto(&c, false)).unwrap();
+    let pre = run_kto(&kto(&d, true)).unwrap();
+    assert_eq!(
+        std::fs::read_dir(cache.join("ref-logps")).unwrap().count(),
+        3,
+        "KTO's examples are a cache entry of their own"
+    );
+    for k in [
+        "eval_loss",
+        "eval_kl",
+        "eval_rewards/chosen",
+        "eval_rewards/rejected",
+    ] {
+        let (x, y) = (
+            snap.final_eval.as_ref().unwrap().get(k).unwrap(),
+            pre.final_eval.as_ref().unwrap().get(k).unwrap(),
+        );
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+            "kto {k}: {x} vs {y}"
+        );
+    }
+    for d in [a, b, c, d, cache] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
@@ -1276,6 +1304,22 @@ fn kto_examples(pairs: Vec<TokenizedPair>, batch: usize) -> Vec<TokenizedPair> {
     kto_pairs(examples, Some(32), TruncationMode::KeepStart, batch).0
 }
 
+/// A KTO run on the built-in task's pairs as examples (64 for training, 32 held out).
+fn run_kto(config: &TrainConfig) -> Result<TrainSummary, TrainError> {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let batch = config.per_device_train_batch_size;
+    let r = TrainRun {
+        train: kto_examples(pairs(64, 1), batch),
+        eval: kto_examples(pairs(32, 2), batch),
+        pad_id: 0,
+        reference: ReferenceSource::Snapshot,
+        base_model: Some("toy".into()),
+        model_fingerprint: prefer_dpo::train::Fingerprint::default().str("toy-model"),
+        resume: None,
+    };
+    train(nf4_model(config), r, config, &mut Silent)
+}
+
 /// KTO learns the built-in task from its pairs split into desirable and undesirable examples:
 /// in sequential batches, against the snapshot reference, with TRL's metrics logged; the trained
 /// adapter then prefers the chosen completion of held-out pairs it never saw as pairs.
@@ -1289,19 +1333,7 @@ fn kto_learns_the_preference_from_unpaired_examples() {
         eval_steps: Some(40),
         ..base_config(&out)
     };
-    let s = {
-        let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
-        let r = TrainRun {
-            train: kto_examples(pairs(64, 1), 8),
-            eval: kto_examples(pairs(32, 2), 8),
-            pad_id: 0,
-            reference: ReferenceSource::Snapshot,
-            base_model: Some("toy".into()),
-            model_fingerprint: prefer_dpo::train::Fingerprint::default().str("toy-model"),
-            resume: None,
-        };
-        train(nf4_model(&config), r, &config, &mut Silent).unwrap()
-    };
+    let s = run_kto(&config).unwrap();
     let e = s.final_eval.unwrap();
     for k in ["eval_kl", "eval_rewards/chosen", "eval_logits/rejected"] {
         assert!(e.get(k).is_some_and(f64::is_finite), "{k} in {e:?}");
