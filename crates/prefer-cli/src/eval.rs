@@ -232,7 +232,12 @@ impl EvalJob {
             );
         }
         if pairs.is_empty() {
-            bail!("{}: no usable pairs", a.data.display());
+            let what = if a.method.unpaired() {
+                "examples"
+            } else {
+                "pairs"
+            };
+            bail!("{}: no usable {what}", a.data.display());
         }
         Ok(pairs)
     }

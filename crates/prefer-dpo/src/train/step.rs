@@ -160,22 +160,26 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
     ) -> Result<TrainOutput<DpoOutput>, DeviceReadError> {
         // The reference and KTO's KL completions run on the inner backend: no autodiff graph,
         // nothing kept for the backward pass, so they cost one forward's transient memory.
-        let inner_model = burn::module::AutodiffModule::valid(&self.model);
-        let inner = DpoInput {
-            batch: input.batch.inner(),
-            kl_batch: input.kl_batch.as_ref().map(DpoBatch::inner),
-            ref_logps: None,
-        };
-        if input.ref_logps.is_none() && self.loss.method.uses_reference() {
-            let mut reference = inner_model.clone();
-            set_active_adapter(&mut reference, self.reference.as_deref());
-            let sums = inner.reference_sums(&reference, self.loss.ld_alpha);
-            input.ref_logps = Some(Tensor::from_inner(sums));
+        let needs_reference = input.ref_logps.is_none() && self.loss.method.uses_reference();
+        let mut kl = None;
+        if needs_reference || input.kl_batch.is_some() {
+            let inner_model = burn::module::AutodiffModule::valid(&self.model);
+            let inner = DpoInput {
+                batch: input.batch.inner(),
+                kl_batch: input.kl_batch.as_ref().map(DpoBatch::inner),
+                ref_logps: None,
+            };
+            if needs_reference {
+                let mut reference = inner_model.clone();
+                set_active_adapter(&mut reference, self.reference.as_deref());
+                let sums = inner.reference_sums(&reference, self.loss.ld_alpha);
+                input.ref_logps = Some(Tensor::from_inner(sums));
+            }
+            kl = inner
+                .kl_batch
+                .as_ref()
+                .map(|kl| KlValues::of(sequence_logps(&inner_model, kl)).map(Tensor::from_inner));
         }
-        let kl = inner
-            .kl_batch
-            .as_ref()
-            .map(|kl| KlValues::of(sequence_logps(&inner_model, kl)).map(Tensor::from_inner));
         let eval = self.evaluate_with(&input, kl);
         let grads = eval.loss.backward();
         let out = self.output(&input, &eval)?;
