@@ -64,7 +64,7 @@ const ONE_DEVICE: &str = "prefer trains on one device (data parallelism is a lat
 const LOADER: &str = "prefer reads the data files directly, without a data loader";
 const LOGGING: &str = "prefer writes metrics.jsonl, metrics.csv and plots into output_dir";
 const HALF: &str = "prefer computes in float32 (half-precision compute is a later issue); set it to false or leave it out";
-const CHECKPOINTING: &str = "activations are kept for the backward, not recomputed (activation checkpointing is a later issue): the same numbers, more memory";
+const CHECKPOINTING: &str = "prefer's gradient_checkpointing recomputes each decoder layer in a backward pass of its own; torch's checkpoint options (use_reentrant, ...) have no counterpart";
 
 /// TRL 1.16's keys, in the order `trl dpo --config` reads them, then older names.
 #[rustfmt::skip]
@@ -101,9 +101,9 @@ pub const TRL_KEYS: &[TrlKey] = &[
     key("bf16_full_eval", "false", Check(half)),
     key("fp16_full_eval", "false", Check(half)),
     key("tf32", "null", Inert("no effect on the CPU; on CUDA, CubeCL runs f32 matmuls as TF32")),
-    key("activation_checkpointing", "null", Check(checkpointing)),
+    key("activation_checkpointing", "null", Alias("gradient_checkpointing")),
     key("activation_checkpointing_kwargs", "null", Inert(CHECKPOINTING)),
-    key("gradient_checkpointing", "true", Check(checkpointing)),
+    key("gradient_checkpointing", "true", Same),
     key("gradient_checkpointing_kwargs", "null", Inert(CHECKPOINTING)),
     key("torch_compile", "false", Inert("prefer's kernels are compiled ahead of time")),
     key("torch_compile_backend", "null", Inert("prefer's kernels are compiled ahead of time")),
@@ -382,13 +382,6 @@ fn disable_tqdm(v: &Value) -> Verdict {
     }
 }
 
-fn checkpointing(v: &Value) -> Verdict {
-    match v.as_bool() {
-        Some(true) => Verdict::Warn(CHECKPOINTING.into()),
-        _ => Verdict::Quiet,
-    }
-}
-
 /// `none` (or nothing) is quiet; a tracker is a warning, since prefer logs to files.
 fn report_to(v: &Value) -> Verdict {
     let none = match v {
@@ -517,17 +510,23 @@ pub fn translate(
             Some(Verdict::Refuse(message)) => return Err(KeyError { key: name, message }),
             Some(Verdict::Set(to, value)) => (to.to_string(), value),
         };
+        // Null means "unset": kept for keys that take it, else the default applies (and it sets
+        // nothing another name of the option could clash with).
+        if value.is_null() && !is_prefer(&to).is_some_and(|(_, nullable)| *nullable) {
+            continue;
+        }
         if let Some(Value::String(first)) = given_as.get(&to) {
+            // Two names of one option with one value (a transformers dump writes both of
+            // `gradient_checkpointing` and `activation_checkpointing`) say the same thing.
+            if out.table.get(&to) == Some(&value) {
+                continue;
+            }
             return Err(KeyError {
                 key: name,
                 message: format!("`{first}` sets the same option: give one of them"),
             });
         }
         given_as.insert(to.clone(), Value::String(name));
-        // Null means "unset": kept for keys that take it, else the default applies.
-        if value.is_null() && !is_prefer(&to).is_some_and(|(_, nullable)| *nullable) {
-            continue;
-        }
         out.table.insert(to, value);
     }
     if source == Source::TrlRecipe {

@@ -1073,6 +1073,61 @@ fn epoch_strategies_keep_and_adopt_the_best_checkpoint() {
 
 /// `disable_dropout` (TRL's default) switches the adapters' dropout off in training, so a run
 /// with `lora_dropout` 0.5 trains exactly as one without dropout; the saved config keeps 0.5.
+/// `gradient_checkpointing` trains the adapter that keeping every activation trains (padded and
+/// padding-free, over the NF4 base with the snapshot reference); with dropout on, a checkpointed
+/// run resumed from its checkpoint ends bit-identical to an uninterrupted one.
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter_and_resumes() {
+    let (a, b) = (scratch("ckpt-off"), scratch("ckpt-on"));
+    for padding_free in [false, true] {
+        let cfg = |out: &Path, on| TrainConfig {
+            max_steps: 3,
+            padding_free: Some(padding_free),
+            gradient_checkpointing: on,
+            ..base_config(out)
+        };
+        let plain = run(&cfg(&a, false), None, ReferenceSource::Snapshot).unwrap();
+        let checkpointed = run(&cfg(&b, true), None, ReferenceSource::Snapshot).unwrap();
+        let (want, got) = (
+            adapter_tensors(&plain.adapter_dir),
+            adapter_tensors(&checkpointed.adapter_dir),
+        );
+        assert_eq!(want.len(), got.len());
+        for (key, w) in &want {
+            let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (x, y) in w.iter().zip(&got[key]) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * scale,
+                    "padding_free {padding_free}, {key}: {y} checkpointed vs {x}"
+                );
+            }
+        }
+    }
+    let cfg = |out: &Path| TrainConfig {
+        max_steps: 6,
+        save_steps: 3,
+        lora_dropout: 0.1,
+        disable_dropout: false,
+        gradient_checkpointing: true,
+        ..base_config(out)
+    };
+    let straight = run(&cfg(&a), None, ReferenceSource::Snapshot).unwrap();
+    run(&cfg(&b), None, ReferenceSource::Snapshot).unwrap();
+    let resumed = run(
+        &cfg(&b),
+        Some(Resume::From(b.join("checkpoint-3"))),
+        ReferenceSource::Snapshot,
+    )
+    .unwrap();
+    assert_eq!(
+        adapter_bytes(&straight.adapter_dir),
+        adapter_bytes(&resumed.adapter_dir)
+    );
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
 #[test]
 fn disable_dropout_trains_as_without_dropout() {
     let (a, b) = (scratch("dropout-off"), scratch("dropout-none"));

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod chat_template;
+pub mod checkpointing;
 pub mod config;
 pub mod error;
 pub mod generate;

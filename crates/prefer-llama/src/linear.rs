@@ -98,6 +98,11 @@ pub trait LinearLayer<B: Backend>: Module<B> + burn::module::ModuleDisplay {
     fn bias(&self) -> Option<Tensor<B, 1>>;
     /// `[out_features, in_features]`.
     fn dims(&self) -> [usize; 2];
+    /// Whether [`Self::forward`] draws from the backend's generator (dropout), so that activation
+    /// checkpointing replays its draws when it recomputes the layer.
+    fn draws_randomness(&self) -> bool {
+        false
+    }
 }
 
 /// What the model expects of one projection.

@@ -4,13 +4,17 @@
 use burn::{
     module::{Module, Param, ParamId},
     nn::{Embedding, RmsNorm},
-    tensor::{Bool, Int, Tensor, TensorData, backend::Backend},
+    tensor::{
+        Bool, Int, Tensor, TensorData,
+        backend::{AutodiffBackend, Backend},
+    },
 };
 
 use prefer_kernels::{LayerBackend, SeqLayout, rms_norm};
 
 use crate::{
     attention::Attention,
+    checkpointing::ActivationCheckpoints,
     config::LlamaConfig,
     error::Result,
     kv_cache::KvCache,
@@ -38,9 +42,32 @@ fn norm<B: LayerBackend, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Ten
     rms_norm(x, n.gamma.val(), n.epsilon)
 }
 
+impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
+    /// Whether a forward pass draws from the backend's generator (an adapter's dropout).
+    pub(crate) fn draws_randomness(&self) -> bool {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .into_iter()
+        .any(LinearLayer::draws_randomness)
+    }
+}
+
 impl<B: LayerBackend, L: LinearLayer<B>> DecoderLayer<B, L> {
     /// `x` `[batch, len, hidden]` whose token rows split into `layout`'s sequences.
-    fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, layout: &SeqLayout) -> Tensor<B, 3> {
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        layout: &SeqLayout,
+    ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
@@ -80,6 +107,9 @@ pub struct LlamaModel<B: Backend, L> {
     pub config: LlamaConfig,
     #[module(skip)]
     rope: RotaryEmbedding,
+    /// Layer inputs saved for recomputation when activation checkpointing is on.
+    #[module(skip)]
+    checkpoints: Option<ActivationCheckpoints>,
 }
 
 /// The full-precision model.
@@ -164,6 +194,7 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
             lm_head,
             config: c.clone(),
             rope: RotaryEmbedding::new(c),
+            checkpoints: None,
         })
     }
 }
@@ -218,8 +249,16 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
         let device = input_ids.device();
         let rope = self.rope.tables::<B>(&layout.positions(), &device);
         let mut x = self.embed_tokens.forward(input_ids);
-        for layer in &self.layers {
-            x = layer.forward(x, &rope, layout);
+        match &self.checkpoints {
+            // Only a graph's activations are worth recomputing.
+            Some(checkpoints) if B::ad_enabled(&device) => {
+                x = checkpoints.forward(&self.layers, x, rope, layout);
+            }
+            _ => {
+                for layer in &self.layers {
+                    x = layer.forward(x, &rope, layout);
+                }
+            }
         }
         norm(&self.norm, x)
     }
@@ -282,7 +321,41 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
     }
 }
 
+impl<B: LayerBackend + AutodiffBackend, L: LinearLayer<B>> LlamaModel<B, L> {
+    /// The gradients of `loss`: its backward pass, then, with activation checkpointing on, each
+    /// checkpointed decoder layer recomputed and back-propagated in turn (see
+    /// [`Self::set_gradient_checkpointing`]). Without checkpointing, `loss.backward()`.
+    ///
+    /// # Panics
+    /// As `loss.backward()`, and if a layer that draws dropout masks cannot read its seed back.
+    pub fn backward(&self, loss: Tensor<B, 1>) -> B::Gradients {
+        let mut grads = loss.backward();
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.backward(&self.layers, &mut grads);
+        }
+        grads
+    }
+}
+
 impl<B: Backend, L> LlamaModel<B, L> {
+    /// Switches layer-level activation checkpointing on or off (TRL's `gradient_checkpointing`).
+    ///
+    /// On, a forward pass under autodiff keeps only each decoder layer's input, and
+    /// [`Self::backward`] recomputes the layers' activations one layer at a time: the step's
+    /// memory holds one layer's activations instead of all of them, for about one more forward
+    /// pass of the layers. The gradients are the same (the layers run the same ops again). The
+    /// embedding is frozen under checkpointing (no gradient flows below the first layer), and
+    /// every checkpointed forward pass must be back-propagated with [`Self::backward`], not
+    /// `loss.backward()`, which would leave the layers without gradients.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpoints = on.then(ActivationCheckpoints::default);
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpoints.is_some()
+    }
+
     /// Every projection with its site, in checkpoint order.
     pub fn projections(&self) -> Vec<(LinearSite, &L)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);

@@ -196,6 +196,10 @@ impl<B: LoraBackend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
         self.base.bias()
     }
 
+    fn draws_randomness(&self) -> bool {
+        (self.active.is_some() && self.dropout.prob > 0.0) || self.base.draws_randomness()
+    }
+
     fn dims(&self) -> [usize; 2] {
         self.base.dims()
     }

@@ -330,6 +330,10 @@ pub struct TrainConfig {
     /// the real tokens (TRL's `padding_free`). Unset: on for the CPU backends (faster there),
     /// off elsewhere.
     pub padding_free: Option<bool>,
+    /// Activation checkpointing: each decoder layer keeps only its input in the forward pass and
+    /// recomputes its activations in the backward (about one more forward pass of the layers for
+    /// one layer's activations instead of all of them). The same gradients.
+    pub gradient_checkpointing: bool,
 
     // --- optimisation (transformers' TrainingArguments) ---
     /// Peak learning rate (TRL's DPO default, 1e-6, suits full fine-tuning; LoRA wants ~1e-4..1e-3).
@@ -455,6 +459,7 @@ impl Default for TrainConfig {
             max_completion_length: None,
             truncation_mode: TruncationMode::KeepStart,
             padding_free: None,
+            gradient_checkpointing: false,
             learning_rate: 1e-6,
             num_train_epochs: 3.0,
             max_steps: -1,

@@ -181,7 +181,9 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
                 .map(|kl| KlValues::of(sequence_logps(&inner_model, kl)).map(Tensor::from_inner));
         }
         let eval = self.evaluate_with(&input, kl);
-        let grads = eval.loss.backward();
+        // Through the model: with activation checkpointing, its layers' gradients come after
+        // the loss's own backward pass.
+        let grads = self.model.backward(eval.loss.clone());
         let out = self.output(&input, &eval)?;
         Ok(TrainOutput::new(self, grads, out))
     }

@@ -715,6 +715,7 @@ fn policy_with_reference<B: TrainBackend, L: BaseLayer<B>>(
         }
         _ => None,
     };
+    model.set_gradient_checkpointing(config.gradient_checkpointing);
     DpoPolicy {
         model,
         loss: config.loss(),
