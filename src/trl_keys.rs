@@ -63,7 +63,8 @@ const HUB: &str =
 const ONE_DEVICE: &str = "prefer trains on one device (data parallelism is a later issue)";
 const LOADER: &str = "prefer reads the data files directly, without a data loader";
 const LOGGING: &str = "prefer writes metrics.jsonl, metrics.csv and plots into output_dir";
-const HALF: &str = "prefer computes in float32 (half-precision compute is a later issue); set it to false or leave it out";
+const FULL_EVAL: &str =
+    "evaluation computes in the training's type (`bf16`, `fp16` or `bnb_4bit_compute_dtype`)";
 const CHECKPOINTING: &str = "prefer's gradient_checkpointing recomputes each decoder layer in a backward pass of its own; torch's checkpoint options (use_reentrant, ...) have no counterpart";
 
 /// TRL 1.16's keys, in the order `trl dpo --config` reads them, then older names.
@@ -96,10 +97,10 @@ pub const TRL_KEYS: &[TrlKey] = &[
     key("average_tokens_across_devices", "true", Inert(ONE_DEVICE)),
     key("max_grad_norm", "1.0", Same),
     key("label_smoothing_factor", "0.0", Refused("DPO's label smoothing is `label_smoothing`")),
-    key("bf16", "null", Check(half)),
-    key("fp16", "false", Check(half)),
-    key("bf16_full_eval", "false", Check(half)),
-    key("fp16_full_eval", "false", Check(half)),
+    key("bf16", "null", Same),
+    key("fp16", "false", Same),
+    key("bf16_full_eval", "false", Inert(FULL_EVAL)),
+    key("fp16_full_eval", "false", Inert(FULL_EVAL)),
     key("tf32", "null", Inert("no effect on the CPU; on CUDA, CubeCL runs f32 matmuls as TF32")),
     key("activation_checkpointing", "null", Alias("gradient_checkpointing")),
     key("activation_checkpointing_kwargs", "null", Inert(CHECKPOINTING)),
@@ -367,14 +368,6 @@ fn pad_token(v: &Value) -> Verdict {
     }
 }
 
-/// Half precision is refused until it is implemented; `false` (or unset) is what prefer does.
-fn half(v: &Value) -> Verdict {
-    match v.as_bool() {
-        Some(true) => Verdict::Refuse(HALF.into()),
-        _ => Verdict::Quiet,
-    }
-}
-
 fn disable_tqdm(v: &Value) -> Verdict {
     match v.as_bool() {
         Some(true) => Verdict::Warn("the progress bar shows only on a terminal".into()),
@@ -419,7 +412,16 @@ fn dtype(v: &Value) -> Verdict {
         Some("auto") => {
             Verdict::Warn("the weights are loaded as float32 whatever the checkpoint stores".into())
         }
-        _ => Verdict::Refuse(format!("{v}: {HALF}")),
+        Some(
+            "bfloat16" | "bf16" | "torch.bfloat16" | "float16" | "fp16" | "half" | "torch.float16",
+        ) => Verdict::Warn(
+            "the weights are loaded as float32 (or NF4); the compute type is `bf16`, `fp16` or \
+             `bnb_4bit_compute_dtype`"
+                .into(),
+        ),
+        _ => Verdict::Refuse(format!(
+            "{v}: prefer loads weights as float32 and computes in float32, bfloat16 or float16"
+        )),
     }
 }
 

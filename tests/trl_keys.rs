@@ -9,7 +9,7 @@ use prefer::{
     ConfigFile, RunConfig,
     dpo::{
         data::TruncationMode,
-        train::{IntervalStrategy, LrSchedulerType, SaveStrategy},
+        train::{ComputeDtype, IntervalStrategy, LrSchedulerType, SaveStrategy},
     },
     trl_keys::{Answer, Source, TRL_KEYS, UNSET_BOOLS, trl_key},
 };
@@ -227,6 +227,7 @@ fn a_trl_qlora_recipe_loads_unchanged() {
     );
     assert!(c.load_in_4bit && c.bnb_4bit_use_double_quant);
     assert!(c.gradient_checkpointing);
+    assert_eq!(c.compute_dtype(), ComputeDtype::Float32, "bf16: false");
     // What it leaves out takes ModelConfig's defaults, as `trl dpo` would.
     assert_eq!((c.lora_alpha, c.lora_dropout), (32.0, 0.05));
     assert_eq!(c.learning_rate, 5e-6);
@@ -250,7 +251,6 @@ fn what_prefer_cannot_do_is_refused_with_the_key_and_its_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let recipe = std::fs::read_to_string(fixtures().join("recipes/dpo_qlora.yaml")).unwrap();
     for (from, to, key, says) in [
-        ("bf16: false", "bf16: true", "bf16", "float32"),
         (
             "push_to_hub: false",
             "push_to_hub: true",
@@ -269,7 +269,7 @@ fn what_prefer_cannot_do_is_refused_with_the_key_and_its_line() {
             "r",
             "`lora_r` sets the same option",
         ),
-        ("dtype: float32", "dtype: bfloat16", "dtype", "float32"),
+        ("dtype: float32", "dtype: float64", "dtype", "float32"),
         ("use_peft: true", "use_peft: false", "use_peft", "LoRA"),
         ("seed: 7", "sed: 7", "sed", "did you mean `seed`?"),
     ] {

@@ -784,3 +784,146 @@ fn gradient_checkpointing_replays_dropout() {
         "directional derivative {slope} vs gradient norm {norm}"
     );
 }
+
+/// Each completion token's log-prob, row by row, from `[rows, T − 1]` values and their mask.
+fn completion_tokens(
+    values: burn::tensor::Tensor<Flex, 2>,
+    mask: burn::tensor::Tensor<Flex, 2>,
+) -> Vec<Vec<f64>> {
+    let [rows, t] = values.dims();
+    let v: Vec<f64> = values.into_data().convert::<f64>().to_vec().unwrap();
+    let m: Vec<f64> = mask.into_data().convert::<f64>().to_vec().unwrap();
+    (0..rows)
+        .map(|r| {
+            (0..t)
+                .filter(|&j| m[r * t + j] > 0.0)
+                .map(|j| v[r * t + j])
+                .collect()
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two nested lists of the same shape.
+fn worst_abs(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f64::max)
+}
+
+fn nested(x: &Value) -> Vec<Vec<f64>> {
+    x.as_array().unwrap().iter().map(floats).collect()
+}
+
+/// Half-precision compute (`bf16`, `fp16`) on burn-flex against TRL run in the same type on the
+/// CPU (`half.json`). Rounding to 8 (bf16) or 11 (fp16) significant bits makes every
+/// implementation land somewhere else, so prefer's numbers are judged by their distance to the
+/// float32 ones (TRL's, `losses.json`): per-token log-probs, per-row sums of policy and
+/// reference, the loss and the LoRA gradients must be at most twice as far from float32 as TRL's
+/// own half-precision numbers are — and farther than float32 rounding (1e-4), which shows the
+/// model did compute in half precision.
+#[test]
+fn half_precision_is_as_close_to_float32_as_trls() {
+    use burn::tensor::FloatDType;
+    type AB = Autodiff<Flex>;
+    let f = fixture();
+    let half: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("dpo/half.json")).unwrap())
+            .unwrap();
+    let pp = &f["per_pair"];
+    let f32_tokens = [
+        nested(&pp["policy_chosen_token_logps"]),
+        nested(&pp["policy_rejected_token_logps"]),
+    ]
+    .concat();
+    let f32_sums = [
+        floats(&pp["policy_chosen_logps"]),
+        floats(&pp["policy_rejected_logps"]),
+        floats(&pp["reference_chosen_logps"]),
+        floats(&pp["reference_rejected_logps"]),
+    ];
+    let f32_loss = f["sigmoid_grads"]["loss"].as_f64().unwrap();
+    let f32_grads = trl_grads("sigmoid_grads");
+    for (name, dtype) in [("bf16", FloatDType::BF16), ("fp16", FloatDType::F16)] {
+        let t = &half[name];
+        let device = Default::default();
+        let (mut model, _) = models::<AB>(&device);
+        model.set_compute_dtype(dtype);
+        // Per-token log-probs of the policy (forward only, on the inner backend).
+        let inner = burn::module::AutodiffModule::valid(&model);
+        let rows = batch::<Flex>(&f, &device, Packing::PaddingFree);
+        let logps = prefer_dpo::logps::sequence_logps(&inner, &rows);
+        let tokens = completion_tokens(logps.token_logps, logps.mask);
+        let (trl_tokens, ours) = (
+            worst_abs(&nested(&t["policy_token_logps"]), &f32_tokens),
+            worst_abs(&tokens, &f32_tokens),
+        );
+        assert!(
+            ours <= 2.0 * trl_tokens && ours > 1e-4,
+            "{name}: per-token log-probs {ours:e} from float32 (TRL's {name}: {trl_tokens:e})"
+        );
+        // The training step: loss, per-row sums and LoRA gradients.
+        let (loss, grads, _) = dpo_step(model, Packing::PaddingFree, None);
+        let records = {
+            let (mut m, _) = models::<AB>(&device);
+            m.set_compute_dtype(dtype);
+            let policy = prefer_dpo::train::DpoPolicy {
+                model: m,
+                loss: LossConfig::default(),
+                reference: None,
+            };
+            let input = prefer_dpo::train::DpoInput {
+                batch: batch::<AB>(&f, &device, Packing::PaddingFree),
+                kl_batch: None,
+                ref_logps: None,
+            };
+            policy.infer(input).unwrap().records
+        };
+        let sums = [
+            records.chosen,
+            records.rejected,
+            records.ref_chosen,
+            records.ref_rejected,
+        ];
+        let trl_sums = [floats(&t["policy_logps"]), floats(&t["reference_logps"])].concat();
+        let want: Vec<f64> = f32_sums.concat();
+        let ours_sums = worst_abs(&[sums.concat()], std::slice::from_ref(&want));
+        let trl_sums = worst_abs(&[trl_sums], &[want]);
+        assert!(
+            ours_sums <= 2.0 * trl_sums,
+            "{name}: sequence log-probs {ours_sums:e} from float32 (TRL's {name}: {trl_sums:e})"
+        );
+        let (ours_loss, trl_loss) = (
+            (loss - f32_loss).abs(),
+            (t["loss"].as_f64().unwrap() - f32_loss).abs(),
+        );
+        assert!(
+            ours_loss <= 2.0 * trl_loss,
+            "{name}: loss {loss} vs float32 {f32_loss} (TRL's {name}: {})",
+            t["loss"]
+        );
+        let file = format!("{name}_grads");
+        let trl_half = trl_grads(&file);
+        let keys: Vec<(String, Vec<f32>)> = grads
+            .iter()
+            .map(|(k, _)| (k.clone(), trl_half(k)))
+            .collect();
+        let (ours_grads, trl_grads_off) = (
+            worst_difference(&grads, &f32_grads),
+            worst_difference(&keys, &f32_grads),
+        );
+        assert!(
+            ours_grads <= 2.0 * trl_grads_off,
+            "{name}: LoRA gradients {ours_grads:e} from float32 (TRL's {name}: {trl_grads_off:e})"
+        );
+        println!(
+            "{name}: from float32, prefer vs TRL — tokens {ours:.3e} / {trl_tokens:.3e}, sums \
+             {ours_sums:.3e} / {trl_sums:.3e}, loss {ours_loss:.3e} / {trl_loss:.3e}, gradients \
+             {ours_grads:.3e} / {trl_grads_off:.3e}"
+        );
+    }
+}

@@ -12,9 +12,9 @@ use burn::{
 use prefer_dpo::{
     data::TokenizedPair,
     train::{
-        IntervalStrategy, LrSchedule, LrSchedulerKwargs, LrSchedulerType, Plateau, PlateauOptions,
-        ReferenceSource, Resume, SaveStrategy, Silent, TrainConfig, TrainError, TrainRun,
-        TrainSummary, clip::average_and_clip, list_checkpoints, train,
+        ComputeDtype, IntervalStrategy, LrSchedule, LrSchedulerKwargs, LrSchedulerType, Plateau,
+        PlateauOptions, ReferenceSource, Resume, SaveStrategy, Silent, TrainConfig, TrainError,
+        TrainRun, TrainSummary, clip::average_and_clip, list_checkpoints, train,
     },
 };
 use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights};
@@ -634,7 +634,7 @@ fn precomputed_reference_is_cached_and_matches_the_snapshot() {
 fn the_reference_cache_key_covers_every_setting_that_changes_a_log_prob() {
     use prefer_dpo::{
         data::TruncationMode,
-        train::{ComputeDtype, Fingerprint, QuantType, cache_key},
+        train::{Fingerprint, QuantType, cache_key},
     };
     let base = base_config(Path::new("unused"));
     let (train_pairs, eval_pairs) = (pairs(4, 1), pairs(2, 2));
@@ -667,6 +667,13 @@ fn the_reference_cache_key_covers_every_setting_that_changes_a_log_prob() {
             "bnb_4bit_compute_dtype",
             TrainConfig {
                 bnb_4bit_compute_dtype: ComputeDtype::Bfloat16,
+                ..base.clone()
+            },
+        ),
+        (
+            "fp16",
+            TrainConfig {
+                fp16: true,
                 ..base.clone()
             },
         ),
@@ -810,11 +817,39 @@ fn bad_options_are_named_before_any_work() {
             },
             "save_strategy",
         ),
+        (
+            TrainConfig {
+                bf16: true,
+                fp16: true,
+                ..base_config(&out)
+            },
+            "fp16",
+        ),
+        (
+            TrainConfig {
+                bf16: true,
+                bnb_4bit_compute_dtype: ComputeDtype::Float16,
+                ..base_config(&out)
+            },
+            "bnb_4bit_compute_dtype",
+        ),
     ] {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.key, key, "{err}");
         assert!(err.to_string().contains(key));
     }
+    // A backend without the type says so, naming the key and the backend, before any work.
+    let half = TrainConfig {
+        bf16: true,
+        ..base_config(&out)
+    };
+    let err = half
+        .check_backend::<burn::backend::NdArray>(&Default::default())
+        .unwrap_err();
+    assert_eq!(err.key, "bf16", "{err}");
+    assert!(err.message.contains("bfloat16"), "{err}");
+    half.check_backend::<burn::backend::Flex>(&Default::default())
+        .unwrap();
     assert!(!out.exists());
 }
 

@@ -30,6 +30,7 @@ pub use generate::{SamplingConfig, generate, generate_batch};
 pub use host::DeviceReadError;
 pub use linear::{
     DenseFactory, DenseLinear, LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection,
+    cast_to,
 };
 pub use loader::{Checkpoint, hub_cache, load_dense};
 pub use model::{DenseLlama, LlamaModel};

@@ -3,7 +3,7 @@
 
 use burn::{
     module::{Module, Param, ParamId},
-    tensor::{Tensor, backend::Backend},
+    tensor::{DType, FloatDType, Tensor, backend::Backend},
 };
 
 use prefer_kernels::{FrozenMatmulBackend, frozen_matmul};
@@ -87,9 +87,19 @@ impl LinearSite {
     }
 }
 
+/// `t` in the floating type `dtype` (no copy when it already is): the compute type follows the
+/// activations, so that weights kept in f32 (LoRA factors, norms) meet them in half precision.
+pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
 /// A linear map `y = x·Wᵀ + b` over the last dimension.
 pub trait LinearLayer<B: Backend>: Module<B> + burn::module::ModuleDisplay {
-    /// Applies the map to `[batch, len, in_features]`.
+    /// Applies the map to `[batch, len, in_features]`, computing in `x`'s floating type.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3>;
     /// The effective weight `[out, in]` in full precision (dequantised, adapters merged), for
     /// exporting a merged checkpoint; not used on the training path.
@@ -177,9 +187,10 @@ impl<B: Backend> DenseLinear<B> {
 
 impl<B: FrozenMatmulBackend> LinearLayer<B> for DenseLinear<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = frozen_matmul(x, self.weight.val());
+        let dtype = x.dtype();
+        let y = frozen_matmul(x, cast_to(self.weight.val(), dtype));
         match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
+            Some(b) => y + cast_to(b.val(), dtype).unsqueeze(),
             None => y,
         }
     }

@@ -5,7 +5,7 @@ use burn::{
     module::{Module, Param, ParamId},
     nn::{Embedding, RmsNorm},
     tensor::{
-        Bool, Int, Tensor, TensorData,
+        Bool, DType, FloatDType, Int, Tensor, TensorData,
         backend::{AutodiffBackend, Backend},
     },
 };
@@ -18,7 +18,7 @@ use crate::{
     config::LlamaConfig,
     error::Result,
     kv_cache::KvCache,
-    linear::{LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection},
+    linear::{LinearFactory, LinearLayer, LinearSite, LinearSpec, Projection, cast_to},
     mlp::Mlp,
     rope::{RopeTables, RotaryEmbedding},
     weights::{WeightSource, fetch},
@@ -37,9 +37,11 @@ pub struct DecoderLayer<B: Backend, L> {
     pub mlp: Mlp<B, L>,
 }
 
-/// RMSNorm through the fused operation (statistics in f32, a hand-written backward).
+/// RMSNorm through the fused operation (statistics in f32, a hand-written backward), in `x`'s
+/// floating type.
 fn norm<B: LayerBackend, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    rms_norm(x, n.gamma.val(), n.epsilon)
+    let gamma = cast_to(n.gamma.val(), x.dtype());
+    rms_norm(x, gamma, n.epsilon)
 }
 
 impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
@@ -110,6 +112,9 @@ pub struct LlamaModel<B: Backend, L> {
     /// Layer inputs saved for recomputation when activation checkpointing is on.
     #[module(skip)]
     checkpoints: Option<ActivationCheckpoints>,
+    /// The floating type the decoder layers compute in (see [`Self::set_compute_dtype`]).
+    #[module(skip)]
+    compute_dtype: FloatDType,
 }
 
 /// The full-precision model.
@@ -195,6 +200,7 @@ impl<B: Backend, L: LinearLayer<B>> LlamaModel<B, L> {
             config: c.clone(),
             rope: RotaryEmbedding::new(c),
             checkpoints: None,
+            compute_dtype: FloatDType::F32,
         })
     }
 }
@@ -247,8 +253,12 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
     /// `input_ids` `[batch, len]` whose `batch · len` token rows split into `layout`'s sequences.
     fn forward_layout(&self, input_ids: Tensor<B, 2, Int>, layout: &SeqLayout) -> Tensor<B, 3> {
         let device = input_ids.device();
-        let rope = self.rope.tables::<B>(&layout.positions(), &device);
-        let mut x = self.embed_tokens.forward(input_ids);
+        let dtype = DType::from(self.compute_dtype);
+        let rope = self
+            .rope
+            .tables::<B>(&layout.positions(), &device)
+            .cast(dtype);
+        let mut x = cast_to(self.embed_tokens.forward(input_ids), dtype);
         match &self.checkpoints {
             // Only a graph's activations are worth recomputing.
             Some(checkpoints) if B::ad_enabled(&device) => {
@@ -260,7 +270,8 @@ impl<B: LayerBackend, L: LinearLayer<B>> LlamaModel<B, L> {
                 }
             }
         }
-        norm(&self.norm, x)
+        // The final norm and the LM head after it in f32: log-probs from unrounded logits.
+        norm(&self.norm, cast_to(x, DType::F32))
     }
 
     /// Generation: `input_ids` `[batch, len]` after the cached positions; rows may be left-padded
@@ -354,6 +365,23 @@ impl<B: Backend, L> LlamaModel<B, L> {
     /// Whether activation checkpointing is on.
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpoints.is_some()
+    }
+
+    /// The floating type of the decoder layers' activations and matmuls in training and
+    /// evaluation forward passes (`bf16` / `fp16` in TRL's terms): the embedding output is cast to
+    /// it, each projection's weight meets it there (NF4 dequantised in f32 and rounded once,
+    /// f32 LoRA factors and norms cast per use, so their gradients arrive in f32), RMSNorm
+    /// statistics and the attention softmax stay in f32, and the final norm and the LM head run
+    /// in f32, so hidden states and log-probs leave the model in f32. Generation (the cached
+    /// forward) computes in f32. The backend must support the type
+    /// (`Backend::supports_dtype`); callers check that first.
+    pub fn set_compute_dtype(&mut self, dtype: FloatDType) {
+        self.compute_dtype = dtype;
+    }
+
+    /// The decoder layers' floating type.
+    pub fn compute_dtype(&self) -> FloatDType {
+        self.compute_dtype
     }
 
     /// Every projection with its site, in checkpoint order.

@@ -24,6 +24,16 @@ pub struct RopeTables<B: Backend> {
     pub sin: Tensor<B, 2>,
 }
 
+impl<B: Backend> RopeTables<B> {
+    /// The tables in the floating type `dtype` (angles are computed in f32 on the host).
+    pub fn cast(self, dtype: burn::tensor::DType) -> Self {
+        Self {
+            cos: crate::linear::cast_to(self.cos, dtype),
+            sin: crate::linear::cast_to(self.sin, dtype),
+        }
+    }
+}
+
 impl RotaryEmbedding {
     /// Frequencies for the config's head width, base and scaling.
     pub fn new(config: &LlamaConfig) -> Self {

@@ -15,7 +15,7 @@ use burn::{
     tensor::{Tensor, backend::Backend},
 };
 use prefer_kernels::{LoraBackend, lora_update};
-use prefer_llama::{HostTensor, LinearLayer};
+use prefer_llama::{HostTensor, LinearLayer, cast_to};
 
 /// The magnitude of one DoRA-adapted layer.
 #[derive(Module, Debug)]
@@ -130,10 +130,14 @@ pub fn dora_forward<B: LoraBackend, L: LinearLayer<B>>(
     dora: &DoraMagnitude<B>,
 ) -> Tensor<B, 3> {
     let [_, _, d_out] = y.dims();
-    let g = dora
-        .row_scale(base, a.clone(), b.clone(), scaling)
-        .reshape([1, 1, d_out]);
-    let bias = base.bias().map(|bias| bias.reshape([1, 1, d_out]));
+    // The row norms in the factors' f32; the update in the activations' type.
+    let dtype = y.dtype();
+    let g =
+        cast_to(dora.row_scale(base, a.clone(), b.clone(), scaling), dtype).reshape([1, 1, d_out]);
+    let (a, b) = (cast_to(a, dtype), cast_to(b, dtype));
+    let bias = base
+        .bias()
+        .map(|bias| cast_to(bias, dtype).reshape([1, 1, d_out]));
     let unbiased = |t: Tensor<B, 3>| match &bias {
         Some(bias) => t - bias.clone(),
         None => t,

@@ -9,7 +9,9 @@ use burn::{
     tensor::{Distribution, Tensor, backend::Backend},
 };
 use prefer_kernels::{LoraBackend, lora_update};
-use prefer_llama::{HostTensor, LinearFactory, LinearLayer, LinearSpec, Result, WeightSource};
+use prefer_llama::{
+    HostTensor, LinearFactory, LinearLayer, LinearSpec, Result, WeightSource, cast_to,
+};
 
 use crate::{
     config::LoraConfig,
@@ -173,7 +175,11 @@ impl<B: LoraBackend, L: LinearLayer<B>> LinearLayer<B> for LoraLinear<B, L> {
                 match &ad.dora {
                     Some(dora) => dora_forward(&self.base, y, x, &self.dropout, factors, dora),
                     None => {
-                        lora_update(y, self.dropout.forward(x), factors.0, factors.1, factors.2)
+                        // f32 factors meet half-precision activations in their type; the
+                        // cast's backward returns their gradients in f32.
+                        let dtype = x.dtype();
+                        let (a, b) = (cast_to(factors.0, dtype), cast_to(factors.1, dtype));
+                        lora_update(y, self.dropout.forward(x), a, b, factors.2)
                     }
                 }
             }

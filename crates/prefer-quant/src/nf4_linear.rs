@@ -12,7 +12,7 @@ use burn::{
 use prefer_kernels::{FrozenMatmulBackend, Nf4DequantBackend, frozen_matmul, nf4_dequantize};
 use prefer_llama::{
     DeviceReadError, HostTensor, LinearFactory, LinearLayer, LinearSpec, LoadError, Result,
-    WeightSource, host::read,
+    WeightSource, host::read, linear::cast_to,
 };
 
 use crate::{
@@ -198,9 +198,11 @@ impl<B: Backend> Nf4Linear<B> {
 
 impl<B: Nf4DequantBackend + FrozenMatmulBackend> LinearLayer<B> for Nf4Linear<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = frozen_matmul(x, self.dequantize().transpose());
+        // Dequantised in f32 and rounded once into the compute type, as bitsandbytes does.
+        let dtype = x.dtype();
+        let y = frozen_matmul(x, cast_to(self.dequantize(), dtype).transpose());
         match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
+            Some(b) => y + cast_to(b.val(), dtype).unsqueeze(),
             None => y,
         }
     }

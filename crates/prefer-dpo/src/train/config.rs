@@ -229,14 +229,14 @@ pub enum QuantType {
 /// The compute dtype (`bnb_4bit_compute_dtype`); torch's spellings are accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ComputeDtype {
-    /// 32-bit floats (the only one prefer computes in).
+    /// 32-bit floats.
     #[default]
     #[serde(rename = "float32", alias = "fp32", alias = "torch.float32")]
     Float32,
-    /// 16-bit floats: refused in [`TrainConfig::validate`].
+    /// IEEE half precision (`fp16`).
     #[serde(rename = "float16", alias = "fp16", alias = "torch.float16")]
     Float16,
-    /// bfloat16: refused in [`TrainConfig::validate`].
+    /// bfloat16 (`bf16`).
     #[serde(rename = "bfloat16", alias = "bf16", alias = "torch.bfloat16")]
     Bfloat16,
 }
@@ -248,6 +248,15 @@ impl ComputeDtype {
             Self::Float32 => "float32",
             Self::Float16 => "float16",
             Self::Bfloat16 => "bfloat16",
+        }
+    }
+
+    /// Burn's floating type of this name.
+    pub fn float_dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Self::Float32 => burn::tensor::FloatDType::F32,
+            Self::Float16 => burn::tensor::FloatDType::F16,
+            Self::Bfloat16 => burn::tensor::FloatDType::BF16,
         }
     }
 }
@@ -427,8 +436,16 @@ pub struct TrainConfig {
     pub bnb_4bit_quant_type: QuantType,
     /// Quantise the NF4 block scales too.
     pub bnb_4bit_use_double_quant: bool,
-    /// Compute dtype; prefer computes in `float32`.
+    /// The type the dequantised weights and, without `bf16`/`fp16`, the whole forward and backward
+    /// pass compute in (`float32`, `bfloat16`, `float16`).
     pub bnb_4bit_compute_dtype: ComputeDtype,
+
+    // --- precision (TrainingArguments) ---
+    /// Compute in bfloat16: the decoder layers' activations and matmuls; LoRA factors and AdamW
+    /// state stay f32 (master weights), log-probs, sums and the loss f32.
+    pub bf16: bool,
+    /// Compute in IEEE half precision, as `bf16` does in bfloat16.
+    pub fp16: bool,
 }
 
 impl Default for TrainConfig {
@@ -501,6 +518,8 @@ impl Default for TrainConfig {
             bnb_4bit_quant_type: QuantType::Nf4,
             bnb_4bit_use_double_quant: true,
             bnb_4bit_compute_dtype: ComputeDtype::Float32,
+            bf16: false,
+            fp16: false,
         }
     }
 }
@@ -683,15 +702,7 @@ impl TrainConfig {
                 "`fp4`: prefer implements nf4 only",
             ));
         }
-        if self.bnb_4bit_compute_dtype != ComputeDtype::Float32 {
-            return Err(bad(
-                "bnb_4bit_compute_dtype",
-                format!(
-                    "`{}`: prefer computes in float32",
-                    self.bnb_4bit_compute_dtype.name()
-                ),
-            ));
-        }
+        self.validate_precision()?;
         if self.early_stopping_patience == Some(0) {
             return Err(bad(
                 "early_stopping_patience",
@@ -714,6 +725,71 @@ impl TrainConfig {
         }
         self.validate_reference_sync()?;
         self.validate_best_model()
+    }
+
+    /// The floating type the model computes in: `bf16` or `fp16` when one is set (TRL's mixed
+    /// precision), else `bnb_4bit_compute_dtype`. [`Self::validate`] refuses the two flags
+    /// together and a flag that contradicts a half-precision `bnb_4bit_compute_dtype`.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        match (self.bf16, self.fp16) {
+            (true, _) => ComputeDtype::Bfloat16,
+            (_, true) => ComputeDtype::Float16,
+            _ => self.bnb_4bit_compute_dtype,
+        }
+    }
+
+    /// Whether backend `B` on `device` computes in [`Self::compute_dtype`]; the error names the
+    /// key that asked for it and the backend.
+    pub fn check_backend<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<(), ConfigError> {
+        let dtype = self.compute_dtype();
+        if B::supports_dtype(device, dtype.float_dtype().into()) {
+            return Ok(());
+        }
+        let key = match (self.bf16, self.fp16) {
+            (true, _) => "bf16",
+            (_, true) => "fp16",
+            _ => "bnb_4bit_compute_dtype",
+        };
+        Err(bad(
+            key,
+            format!(
+                "backend {} cannot compute in {}: use flex (the CPU default) or a GPU backend \
+                 (wgpu has no bfloat16), or compute in float32",
+                B::name(device),
+                dtype.name()
+            ),
+        ))
+    }
+
+    fn validate_precision(&self) -> Result<(), ConfigError> {
+        if self.bf16 && self.fp16 {
+            return Err(bad(
+                "fp16",
+                "bf16 is set too: choose one half-precision type",
+            ));
+        }
+        let flag = match (self.bf16, self.fp16) {
+            (true, _) => Some(("bf16", ComputeDtype::Bfloat16)),
+            (_, true) => Some(("fp16", ComputeDtype::Float16)),
+            _ => None,
+        };
+        if let Some((key, dtype)) = flag
+            && self.bnb_4bit_compute_dtype != ComputeDtype::Float32
+            && self.bnb_4bit_compute_dtype != dtype
+        {
+            return Err(bad(
+                "bnb_4bit_compute_dtype",
+                format!(
+                    "`{}` contradicts {key} = true (which computes in {}): set one of them",
+                    self.bnb_4bit_compute_dtype.name(),
+                    dtype.name()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A reference-free method refuses the options that only make sense with a reference, and

@@ -137,7 +137,8 @@ pub fn cache_key(
         config.load_in_4bit,
         config.bnb_4bit_quant_type,
         config.bnb_4bit_use_double_quant,
-        config.bnb_4bit_compute_dtype,
+        // The type the model computes in (`bf16`/`fp16` or the 4-bit compute dtype).
+        config.compute_dtype(),
         config.max_length,
         config.max_prompt_length,
         config.max_completion_length,

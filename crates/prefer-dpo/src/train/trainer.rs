@@ -185,9 +185,10 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary, TrainError> {
     config.validate()?;
+    let device = model.embed_tokens.weight.device();
+    config.check_backend::<B>(&device)?;
     check_inputs(&model, &run, config)?;
     let out = create_output_dir(&config.output_dir)?;
-    let device = model.embed_tokens.weight.device();
     let mut policy = policy_with_reference(model, &run.reference, config);
     let precomputed = reference_logps(&policy, &run, config, observer)?;
     let inputs = Inputs {
@@ -716,6 +717,7 @@ fn policy_with_reference<B: TrainBackend, L: BaseLayer<B>>(
         _ => None,
     };
     model.set_gradient_checkpointing(config.gradient_checkpointing);
+    model.set_compute_dtype(config.compute_dtype().float_dtype());
     DpoPolicy {
         model,
         loss: config.loss(),
