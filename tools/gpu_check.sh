@@ -7,6 +7,7 @@
 #   2. the selective log-softmax bench on the device: forward + backward times against the naive
 #      path, and the forward's bandwidth as a fraction of a copy's (the target: ≥ 80 %);
 #   3. a short `prefer train` (the built-in job: NF4 base, LoRA, DPO) on CUDA and on the CPU,
+#      in f32 and in bf16 with activation checkpointing,
 #      with their logged losses side by side;
 #   4. when the bundle holds a model (GPU_BUNDLE_MODEL), the side-by-side bench's step (f32 base,
 #      LoRA r 8 on all linear layers, 4 pairs a step) timed on CUDA and on the CPU.
@@ -138,6 +139,14 @@ for backend in cuda flex; do
     train "$backend" "$work/builtin-$backend" --eval_on_start false
 done
 compare "$work/builtin-cuda" "$work/builtin-flex"
+
+echo
+echo "## 3b. The same in bf16 with activation checkpointing: CUDA beside the CPU"
+for backend in cuda flex; do
+    train "$backend" "$work/builtin-bf16-$backend" --eval_on_start false --bf16 \
+        --gradient_checkpointing
+done
+compare "$work/builtin-bf16-cuda" "$work/builtin-bf16-flex"
 
 if [ -d "$bundle/model" ]; then
     echo
