@@ -503,7 +503,7 @@ fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
         o.skipped
     );
     s += &format!(
-        "- loss: {} (beta {}), LoRA r {} alpha {} on {}, NF4 base: {}\n- {} optimiser steps in {:.1} s on {}{}\n- {}\n\n",
+        "- loss: {} (beta {}), LoRA r {} alpha {} on {}, NF4 base: {}, compute: {}{}\n- {} optimiser steps in {:.1} s on {}{}\n- {}\n\n",
         match config.method {
             prefer::dpo::loss::Method::Dpo => config
                 .loss_type
@@ -519,6 +519,12 @@ fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
         config.lora_alpha,
         config.target_modules.join(", "),
         config.load_in_4bit,
+        config.compute_dtype().name(),
+        if config.gradient_checkpointing {
+            " with activation checkpointing"
+        } else {
+            ""
+        },
         o.summary.steps,
         o.summary.seconds,
         o.backend,
