@@ -338,7 +338,7 @@ impl<B: LayerBackend + AutodiffBackend, L: LinearLayer<B>> LlamaModel<B, L> {
     /// [`Self::set_gradient_checkpointing`]). Without checkpointing, `loss.backward()`.
     ///
     /// # Panics
-    /// As `loss.backward()`, and if a layer that draws dropout masks cannot read its seed back.
+    /// As `loss.backward()`.
     pub fn backward(&self, loss: Tensor<B, 1>) -> B::Gradients {
         let mut grads = loss.backward();
         if let Some(checkpoints) = &self.checkpoints {
@@ -357,7 +357,9 @@ impl<B: Backend, L> LlamaModel<B, L> {
     /// pass of the layers. The gradients are the same (the layers run the same ops again). The
     /// embedding is frozen under checkpointing (no gradient flows below the first layer), and
     /// every checkpointed forward pass must be back-propagated with [`Self::backward`], not
-    /// `loss.backward()`, which would leave the layers without gradients.
+    /// `loss.backward()`, which would leave the layers without gradients. With adapter dropout
+    /// on, each checkpointed forward pass reads a seed from the device, and panics if that read
+    /// fails.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.checkpoints = on.then(ActivationCheckpoints::default);
     }
