@@ -44,9 +44,9 @@ fn norm<B: LayerBackend, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Ten
     rms_norm(x, gamma, n.epsilon)
 }
 
-impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
-    /// Whether a forward pass draws from the backend's generator (an adapter's dropout).
-    pub(crate) fn draws_randomness(&self) -> bool {
+impl<B: Backend, L> DecoderLayer<B, L> {
+    /// The seven projections, in [`Projection::ALL`]'s order.
+    fn projections(&self) -> [&L; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [
             &a.q_proj,
@@ -57,8 +57,15 @@ impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
             &m.up_proj,
             &m.down_proj,
         ]
-        .into_iter()
-        .any(LinearLayer::draws_randomness)
+    }
+}
+
+impl<B: Backend, L: LinearLayer<B>> DecoderLayer<B, L> {
+    /// Whether a forward pass draws from the backend's generator (an adapter's dropout).
+    pub(crate) fn draws_randomness(&self) -> bool {
+        self.projections()
+            .into_iter()
+            .any(LinearLayer::draws_randomness)
     }
 }
 
@@ -390,16 +397,7 @@ impl<B: Backend, L> LlamaModel<B, L> {
     pub fn projections(&self) -> Vec<(LinearSite, &L)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, l) in self.layers.iter().enumerate() {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for (p, layer) in Projection::ALL.into_iter().zip([
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ]) {
+            for (p, layer) in Projection::ALL.into_iter().zip(l.projections()) {
                 out.push((
                     LinearSite {
                         layer: i,
