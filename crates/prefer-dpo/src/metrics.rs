@@ -36,17 +36,42 @@ pub struct PairRecords {
 impl PairRecords {
     /// Appends another batch.
     pub fn extend(&mut self, other: &PairRecords) {
-        self.chosen.extend(&other.chosen);
-        self.rejected.extend(&other.rejected);
-        self.ref_chosen.extend(&other.ref_chosen);
-        self.ref_rejected.extend(&other.ref_rejected);
-        self.chosen_tokens.extend(&other.chosen_tokens);
-        self.rejected_tokens.extend(&other.rejected_tokens);
-        self.chosen_logit_sums.extend(&other.chosen_logit_sums);
-        self.rejected_logit_sums.extend(&other.rejected_logit_sums);
-        self.nll.extend(&other.nll);
-        self.nll_tokens.extend(&other.nll_tokens);
+        for (mine, theirs) in self.columns_mut().into_iter().zip(other.columns()) {
+            mine.extend(theirs);
+        }
         self.labels.extend(&other.labels);
+    }
+
+    /// The numeric columns, in declaration order (`labels` apart).
+    pub fn columns(&self) -> [&Vec<f64>; 10] {
+        [
+            &self.chosen,
+            &self.rejected,
+            &self.ref_chosen,
+            &self.ref_rejected,
+            &self.chosen_tokens,
+            &self.rejected_tokens,
+            &self.chosen_logit_sums,
+            &self.rejected_logit_sums,
+            &self.nll,
+            &self.nll_tokens,
+        ]
+    }
+
+    /// [`PairRecords::columns`], to write.
+    pub fn columns_mut(&mut self) -> [&mut Vec<f64>; 10] {
+        [
+            &mut self.chosen,
+            &mut self.rejected,
+            &mut self.ref_chosen,
+            &mut self.ref_rejected,
+            &mut self.chosen_tokens,
+            &mut self.rejected_tokens,
+            &mut self.chosen_logit_sums,
+            &mut self.rejected_logit_sums,
+            &mut self.nll,
+            &mut self.nll_tokens,
+        ]
     }
 
     /// Number of pairs.

@@ -15,6 +15,7 @@ use prefer_dpo::{
         ComputeDtype, IntervalStrategy, LrSchedule, LrSchedulerKwargs, LrSchedulerType, Plateau,
         PlateauOptions, ReferenceSource, Resume, SaveStrategy, Silent, TrainConfig, TrainError,
         TrainRun, TrainSummary, clip::average_and_clip, list_checkpoints, train,
+        train_data_parallel,
     },
 };
 use prefer_llama::{LlamaConfig, LlamaModel, MemoryWeights};
@@ -1530,4 +1531,146 @@ fn kto_options_are_checked_with_their_key() {
     })
     .validate()
     .unwrap();
+}
+
+/// [`run`] over `devices` CPU replicas (one thread each, sharing the one ndarray device).
+fn run_replicas(
+    devices: usize,
+    config: &TrainConfig,
+    resume: Option<Resume>,
+) -> Result<TrainSummary, TrainError> {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let r = TrainRun {
+        train: pairs(64, 1),
+        eval: pairs(32, 2),
+        pad_id: 0,
+        reference: ReferenceSource::Snapshot,
+        base_model: Some("toy".into()),
+        model_fingerprint: prefer_dpo::train::Fingerprint::default().str("toy-model"),
+        resume,
+    };
+    let cpus = vec![Default::default(); devices];
+    train_data_parallel(nf4_model(config), &cpus, r, config, &mut Silent)
+}
+
+/// The largest difference between two adapters relative to the largest weight of each tensor.
+fn adapter_distance(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (adapter_tensors(a), adapter_tensors(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(key, x)| {
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            x.iter()
+                .zip(&b[key])
+                .map(|(x, y)| (x - y).abs() / scale)
+                .fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Data parallelism is the same training: 2 replicas of 2 pairs train the adapter (and log the
+/// losses and evaluations) of 1 device with 4, with and without accumulation, padded and
+/// padding-free.
+///
+/// Adam divides each gradient by its own running size, so a gradient that nearly cancels gets a
+/// full-size update whose sign follows its rounding, and any change in the order of the sums
+/// (4 pairs at once, or 2 + 2) shows in the adapter at 1e-5. So the ≤ 1e-6 comparison runs with
+/// `adam_epsilon = 1`, where the update is proportional to the gradient; with TRL's ε the
+/// replicas must come as close to one device as accumulating the same micro-batches on it does
+/// (bit-identical without accumulation, where the sums are the same).
+#[test]
+fn two_replicas_train_what_one_device_trains_with_their_joint_batch() {
+    let (one, two) = (scratch("dp-one"), scratch("dp-two"));
+    for (accumulation, padding_free) in [(1, false), (2, true)] {
+        let cfg = |out: &Path, per_device, accumulation| TrainConfig {
+            max_steps: 4,
+            per_device_train_batch_size: per_device,
+            gradient_accumulation_steps: accumulation,
+            padding_free: Some(padding_free),
+            logging_steps: 1,
+            eval_strategy: Some(IntervalStrategy::Steps),
+            eval_steps: Some(2),
+            ..base_config(out)
+        };
+        let case = format!("accumulation {accumulation}, padding_free {padding_free}");
+        let linear = |c: TrainConfig| TrainConfig {
+            adam_epsilon: 1.0,
+            ..c
+        };
+        let single = run_replicas(1, &linear(cfg(&one, 4, accumulation)), None).unwrap();
+        let joint = run_replicas(2, &linear(cfg(&two, 2, accumulation)), None).unwrap();
+        let distance = adapter_distance(&single.adapter_dir, &joint.adapter_dir);
+        assert!(distance <= 1e-6, "{case}: {distance}");
+        let logged = |s: &TrainSummary, key: &str| -> Vec<f64> {
+            s.history.iter().filter_map(|r| r.get(key)).collect()
+        };
+        for key in [
+            "loss",
+            "grad_norm",
+            "eval_loss",
+            "rewards/accuracies",
+            "tokens",
+        ] {
+            let (want, got) = (logged(&single, key), logged(&joint, key));
+            assert_eq!(want.len(), got.len(), "{case}: {key}");
+            assert!(!want.is_empty(), "{case}: {key} is logged");
+            for (w, g) in want.iter().zip(&got) {
+                assert!(
+                    (w - g).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{case}: {key}: {g} vs {w}"
+                );
+            }
+        }
+
+        let single = run_replicas(1, &cfg(&one, 4, accumulation), None).unwrap();
+        let joint = run_replicas(2, &cfg(&two, 2, accumulation), None).unwrap();
+        let accumulated = run_replicas(1, &cfg(&two, 2, 2 * accumulation), None).unwrap();
+        let distance = adapter_distance(&single.adapter_dir, &joint.adapter_dir);
+        let accumulating = adapter_distance(&single.adapter_dir, &accumulated.adapter_dir);
+        assert!(
+            distance <= 2.0 * accumulating,
+            "{case}: {distance} vs {accumulating}"
+        );
+        if accumulation == 1 {
+            assert_eq!(
+                adapter_bytes(&joint.adapter_dir),
+                adapter_bytes(&accumulated.adapter_dir),
+                "{case}"
+            );
+        }
+    }
+    for d in [one, two] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// A run checkpointed on 2 replicas resumes on 1 device with the same joint batch at the same
+/// place in its data, and ends where the uninterrupted 2-replica run does.
+#[test]
+fn a_two_replica_checkpoint_resumes_on_one_device() {
+    let (a, b) = (scratch("dp-straight"), scratch("dp-resumed"));
+    let cfg = |out: &Path, per_device| TrainConfig {
+        max_steps: 6,
+        save_steps: 3,
+        per_device_train_batch_size: per_device,
+        gradient_accumulation_steps: 2,
+        lr_scheduler_type: LrSchedulerType::Linear,
+        ..base_config(out)
+    };
+    let straight = run_replicas(2, &cfg(&a, 4), None).unwrap();
+    run_replicas(2, &cfg(&b, 4), None).unwrap();
+    let resumed = run_replicas(1, &cfg(&b, 8), Some(Resume::From(b.join("checkpoint-3")))).unwrap();
+    let distance = adapter_distance(&straight.adapter_dir, &resumed.adapter_dir);
+    assert!(distance <= 1e-6, "{distance}");
+    // A per-device batch that does not divide the pairs done is refused, naming the checkpoint.
+    let err = run_replicas(1, &cfg(&b, 5), Some(Resume::From(b.join("checkpoint-3"))))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("checkpoint-3") && err.contains("48 pairs"),
+        "{err}"
+    );
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }

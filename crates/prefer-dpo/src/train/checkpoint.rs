@@ -52,6 +52,11 @@ pub struct TrainerState {
     /// Where `reduce_lr_on_plateau` stands (with that schedule only).
     #[serde(default)]
     pub plateau: Option<Plateau>,
+    /// Pairs per micro-batch over all replicas when saved, so that a run resumed on another
+    /// number of devices finds its place in the epoch (absent in older checkpoints: the resumed
+    /// run's own).
+    #[serde(default)]
+    pub pairs_per_batch: Option<usize>,
 }
 
 /// The best checkpoint so far.

@@ -6,6 +6,7 @@ pub mod bounds;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod data_parallel;
 pub mod early_stopping;
 pub mod learner;
 pub mod metrics_log;
@@ -18,6 +19,7 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 mod window;
+pub mod wire;
 
 use std::path::PathBuf;
 
@@ -29,6 +31,7 @@ pub use config::{
     ComputeDtype, ConfigError, IntervalStrategy, LrSchedulerKwargs, LrSchedulerType, QuantType,
     SaveStrategy, TrainConfig, WsdShape,
 };
+pub use data_parallel::Replica;
 pub use early_stopping::{EarlyStopping, Progress};
 pub use learner::{DpoLearner, Shared, TrlSchedule};
 pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
@@ -40,6 +43,7 @@ pub use schedule::LrSchedule;
 pub use step::{DpoInput, DpoOutput, DpoPolicy};
 pub use trainer::{
     ReferenceSource, Resume, Silent, Throughput, TrainObserver, TrainRun, TrainSummary, train,
+    train_data_parallel,
 };
 
 /// Why training stopped with an error.
@@ -65,6 +69,22 @@ pub enum TrainError {
         /// What went wrong.
         message: String,
     },
+    /// Replicas could not exchange their values (this replica stopped, or another one did).
+    #[error("replica {rank}: {message}")]
+    Collective {
+        /// The replica that reports it.
+        rank: usize,
+        /// What happened.
+        message: String,
+    },
+    /// A replica of a data-parallel run failed; the others stopped.
+    #[error("replica {rank} failed (the other replicas stopped): {source}")]
+    Replica {
+        /// Its rank.
+        rank: usize,
+        /// Its error.
+        source: Box<TrainError>,
+    },
     /// The loss or the gradient norm is NaN or infinite; the step was not applied.
     #[error(
         "step {step}: {metric} is {value}; training stopped before applying the step ({})",
@@ -83,4 +103,11 @@ pub enum TrainError {
         /// The newest checkpoint on disk.
         last_checkpoint: Option<PathBuf>,
     },
+}
+
+impl TrainError {
+    /// Whether this is a replica stopping because another one did (not the run's cause).
+    pub fn is_knock_on(&self) -> bool {
+        matches!(self, Self::Collective { message, .. } if message.ends_with(data_parallel::STOPPED))
+    }
 }

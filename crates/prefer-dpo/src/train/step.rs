@@ -180,13 +180,26 @@ impl<B: TrainBackend, L: BaseLayer<B>> DpoPolicy<B, L> {
                 .as_ref()
                 .map(|kl| KlValues::of(sequence_logps(&inner_model, kl)).map(Tensor::from_inner));
         }
+        // Burn 0.21's autodiff graphs are not safe to build on one thread while another thread
+        // builds or back-propagates its own (data-parallel replicas computed different gradients
+        // now and then): the graph work of a step holds the process's graph lock.
+        let graph = autodiff_graph_lock();
         let eval = self.evaluate_with(&input, kl);
         // Through the model: with activation checkpointing, its layers' gradients come after
         // the loss's own backward pass.
         let grads = self.model.backward(eval.loss.clone());
+        drop(graph);
         let out = self.output(&input, &eval)?;
         Ok(TrainOutput::new(self, grads, out))
     }
+}
+
+/// The lock a training step holds while it builds and back-propagates its autodiff graph.
+fn autodiff_graph_lock() -> std::sync::MutexGuard<'static, ()> {
+    static GRAPH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GRAPH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<B: TrainBackend, L: BaseLayer<B>> TrainStep for DpoPolicy<B, L> {

@@ -12,9 +12,10 @@ use std::{
 };
 
 use burn::{
+    collective::CollectiveConfig,
     module::{AutodiffModule, Module},
     optim::{AdamWConfig, GradientsAccumulator},
-    tensor::backend::Backend,
+    tensor::backend::{AutodiffBackend, Backend},
     train::Learner,
 };
 use prefer_llama::LlamaModel;
@@ -30,6 +31,7 @@ use super::{
     },
     clip::average_and_clip,
     config::{IntervalStrategy, LrSchedulerType, SaveStrategy, TrainConfig},
+    data_parallel::{self, Replica},
     early_stopping::{EarlyStopping, Progress},
     learner::{DpoLearner, Shared, TrlSchedule},
     metrics_log::{LogRecord, MetricsLog},
@@ -185,22 +187,224 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary, TrainError> {
     config.validate()?;
-    let device = model.embed_tokens.weight.device();
-    config.check_backend::<B>(&device)?;
+    config.check_backend::<B>(&model.embed_tokens.weight.device())?;
     check_inputs(&model, &run, config)?;
-    let out = create_output_dir(&config.output_dir)?;
+    train_replica(model, &run, config, observer, &Replica::single())
+}
+
+/// [`train`] with data parallelism over `devices` of this process: one replica of the model per
+/// device (rank `i` on `devices[i]`), each running `per_device_train_batch_size` pairs of every
+/// micro-batch, the adapter gradients averaged over the replicas before each optimiser step.
+/// Rank 0 (here, with `observer`) writes the logs and checkpoints and runs the evaluations.
+///
+/// The adapter equals one device's with `per_device_train_batch_size × devices` pairs per
+/// micro-batch (the last, short micro-batch of an epoch is filled from the epoch's start, as
+/// accelerate's `even_batches` does).
+pub fn train_data_parallel<B: TrainBackend, L: BaseLayer<B>>(
+    model: LoraLlama<B, L>,
+    devices: &[B::Device],
+    run: TrainRun,
+    config: &TrainConfig,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
+    let world = devices.len();
+    if world <= 1 {
+        let model = match devices.first() {
+            Some(device) => model.fork(device),
+            None => model,
+        };
+        return train(model, run, config, observer);
+    }
+    let collective = CollectiveConfig::default().with_num_devices(world);
+    train_local_replicas(model, devices, 0, world, collective, &run, config, observer)
+}
+
+/// Runs one replica per device of this process — ranks `first_rank..` of `world` — each on its own
+/// thread (rank `first_rank` on this one, with `observer`), and returns rank `first_rank`'s summary
+/// or the error of the replica that failed first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
+    model: LoraLlama<B, L>,
+    devices: &[B::Device],
+    first_rank: usize,
+    world: usize,
+    collective: CollectiveConfig,
+    run: &TrainRun,
+    config: &TrainConfig,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
+    // Everything that can refuse the run does so before any replica waits for the others.
+    config.validate()?;
+    for device in devices {
+        config.check_backend::<B>(device)?;
+    }
+    check_inputs(&model, run, config)?;
+    let _one_run_at_a_time = data_parallel::exclusive();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, device)| {
+                let replica = Replica::new(first_rank + i, world, collective.clone());
+                let model = replica_of(&model, device);
+                scope.spawn(move || train_replica(model, run, config, &mut Silent, &replica))
+            })
+            .collect();
+        let first = Replica::new(first_rank, world, collective.clone());
+        let mut results = vec![(
+            first_rank,
+            train_replica(
+                replica_of(&model, &devices[0]),
+                run,
+                config,
+                observer,
+                &first,
+            ),
+        )];
+        for (i, worker) in workers.into_iter().enumerate() {
+            let rank = first_rank + i + 1;
+            let result = worker.join().unwrap_or_else(|panic| {
+                Err(TrainError::Collective {
+                    rank,
+                    message: format!("panicked: {}", panic_message(&*panic)),
+                })
+            });
+            results.push((rank, result));
+        }
+        first_failure(results)
+    })
+}
+
+/// A copy of `model` on `device` whose tensors are autodiff nodes of its own (`fork` keeps the
+/// nodes of constant tensors, and Burn links the graphs of tensors that share one); on the same
+/// device the copies share their buffers.
+fn replica_of<B: TrainBackend, L: BaseLayer<B>>(
+    model: &LoraLlama<B, L>,
+    device: &B::Device,
+) -> LoraLlama<B, L> {
+    LoraLlama::<B, L>::from_inner(model.valid()).fork(device)
+}
+
+/// The first replica's summary when every replica finished, else the error that stopped the run:
+/// a replica's own failure rather than the "another replica stopped" of those it stopped.
+fn first_failure(
+    results: Vec<(usize, Result<TrainSummary, TrainError>)>,
+) -> Result<TrainSummary, TrainError> {
+    let mut summary = None;
+    let mut knock_on = None;
+    for (i, (rank, result)) in results.into_iter().enumerate() {
+        match result {
+            Ok(s) if i == 0 => summary = Some(s),
+            Ok(_) => {}
+            Err(e) if e.is_knock_on() => knock_on = knock_on.or(Some(e)),
+            Err(e) if i == 0 => return Err(e),
+            Err(e) => {
+                return Err(TrainError::Replica {
+                    rank,
+                    source: Box::new(e),
+                });
+            }
+        }
+    }
+    if let Some(e) = knock_on {
+        return Err(e);
+    }
+    summary.ok_or_else(|| TrainError::Collective {
+        rank: 0,
+        message: "no replica ran".into(),
+    })
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// One replica's run, [`train`]'s body: joins the other replicas, trains, and leaves; a failure
+/// (or a panic) stops the other replicas' collective calls.
+fn train_replica<B: TrainBackend, L: BaseLayer<B>>(
+    model: LoraLlama<B, L>,
+    run: &TrainRun,
+    config: &TrainConfig,
+    observer: &mut dyn TrainObserver,
+    replica: &Replica,
+) -> Result<TrainSummary, TrainError> {
+    let device = model.embed_tokens.weight.device();
+    let inner_device = inner_device::<B>(&device);
+    replica.register::<B::InnerBackend>(&inner_device)?;
+    let mut leave = AbortUnlessFinished::<B::InnerBackend> {
+        replica,
+        finished: false,
+        _backend: std::marker::PhantomData,
+    };
+    let summary = train_steps(model, run, config, observer, replica)?;
+    replica.finish::<B::InnerBackend>()?;
+    leave.finished = true;
+    Ok(summary)
+}
+
+/// Resets the collective engine when a replica leaves early (an error or a panic), so the
+/// others' calls return instead of waiting for it.
+struct AbortUnlessFinished<'a, C: Backend> {
+    replica: &'a Replica,
+    finished: bool,
+    _backend: std::marker::PhantomData<C>,
+}
+
+impl<C: Backend> Drop for AbortUnlessFinished<'_, C> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.replica.abort::<C>();
+        }
+    }
+}
+
+/// The inner backend's device of `device`.
+fn inner_device<B: TrainBackend>(device: &B::Device) -> burn::tensor::Device<B::InnerBackend> {
+    burn::tensor::Tensor::<B, 1>::zeros([1], device)
+        .inner()
+        .device()
+}
+
+/// The run of one replica: set up the policy and its reference, plan the steps, start fresh or
+/// resume, then optimiser steps — each followed by logging, evaluation, checkpointing and the
+/// early-stopping check when due — and finally the adapter.
+fn train_steps<B: TrainBackend, L: BaseLayer<B>>(
+    model: LoraLlama<B, L>,
+    run: &TrainRun,
+    config: &TrainConfig,
+    observer: &mut dyn TrainObserver,
+    replica: &Replica,
+) -> Result<TrainSummary, TrainError> {
+    let device = model.embed_tokens.weight.device();
+    let out = config.output_dir.clone();
+    if replica.is_main() {
+        create_output_dir(&out)?;
+    }
     let mut policy = policy_with_reference(model, &run.reference, config);
-    let precomputed = reference_logps(&policy, &run, config, observer)?;
     let inputs = Inputs {
-        run: &run,
+        run,
         config,
+        inner_device: inner_device::<B>(&device),
         device,
+        precomputed: None,
+        replica,
+    };
+    let precomputed = reference_logps(&policy, &inputs, observer)?;
+    let inputs = Inputs {
         precomputed: precomputed.as_ref(),
+        ..inputs
     };
 
-    let plan = StepPlan::new(config, run.train.len());
-    let (optim, state) = optimiser_and_state(&mut policy, &run, config, plan, &out, observer)?;
-    remove_unfinished_checkpoints(&out);
+    let plan = StepPlan::new(config, run.train.len(), replica.world);
+    let (optim, state) = optimiser_and_state(&mut policy, run, config, plan, &out, observer)?;
+    if replica.is_main() {
+        remove_unfinished_checkpoints(&out);
+    }
     let mut steps = StepLoop::open(inputs, plan, policy, optim, state, &out, observer)?;
     steps.evaluate_on_start()?;
 
@@ -220,15 +424,17 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     }
 
     let adapter_dir = out.join("adapter");
-    match steps.best_checkpoint_to_keep() {
-        Some(best) => steps.adopt_best_checkpoint(best, &adapter_dir)?,
-        None => prefer_lora::save_peft(
-            &steps.learner.model().model,
-            POLICY_ADAPTER,
-            &steps.lora,
-            run.base_model.as_deref(),
-            &adapter_dir,
-        )?,
+    if replica.is_main() {
+        match steps.best_checkpoint_to_keep() {
+            Some(best) => steps.adopt_best_checkpoint(best, &adapter_dir)?,
+            None => prefer_lora::save_peft(
+                &steps.learner.model().model,
+                POLICY_ADAPTER,
+                &steps.lora,
+                run.base_model.as_deref(),
+                &adapter_dir,
+            )?,
+        }
     }
     Ok(TrainSummary {
         steps: steps.state.global_step,
@@ -276,12 +482,13 @@ fn optimiser_and_state<B: TrainBackend, L: BaseLayer<B>>(
         evals_without_improvement: 0,
         best_model: None,
         plateau: None,
+        pairs_per_batch: Some(plan.global_batch()),
     };
     let Some(resume) = &run.resume else {
         return Ok((optim, state));
     };
     let dir = resume_dir(resume, out)?;
-    let (optim, state) = resume_from(&dir, policy, optim, config, plan)?;
+    let (optim, state) = resume_from(&dir, policy, optim, config, plan, run.train.len())?;
     observer.on_message(&format!(
         "resumed from {} at step {}",
         dir.display(),
@@ -328,7 +535,8 @@ struct StepLoop<'a, B: TrainBackend, L: BaseLayer<B>> {
     schedule: Shared<TrlSchedule>,
     state: TrainerState,
     early_stopping: Option<EarlyStopping>,
-    log: MetricsLog,
+    /// The metrics files (rank 0 only).
+    log: Option<MetricsLog>,
     /// Every logged row, those of the run before a resume included.
     history: Vec<LogRecord>,
     /// Named in the error when a step's loss or gradient norm is not finite.
@@ -375,8 +583,14 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         });
         let optim = Shared::new(optim);
         let learner = Learner::new(policy, optim.clone(), schedule.clone());
-        let log = MetricsLog::open(out, state.global_step)?;
-        let history = log.read()?;
+        let log = match inputs.replica.is_main() {
+            true => Some(MetricsLog::open(out, state.global_step)?),
+            false => None,
+        };
+        let history = match &log {
+            Some(log) => log.read()?,
+            None => Vec::new(),
+        };
         Ok(Self {
             epoch_order: inputs.order(state.epoch),
             early_stopping: EarlyStopping::from_config(config),
@@ -577,15 +791,18 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
         if let Some((step, value)) = self.new_best.take() {
             self.state.best_model = Some(BestModel { step, value });
         }
-        let dir = save_checkpoint(
-            self.out,
-            &self.learner.model(),
-            &self.optim.lock(),
-            &self.state,
-            &self.lora,
-            self.inputs.run.base_model.as_deref(),
-            config.save_total_limit,
-        )?;
+        let dir = match self.inputs.replica.is_main() {
+            true => save_checkpoint(
+                self.out,
+                &self.learner.model(),
+                &self.optim.lock(),
+                &self.state,
+                &self.lora,
+                self.inputs.run.base_model.as_deref(),
+                config.save_total_limit,
+            )?,
+            false => self.out.join(format!("checkpoint-{}", at.step)),
+        };
         self.observer
             .on_message(&format!("saved {}", dir.display()));
         self.last_checkpoint = Some(dir);
@@ -631,7 +848,9 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
 
     /// A row into the metrics file, the observer and the history.
     fn record(&mut self, record: LogRecord) -> Result<(), TrainError> {
-        self.log.append(&record)?;
+        if let Some(log) = &self.log {
+            log.append(&record)?;
+        }
         self.observer.on_log(&record);
         self.history.push(record);
         Ok(())
@@ -725,14 +944,15 @@ fn policy_with_reference<B: TrainBackend, L: BaseLayer<B>>(
     }
 }
 
-/// Precomputed reference log-probs: given, read from the cache, or computed now and cached; `None`
-/// when the reference runs beside the policy in every step.
+/// Precomputed reference log-probs: given, read from the cache, or computed now (by rank 0, which
+/// hands them to the other replicas) and cached; `None` when the reference runs beside the
+/// policy in every step.
 fn reference_logps<B: TrainBackend, L: BaseLayer<B>>(
     policy: &DpoPolicy<B, L>,
-    run: &TrainRun,
-    config: &TrainConfig,
+    inputs: &Inputs<'_, B>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Option<(RefLogps, RefLogps)>, TrainError> {
+    let (run, config, replica) = (inputs.run, inputs.config, inputs.replica);
     match &run.reference {
         ReferenceSource::Precomputed { train, eval } => {
             if train.len() != run.train.len() || eval.len() != run.eval.len() {
@@ -747,7 +967,15 @@ fn reference_logps<B: TrainBackend, L: BaseLayer<B>>(
             Ok(Some((train.clone(), eval.clone())))
         }
         _ if config.precompute_ref_log_probs => {
-            Ok(Some(precompute(policy, run, config, observer)?))
+            let mine = match replica.is_main() {
+                true => Some(precompute(policy, run, config, observer)?),
+                false => None,
+            };
+            let shared = replica.share::<B::InnerBackend, _>(&mine, &inputs.inner_device)?;
+            Ok(Some(shared.ok_or_else(|| TrainError::Collective {
+                rank: 0,
+                message: "sent no reference log-probs".into(),
+            })?))
         }
         _ => Ok(None),
     }
@@ -772,6 +1000,7 @@ fn resume_from<B: TrainBackend, L: BaseLayer<B>>(
     optim: DpoOptimizer<B, L>,
     config: &TrainConfig,
     plan: StepPlan,
+    run_pairs: usize,
 ) -> Result<(DpoOptimizer<B, L>, TrainerState), TrainError> {
     let (optim, state) = load_checkpoint(dir, policy, optim)?;
     if state.seed != config.seed {
@@ -783,11 +1012,45 @@ fn resume_from<B: TrainBackend, L: BaseLayer<B>>(
             ),
         });
     }
+    let batch_in_epoch = place_in_epoch(&state, plan, run_pairs, dir)?;
     let state = TrainerState {
         total_steps: plan.total_steps,
+        batch_in_epoch,
+        pairs_per_batch: Some(plan.global_batch()),
         ..state
     };
     Ok((optim, state))
+}
+
+/// The micro-batch of the saved epoch at which `plan` goes on: the same pairs done, counted in
+/// the new micro-batches when the checkpoint was written with another number of replicas or
+/// per-device batch size.
+fn place_in_epoch(
+    state: &TrainerState,
+    plan: StepPlan,
+    n_pairs: usize,
+    dir: &Path,
+) -> Result<usize, TrainError> {
+    let saved = state.pairs_per_batch.unwrap_or(plan.global_batch());
+    if saved == plan.global_batch() {
+        return Ok(state.batch_in_epoch);
+    }
+    if state.batch_in_epoch >= n_pairs.div_ceil(saved) {
+        return Ok(plan.batches_per_epoch);
+    }
+    let done = state.batch_in_epoch * saved;
+    if !done.is_multiple_of(plan.global_batch()) {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the checkpoint is {done} pairs into its epoch, which is not a whole number of \
+                 micro-batches of {} pairs (per_device_train_batch_size × devices); resume with \
+                 a batch that divides {done}",
+                plan.global_batch()
+            ),
+        });
+    }
+    Ok(done / plan.global_batch())
 }
 
 /// A process killed while writing a checkpoint leaves its temporary directory behind.
@@ -802,14 +1065,17 @@ fn remove_unfinished_checkpoints(out: &Path) {
 }
 
 /// What the steps and evaluations read: the pairs, their order, and the batches built from them.
-struct Inputs<'a, B: Backend> {
+struct Inputs<'a, B: AutodiffBackend> {
     run: &'a TrainRun,
     config: &'a TrainConfig,
     device: B::Device,
+    /// The same device, as the inner backend's (where replicas exchange values).
+    inner_device: burn::tensor::Device<B::InnerBackend>,
     precomputed: Option<&'a (RefLogps, RefLogps)>,
+    replica: &'a Replica,
 }
 
-impl<B: Backend> Inputs<'_, B> {
+impl<B: AutodiffBackend> Inputs<'_, B> {
     /// The seeded order of the training pairs in `epoch`; KTO's examples keep theirs (TRL's
     /// sequential sampler), as each batch holds its examples' KL completions.
     fn order(&self, epoch: usize) -> Vec<usize> {
@@ -864,7 +1130,9 @@ struct StepResult {
     computed_tokens: usize,
 }
 
-/// Runs the micro-batches of one optimiser step, counting each into the log window.
+/// Runs this replica's share of the micro-batches of one optimiser step, averages the gradients
+/// over the replicas, and counts every replica's micro-batches into the log window (in
+/// micro-batch order, ranks in order within each).
 fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
     policy: &DpoPolicy<B, L>,
     inputs: &Inputs<'_, B>,
@@ -874,36 +1142,44 @@ fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
     window: &mut Window,
     observer: &mut dyn TrainObserver,
 ) -> Result<StepResult, TrainError> {
+    let replica = inputs.replica;
     // Dropout draws from the backend's generator: seeding it per step makes a resumed run draw
     // the same masks as an uninterrupted one.
-    B::seed(
-        &inputs.device,
-        mix(inputs.config.seed, 1 << 32 | state.global_step as u64),
-    );
+    let mut seed = mix(inputs.config.seed, 1 << 32 | state.global_step as u64);
+    if replica.rank > 0 {
+        seed = mix(seed, replica.rank as u64);
+    }
+    B::seed(&inputs.device, seed);
     let group = plan.group(state.batch_in_epoch);
     let train = &inputs.run.train;
     let mut accumulator = GradientsAccumulator::<DpoPolicy<B, L>>::new();
-    let (mut loss, mut tokens, mut computed_tokens) = (0.0, 0, 0);
+    let mut outputs = Vec::with_capacity(group);
     for b in state.batch_in_epoch..state.batch_in_epoch + group {
-        let ids = &epoch_order[plan.batch(b, train.len())];
+        let ids: Vec<usize> = plan
+            .shard(b, replica.rank, train.len())
+            .map(|p| epoch_order[p])
+            .collect();
         let refs = inputs.precomputed.map(|p| &p.0);
-        let input = inputs.input::<B>(ids, train, refs, &inputs.device);
+        let input = inputs.input::<B>(&ids, train, refs, &inputs.device);
         // The Learner's `train_step` is this same step through burn-train's `TrainStep`, which
         // cannot return an error: the model's own method returns a failed device read as one.
         let output = policy.train_step(input)?;
         accumulator.accumulate(policy, output.grads);
-        loss += output.item.loss / group as f64;
-        tokens += output.item.tokens;
-        computed_tokens += output.item.computed_tokens;
-        window.add(&output.item);
-        observer.on_micro_batch(&output.item);
+        outputs.push(output.item);
     }
-    let (grads, grad_norm) = average_and_clip(
-        policy,
-        accumulator.grads(),
-        group,
-        inputs.config.max_grad_norm,
-    );
+    let grads = replica.average_gradients(policy, accumulator.grads(), &inputs.device)?;
+    let replicas = replica.gather::<B::InnerBackend, _>(&outputs, &inputs.inner_device)?;
+    let (mut loss, mut tokens, mut computed_tokens) = (0.0, 0, 0);
+    for b in 0..group {
+        for output in replicas.iter().filter_map(|outputs| outputs.get(b)) {
+            loss += output.loss / (group * replica.world) as f64;
+            tokens += output.tokens;
+            computed_tokens += output.computed_tokens;
+            window.add(output);
+            observer.on_micro_batch(output);
+        }
+    }
+    let (grads, grad_norm) = average_and_clip(policy, grads, group, inputs.config.max_grad_norm);
     Ok(StepResult {
         grads,
         loss,
@@ -913,8 +1189,29 @@ fn micro_batches<B: TrainBackend, L: BaseLayer<B>>(
     })
 }
 
-/// Runs the held-out pairs through `InferenceStep` on the inner (non-autodiff) backend.
+/// Runs the held-out pairs on rank 0 and hands its row to every replica (their early stopping,
+/// best-model tracking and plateau schedule follow it).
 fn evaluate<B: TrainBackend, L: BaseLayer<B>>(
+    policy: &DpoPolicy<B, L>,
+    inputs: &Inputs<'_, B>,
+    step: usize,
+    epoch: f64,
+) -> Result<LogRecord, TrainError> {
+    let replica = inputs.replica;
+    let record = match replica.is_main() {
+        true => Some(evaluate_here(policy, inputs, step, epoch)?),
+        false => None,
+    };
+    replica
+        .share::<B::InnerBackend, _>(&record, &inputs.inner_device)?
+        .ok_or_else(|| TrainError::Collective {
+            rank: 0,
+            message: "sent no evaluation".into(),
+        })
+}
+
+/// Runs the held-out pairs through `InferenceStep` on the inner (non-autodiff) backend.
+fn evaluate_here<B: TrainBackend, L: BaseLayer<B>>(
     policy: &DpoPolicy<B, L>,
     inputs: &Inputs<'_, B>,
     step: usize,
