@@ -8,6 +8,7 @@ pub mod allocator;
 pub mod backend;
 pub mod config_file;
 pub mod data_source;
+pub mod devices;
 pub mod run_config;
 pub mod training;
 pub mod trl_keys;

@@ -17,6 +17,7 @@ use prefer_llama::hub_cache::RepoKind;
 use crate::{
     backend::BackendKind,
     data_source::{data_files, locate},
+    devices::Devices,
     trl_keys::{KeyError, Source, translate},
 };
 
@@ -53,6 +54,16 @@ pub struct RunConfig {
     pub on_bad_row: OnBadRow,
     /// `flex` (the default), `ndarray`, `wgpu` or `cuda` (among those compiled in).
     pub backend: BackendKind,
+    /// The devices this machine trains on, one replica of the model each (data parallelism).
+    pub devices: Devices,
+    /// Machines (processes) in the run, each with `devices` (accelerate's `num_machines`).
+    pub num_machines: usize,
+    /// This machine's rank, from 0 (accelerate's `machine_rank`).
+    pub machine_rank: usize,
+    /// Machine 0's address as the others reach it (accelerate's `main_process_ip`).
+    pub main_process_ip: String,
+    /// The port machine 0 listens on (accelerate's `main_process_port`).
+    pub main_process_port: u16,
     /// The DPO options: loss, optimisation, LoRA, quantisation, lengths, logging and checkpoints.
     pub train: TrainConfig,
 }
@@ -72,6 +83,11 @@ impl Default for RunConfig {
             ref_model: None,
             on_bad_row: OnBadRow::Error,
             backend: BackendKind::Flex,
+            devices: Devices::default(),
+            num_machines: 1,
+            machine_rank: 0,
+            main_process_ip: "127.0.0.1".into(),
+            main_process_port: 29500,
             train: TrainConfig::default(),
         }
     }
@@ -93,6 +109,11 @@ struct RunKeys {
     ref_model: Option<PathBuf>,
     on_bad_row: OnBadRow,
     backend: BackendKind,
+    devices: Devices,
+    num_machines: usize,
+    machine_rank: usize,
+    main_process_ip: String,
+    main_process_port: u16,
 }
 
 impl Default for RunKeys {
@@ -111,11 +132,16 @@ impl Default for RunKeys {
             ref_model: d.ref_model,
             on_bad_row: d.on_bad_row,
             backend: d.backend,
+            devices: d.devices,
+            num_machines: d.num_machines,
+            machine_rank: d.machine_rank,
+            main_process_ip: d.main_process_ip,
+            main_process_port: d.main_process_port,
         }
     }
 }
 
-const RUN_KEYS: [&str; 12] = [
+const RUN_KEYS: [&str; 17] = [
     "model",
     "model_revision",
     "data",
@@ -128,6 +154,11 @@ const RUN_KEYS: [&str; 12] = [
     "ref_model",
     "on_bad_row",
     "backend",
+    "devices",
+    "num_machines",
+    "machine_rank",
+    "main_process_ip",
+    "main_process_port",
 ];
 
 fn bad(key: &str, message: impl Into<String>) -> ConfigError {
@@ -150,6 +181,18 @@ impl RunConfig {
         self.train.validate()?;
         if !(0.0..1.0).contains(&self.eval_ratio) {
             return Err(bad("eval_ratio", "must be in [0, 1)"));
+        }
+        if self.devices.is_empty() {
+            return Err(bad("devices", "must name at least one device"));
+        }
+        if self.num_machines == 0 || self.machine_rank >= self.num_machines {
+            return Err(bad(
+                "machine_rank",
+                format!(
+                    "{} is not a machine of num_machines = {} (ranks run from 0)",
+                    self.machine_rank, self.num_machines
+                ),
+            ));
         }
         // A model that is not on disk may be a Hub id in the local cache.
         if let Some(m) = &self.model {
@@ -206,6 +249,11 @@ impl RunConfig {
             ref_model: self.ref_model.clone(),
             on_bad_row: self.on_bad_row,
             backend: self.backend,
+            devices: self.devices.clone(),
+            num_machines: self.num_machines,
+            machine_rank: self.machine_rank,
+            main_process_ip: self.main_process_ip.clone(),
+            main_process_port: self.main_process_port,
         }
     }
 }
@@ -294,6 +342,11 @@ impl<'de> Deserialize<'de> for RunConfig {
             ref_model: run.ref_model,
             on_bad_row: run.on_bad_row,
             backend: run.backend,
+            devices: run.devices,
+            num_machines: run.num_machines,
+            machine_rank: run.machine_rank,
+            main_process_ip: run.main_process_ip,
+            main_process_port: run.main_process_port,
             train,
         })
     }

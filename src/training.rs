@@ -11,8 +11,8 @@ use prefer_dpo::{
         load_examples, load_files, split_train_eval, tokenize_examples, tokenize_rows,
     },
     train::{
-        BaseLayer, Fingerprint, LogRecord, ReferenceSource, Resume, TrainConfig, TrainError,
-        TrainObserver, TrainRun, TrainSummary, compute_ref_logps, train,
+        BaseLayer, Fingerprint, LogRecord, Machines, ReferenceSource, Resume, TrainConfig,
+        TrainError, TrainObserver, TrainRun, TrainSummary, compute_ref_logps, train_on_machines,
     },
 };
 use prefer_kernels::PreferBackend;
@@ -25,6 +25,9 @@ use crate::{
     data_source::{data_files, has_dataset_split},
     run_config::RunConfig,
 };
+
+/// How long the machines of a run wait for each other to join (machine 0 may start last).
+pub const MACHINES_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Why a run could not start or finish.
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +363,18 @@ where
         model_fingerprint: fingerprint,
         resume: job.resume,
     };
-    let summary = train(model, run, c, job.observer)?;
+    let devices = run_config
+        .devices
+        .resolve(run_config.backend, &device)
+        .map_err(TrainingError::Data)?;
+    let machines = Machines {
+        num_machines: run_config.num_machines,
+        machine_rank: run_config.machine_rank,
+        main_process_ip: run_config.main_process_ip.clone(),
+        main_process_port: run_config.main_process_port,
+        join_timeout: MACHINES_JOIN_TIMEOUT,
+    };
+    let summary = train_on_machines(model, &devices, &machines, run, c, job.observer)?;
     let before = summary
         .history
         .iter()

@@ -256,7 +256,13 @@ fn write_builtin_task(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
             ));
         }
     }
-    prefer::quant::write_safetensors(&model.join("model.safetensors"), &tensors)?;
+    // Every machine of a multi-machine run on one host writes the same files: each is written
+    // whole beside its place and renamed into it, so none is read half-written.
+    let pid = std::process::id();
+    let weights_path = model.join("model.safetensors");
+    let tmp = model.join(format!(".model.safetensors.{pid}"));
+    prefer::quant::write_safetensors(&tmp, &tensors)?;
+    std::fs::rename(&tmp, &weights_path).with_context(|| format!("{}", weights_path.display()))?;
     for (name, text) in [
         ("config.json", builtin::MODEL_CONFIG),
         ("tokenizer.json", builtin::TOKENIZER),
@@ -269,7 +275,9 @@ fn write_builtin_task(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
         } else {
             model.join(name)
         };
-        std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+        let tmp = path.with_extension(format!("tmp{pid}"));
+        std::fs::write(&tmp, text).with_context(|| format!("{}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("{}", path.display()))?;
     }
     Ok((model, dir.join("train.jsonl"), dir.join("eval.jsonl")))
 }
@@ -384,11 +392,15 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
         config.eval_data = Some(eval);
     }
     config.validate()?;
+    // Machine 0 writes the run's files; the other machines of a multi-machine run only train.
+    let writes = config.machine_rank == 0;
     let out = &config.train.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
-    let config_path = out.join("config.toml");
-    std::fs::write(&config_path, toml::to_string(&config)?)
-        .with_context(|| format!("{}", config_path.display()))?;
+    if writes {
+        std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+        let config_path = out.join("config.toml");
+        std::fs::write(&config_path, toml::to_string(&config)?)
+            .with_context(|| format!("{}", config_path.display()))?;
+    }
     let resume = args.resume.map(|d| d.map_or(Resume::Latest, Resume::From));
     let mut console = Console { bar: None };
     let result = train_from_config(&config, resume, &mut console);
@@ -396,6 +408,13 @@ pub fn run(mut args: TrainArgs, overrides: Vec<(String, String)>) -> Result<()> 
         bar.finish_and_clear();
     }
     let outcome = result?;
+    if !writes {
+        println!(
+            "machine {} of {}: {} steps done; machine 0 wrote the adapter, metrics and checkpoints",
+            config.machine_rank, config.num_machines, outcome.summary.steps
+        );
+        return Ok(());
+    }
     let out = &config.train.output_dir;
     let svg = out.join("training_curves.svg");
     crate::plot::training_curves(&svg, &outcome.summary.history)?;

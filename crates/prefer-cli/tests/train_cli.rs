@@ -484,3 +484,99 @@ fn kto_trains_on_unpaired_examples() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `prefer train` as machine `rank` of 2 joined on `port`, writing into `out`.
+fn machine(rank: usize, port: u16, out: &Path, extra: &[&str]) -> Process {
+    let mut p = Process::new(assert_cmd::cargo::cargo_bin("prefer"));
+    p.args(["train", "--num-machines", "2", "--machine-rank"])
+        .arg(rank.to_string())
+        .args(["--main-process-port", &port.to_string(), "--output"])
+        .arg(out)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    p
+}
+
+/// A port for this test process's machines (tests of other processes may run beside).
+fn port(offset: u16) -> u16 {
+    30_000 + (std::process::id() % 10_000) as u16 * 2 + offset
+}
+
+/// Two `prefer train` processes joined over localhost (machines 0 and 1, one CPU replica each)
+/// train, bit for bit, the adapter one process trains over two CPU replicas; machine 0 writes
+/// the outputs, machine 1 none of them.
+#[test]
+fn two_machines_train_what_one_machine_with_two_devices_trains() {
+    let (one, zero, first) = (
+        scratch("dp-devices"),
+        scratch("dp-machine-0"),
+        scratch("dp-machine-1"),
+    );
+    let steps = ["--max-steps", "4", "--eval-steps", "2"];
+    let run = prefer()
+        .args(["train", "--devices", "cpu,cpu", "--output"])
+        .arg(&one)
+        .args(steps)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let port = port(0);
+    let second = machine(1, port, &first, &steps).spawn().unwrap();
+    let main = machine(0, port, &zero, &steps).spawn().unwrap();
+    let (main, second) = (
+        main.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert!(main.status.success(), "machine 0: {}", stderr(&main));
+    assert!(second.status.success(), "machine 1: {}", stderr(&second));
+    let adapter = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&one), adapter(&zero));
+    assert_eq!(rows(&one).len(), rows(&zero).len());
+    assert!(!first.join("adapter").exists() && !first.join("metrics.jsonl").exists());
+    for d in [one, zero, first] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// A machine killed mid-run stops the other with one line naming it; the run resumes from its
+/// last checkpoint, here on one machine with two devices (the same joint batch).
+#[test]
+fn a_killed_machine_stops_the_other_and_the_run_resumes() {
+    let (zero, first) = (scratch("dp-kill-0"), scratch("dp-kill-1"));
+    let steps = [
+        "--max-steps",
+        "40",
+        "--save-steps",
+        "1",
+        "--eval-steps",
+        "0",
+    ];
+    let port = port(1);
+    let mut second = machine(1, port, &first, &steps).spawn().unwrap();
+    let main = machine(0, port, &zero, &steps).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while !zero.join("checkpoint-1").is_dir() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    second.kill().unwrap();
+    let _ = second.wait();
+    let main = main.wait_with_output().unwrap();
+    assert!(
+        !main.status.success(),
+        "machine 0 went on without machine 1"
+    );
+    let message = stderr(&main);
+    assert!(message.contains("machine 1 stopped"), "{message}");
+    let resumed = prefer()
+        .args(["train", "--devices", "cpu,cpu", "--resume", "--output"])
+        .arg(&zero)
+        .args(steps)
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(stderr(&resumed).contains("resumed from"));
+    for d in [zero, first] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

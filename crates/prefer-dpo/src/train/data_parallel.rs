@@ -9,7 +9,7 @@
 //! makes them, so a replica that fails resets the engine: the others' pending calls then return an
 //! error and they stop too.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use burn::{
     collective::{
@@ -23,7 +23,7 @@ use burn::{
     },
 };
 
-use super::{TrainError, wire::Wire};
+use super::{TrainError, machines::Network, wire::Wire};
 use crate::host::read;
 
 /// How a replica's error ends when another replica stopped first.
@@ -36,27 +36,32 @@ pub struct Replica {
     pub rank: usize,
     /// Replicas in the whole run (every device of every machine).
     pub world: usize,
-    /// What every replica of this process registers with (`None` for a single replica).
+    /// Its index among this process's replicas.
+    local_index: usize,
+    /// What this process's replicas register with in Burn's engine (`None` for one replica).
     collective: Option<CollectiveConfig>,
+    /// The other machines, when there are (reached by local replica 0).
+    network: Option<Arc<Network>>,
 }
 
 impl Replica {
     /// The only replica of a one-device run: no collective calls at all.
     pub fn single() -> Self {
-        Self {
-            rank: 0,
-            world: 1,
-            collective: None,
-        }
+        Self::new(0, 1, None)
     }
 
-    /// Replica `rank` of `world`, registering with `config` (whose `num_devices` counts this
-    /// process's replicas).
-    pub fn new(rank: usize, world: usize, config: CollectiveConfig) -> Self {
+    /// Replica `local_index` of this process's `local` replicas, on machine `network`'s rank
+    /// (machine 0 without a network), every machine running `local` replicas.
+    pub fn new(local_index: usize, local: usize, network: Option<Arc<Network>>) -> Self {
+        let (machine, machines) = network
+            .as_ref()
+            .map_or((0, 1), |n| (n.machine_rank(), n.num_machines()));
         Self {
-            rank,
-            world,
-            collective: (world > 1).then_some(config),
+            rank: machine * local + local_index,
+            world: machines * local,
+            local_index,
+            collective: (local > 1).then(|| CollectiveConfig::default().with_num_devices(local)),
+            network,
         }
     }
 
@@ -65,8 +70,13 @@ impl Replica {
         self.rank == 0
     }
 
+    /// Whether this replica is the first of its process (the one that reports progress).
+    pub fn is_local_main(&self) -> bool {
+        self.local_index == 0
+    }
+
     fn peer(&self) -> PeerId {
-        PeerId(self.rank as u32)
+        PeerId(self.local_index as u32)
     }
 
     /// Joins the collective on `device` (inner backend `C`); returns once every replica has.
@@ -87,10 +97,14 @@ impl Replica {
         }
     }
 
-    /// Stops every replica's pending and future collective calls (after this one failed).
+    /// Stops every replica's pending and future collective calls (after this one failed), on
+    /// this machine and the others.
     pub fn abort<C: Backend>(&self) {
         if self.collective.is_some() {
             reset_collective::<C>();
+        }
+        if let Some(network) = &self.network {
+            network.shut_down();
         }
     }
 
@@ -103,7 +117,7 @@ impl Replica {
         grads: GradientsParams,
         device: &B::Device,
     ) -> Result<GradientsParams, TrainError> {
-        if self.collective.is_none() {
+        if self.world == 1 {
             return Ok(grads);
         }
         let mut flat = Flatten::<B> {
@@ -152,7 +166,7 @@ impl Replica {
     ) -> Result<Vec<T>, TrainError> {
         let mut mine = Vec::new();
         value.encode(&mut mine);
-        if self.collective.is_none() {
+        if self.world == 1 {
             return Ok(vec![decode(&mine, self.rank)?]);
         }
         let world = self.world;
@@ -197,11 +211,39 @@ impl Replica {
         Ok(all.swap_remove(0))
     }
 
+    /// The sum over every replica: over this process's in Burn's engine, then, with several
+    /// machines, over the machines (through local replica 0) and back to the local replicas.
     fn all_reduce_sum<C: Backend>(&self, t: Tensor<C, 1>) -> Result<Tensor<C, 1>, TrainError> {
-        let primitive = t.into_primitive().tensor();
-        let reduced = collective::all_reduce::<C>(self.peer(), primitive, ReduceOperation::Sum)
-            .map_err(|e| self.error("exchanging with the other replicas", e))?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
+        let what = "exchanging with the other replicas";
+        let device = t.device();
+        let mut t = t;
+        if self.collective.is_some() {
+            let primitive = t.into_primitive().tensor();
+            let reduced = collective::all_reduce::<C>(self.peer(), primitive, ReduceOperation::Sum)
+                .map_err(|e| self.error(what, e))?;
+            t = Tensor::from_primitive(TensorPrimitive::Float(reduced));
+        }
+        let Some(network) = &self.network else {
+            return Ok(t);
+        };
+        let total = match self.is_local_main() {
+            true => {
+                let n = t.dims()[0];
+                let values = network.sum(read::<f32, _, 1, _>(t, "the values to exchange")?)?;
+                Some(Tensor::<C, 1>::from_data(
+                    TensorData::new(values, [n]),
+                    &device,
+                ))
+            }
+            false => None,
+        };
+        if self.collective.is_none() {
+            return total.ok_or_else(|| self.error(what, CollectiveError::BroadcastNoTensor));
+        }
+        let shared =
+            collective::broadcast::<C>(self.peer(), total.map(|t| t.into_primitive().tensor()))
+                .map_err(|e| self.error(what, e))?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(shared)))
     }
 
     fn error(&self, what: &str, e: CollectiveError) -> TrainError {
@@ -309,11 +351,10 @@ mod tests {
     /// Runs `f(replica)` on `world` threads joined in one collective.
     fn on_replicas<T: Send>(world: usize, f: impl Fn(&Replica) -> T + Sync) -> Vec<T> {
         let _one = exclusive();
-        let config = CollectiveConfig::default().with_num_devices(world);
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
-                    let (f, replica) = (&f, Replica::new(rank, world, config.clone()));
+                    let (f, replica) = (&f, Replica::new(rank, world, None));
                     s.spawn(move || {
                         replica.register::<NdArray>(&Default::default()).unwrap();
                         let out = f(&replica);
@@ -376,16 +417,15 @@ mod tests {
     #[test]
     fn a_replica_that_stops_releases_the_others() {
         let _one = exclusive();
-        let config = CollectiveConfig::default().with_num_devices(2);
         let device = Default::default();
         let (stayed, left) = std::thread::scope(|s| {
             let stays = s.spawn(|| {
-                let replica = Replica::new(0, 2, config.clone());
+                let replica = Replica::new(0, 2, None);
                 replica.register::<NdArray>(&device).unwrap();
                 replica.gather::<NdArray, _>(&1.0f64, &device)
             });
             let leaves = s.spawn(|| {
-                let replica = Replica::new(1, 2, config.clone());
+                let replica = Replica::new(1, 2, None);
                 replica.register::<NdArray>(&device).unwrap();
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 replica.abort::<NdArray>();

@@ -9,6 +9,7 @@ pub mod config;
 pub mod data_parallel;
 pub mod early_stopping;
 pub mod learner;
+pub mod machines;
 pub mod metrics_log;
 pub mod plan;
 pub mod plateau;
@@ -34,6 +35,7 @@ pub use config::{
 pub use data_parallel::Replica;
 pub use early_stopping::{EarlyStopping, Progress};
 pub use learner::{DpoLearner, Shared, TrlSchedule};
+pub use machines::{Machines, Network};
 pub use metrics_log::{LogRecord, MetricsLog, read_jsonl};
 pub use plan::StepPlan;
 pub use plateau::{Plateau, PlateauMode, PlateauOptions, ThresholdMode};
@@ -43,7 +45,7 @@ pub use schedule::LrSchedule;
 pub use step::{DpoInput, DpoOutput, DpoPolicy};
 pub use trainer::{
     ReferenceSource, Resume, Silent, Throughput, TrainObserver, TrainRun, TrainSummary, train,
-    train_data_parallel,
+    train_data_parallel, train_on_machines,
 };
 
 /// Why training stopped with an error.

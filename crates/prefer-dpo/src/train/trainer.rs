@@ -8,11 +8,11 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Instant,
 };
 
 use burn::{
-    collective::CollectiveConfig,
     module::{AutodiffModule, Module},
     optim::{AdamWConfig, GradientsAccumulator},
     tensor::backend::{AutodiffBackend, Backend},
@@ -34,6 +34,7 @@ use super::{
     data_parallel::{self, Replica},
     early_stopping::{EarlyStopping, Progress},
     learner::{DpoLearner, Shared, TrlSchedule},
+    machines::{Machines, Network},
     metrics_log::{LogRecord, MetricsLog},
     plan::StepPlan,
     plateau::{Plateau, PlateauOptions},
@@ -207,28 +208,42 @@ pub fn train_data_parallel<B: TrainBackend, L: BaseLayer<B>>(
     config: &TrainConfig,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary, TrainError> {
-    let world = devices.len();
-    if world <= 1 {
+    if devices.len() <= 1 {
         let model = match devices.first() {
             Some(device) => model.fork(device),
             None => model,
         };
         return train(model, run, config, observer);
     }
-    let collective = CollectiveConfig::default().with_num_devices(world);
-    train_local_replicas(model, devices, 0, world, collective, &run, config, observer)
+    train_local_replicas(model, devices, None, &run, config, observer)
 }
 
-/// Runs one replica per device of this process — ranks `first_rank..` of `world` — each on its own
-/// thread (rank `first_rank` on this one, with `observer`), and returns rank `first_rank`'s summary
-/// or the error of the replica that failed first.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
+/// [`train_data_parallel`] on one of several machines (processes): every machine runs this
+/// with the same config, data and number of `devices`, its own `machine_rank`, and machine 0's
+/// address; the replicas of all machines train as one run. Machine 0's rank 0 writes the logs
+/// and checkpoints (resuming needs them where every machine reads them, e.g. a shared
+/// directory).
+pub fn train_on_machines<B: TrainBackend, L: BaseLayer<B>>(
     model: LoraLlama<B, L>,
     devices: &[B::Device],
-    first_rank: usize,
-    world: usize,
-    collective: CollectiveConfig,
+    machines: &Machines,
+    run: TrainRun,
+    config: &TrainConfig,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
+    if machines.num_machines <= 1 {
+        return train_data_parallel(model, devices, run, config, observer);
+    }
+    train_local_replicas(model, devices, Some(machines), &run, config, observer)
+}
+
+/// Runs one replica per device of this process, each on its own thread (the first on this one,
+/// with `observer`), joined with the other machines' when there are, and returns the first
+/// replica's summary or the error of the replica that failed first.
+fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
+    model: LoraLlama<B, L>,
+    devices: &[B::Device],
+    machines: Option<&Machines>,
     run: &TrainRun,
     config: &TrainConfig,
     observer: &mut dyn TrainObserver,
@@ -239,6 +254,11 @@ pub(crate) fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
         config.check_backend::<B>(device)?;
     }
     check_inputs(&model, run, config)?;
+    let local = devices.len();
+    let network = match machines {
+        Some(m) => Some(Arc::new(Network::join(m, local)?)),
+        None => None,
+    };
     let _one_run_at_a_time = data_parallel::exclusive();
     std::thread::scope(|scope| {
         let workers: Vec<_> = devices
@@ -246,24 +266,21 @@ pub(crate) fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
             .enumerate()
             .skip(1)
             .map(|(i, device)| {
-                let replica = Replica::new(first_rank + i, world, collective.clone());
+                let replica = Replica::new(i, local, network.clone());
                 let model = replica_of(&model, device);
-                scope.spawn(move || train_replica(model, run, config, &mut Silent, &replica))
+                let rank = replica.rank;
+                let worker =
+                    scope.spawn(move || train_replica(model, run, config, &mut Silent, &replica));
+                (rank, worker)
             })
             .collect();
-        let first = Replica::new(first_rank, world, collective.clone());
+        let first = Replica::new(0, local, network.clone());
+        let model = replica_of(&model, &devices[0]);
         let mut results = vec![(
-            first_rank,
-            train_replica(
-                replica_of(&model, &devices[0]),
-                run,
-                config,
-                observer,
-                &first,
-            ),
+            first.rank,
+            train_replica(model, run, config, observer, &first),
         )];
-        for (i, worker) in workers.into_iter().enumerate() {
-            let rank = first_rank + i + 1;
+        for (rank, worker) in workers {
             let result = worker.join().unwrap_or_else(|panic| {
                 Err(TrainError::Collective {
                     rank,
@@ -803,8 +820,10 @@ impl<'a, B: TrainBackend, L: BaseLayer<B>> StepLoop<'a, B, L> {
             )?,
             false => self.out.join(format!("checkpoint-{}", at.step)),
         };
-        self.observer
-            .on_message(&format!("saved {}", dir.display()));
+        if self.inputs.replica.is_main() {
+            self.observer
+                .on_message(&format!("saved {}", dir.display()));
+        }
         self.last_checkpoint = Some(dir);
         Ok(())
     }
