@@ -471,6 +471,18 @@ fn speed(t: &Throughput) -> String {
     )
 }
 
+/// The backend, and the replicas when there are several: `flex`, `cuda × 2 devices × 2 machines`.
+fn placement(run: &RunConfig, o: &TrainingOutcome) -> String {
+    let mut s = o.backend.to_string();
+    if run.devices.len() > 1 || run.num_machines > 1 {
+        s += &format!(" × {} devices", run.devices.len());
+    }
+    if run.num_machines > 1 {
+        s += &format!(" × {} machines", run.num_machines);
+    }
+    s
+}
+
 /// What the run trains on: preference pairs, or KTO's examples.
 fn unit(run: &RunConfig) -> &'static str {
     if run.train.method.unpaired() {
@@ -485,7 +497,7 @@ fn summary_table(run: &RunConfig, o: &TrainingOutcome) -> String {
         "\n{} steps in {:.1} s on {} ({}; {} training {}, {} held out{})\n\n{:<20} {:>12} {:>14} {:>14}\n",
         o.summary.steps,
         o.summary.seconds,
-        o.backend,
+        placement(run, o),
         speed(&o.summary.throughput),
         o.pairs.0,
         unit(run),
@@ -546,7 +558,7 @@ fn summary_markdown(run: &RunConfig, o: &TrainingOutcome) -> String {
         },
         o.summary.steps,
         o.summary.seconds,
-        o.backend,
+        placement(run, o),
         if o.summary.stopped_early {
             " (early stopping)"
         } else {

@@ -521,6 +521,8 @@ fn two_machines_train_what_one_machine_with_two_devices_trains() {
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("on flex × 2 devices"), "{stdout}");
     let port = port(0);
     let second = machine(1, port, &first, &steps).spawn().unwrap();
     let main = machine(0, port, &zero, &steps).spawn().unwrap();
