@@ -28,6 +28,8 @@ Examples:
   prefer train --model HuggingFaceTB/SmolLM2-135M-Instruct --data pairs.jsonl --output runs/smol \\
                --beta 0.1 --learning-rate 5e-5 --r 16 --lora-alpha 32 --target-modules all-linear
   prefer train --config dpo.toml --resume        # continue from the latest checkpoint
+  prefer train --config dpo.toml --devices cuda:0,cuda:1    # data parallel, one replica per GPU
+  prefer train --config dpo.toml --num-machines 2 --machine-rank 1 --main-process-ip 10.0.0.1
   prefer train --config dpo.toml --print-config  # show the effective config and exit";
 
 /// Flags with their own meaning; every other `--key` is a config key.

@@ -108,9 +108,10 @@ impl Replica {
         }
     }
 
-    /// The mean over replicas of each trainable parameter's gradient in `grads`: one all-reduce
-    /// of every gradient flattened into one tensor (a parameter without a gradient on some
-    /// replica counts as zero there, and gets one when any replica has it).
+    /// The mean over replicas of each trainable parameter's gradient in `grads`. The replicas
+    /// first agree on which parameters have a gradient anywhere (one small all-reduce of flags;
+    /// a frozen reference adapter has none), then sum those gradients flattened into one tensor
+    /// (a parameter without a gradient on some replica counts as zero there).
     pub fn average_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         module: &M,
@@ -122,37 +123,42 @@ impl Replica {
         }
         let mut flat = Flatten::<B> {
             grads,
-            parts: Vec::new(),
             slots: Vec::new(),
-            device: Tensor::<B, 1>::zeros([1], device).inner().device(),
         };
         module.visit(&mut flat);
-        let Flatten {
-            mut grads,
-            parts,
-            slots,
-            device,
-        } = flat;
+        let Flatten { mut grads, slots } = flat;
         if slots.is_empty() {
             return Ok(grads);
         }
-        let present: Vec<f32> = slots.iter().map(|s| f32::from(s.present)).collect();
-        let mut all = parts;
-        all.push(Tensor::from_data(
+        let device = Tensor::<B, 1>::zeros([1], device).inner().device();
+        let present: Vec<f32> = slots.iter().map(|s| f32::from(s.grad.is_some())).collect();
+        let present = Tensor::<B::InnerBackend, 1>::from_data(
             TensorData::new(present, [slots.len()]),
             &device,
-        ));
-        let summed = self.all_reduce_sum(Tensor::cat(all, 0))?;
-        let count = slots.iter().map(|s| s.numel).sum::<usize>();
-        let flags = read::<f32, _, 1, _>(summed.clone().slice(count..), "the gradient flags")?;
+        );
+        let flags = read::<f32, _, 1, _>(self.all_reduce_sum(present)?, "the gradient flags")?;
+        let slots: Vec<_> = slots
+            .into_iter()
+            .zip(flags)
+            .filter(|(_, flag)| *flag > 0.0)
+            .map(|(slot, _)| slot)
+            .collect();
+        if slots.is_empty() {
+            return Ok(grads);
+        }
+        let parts = slots
+            .iter()
+            .map(|s| match &s.grad {
+                Some(g) => g.clone(),
+                None => Tensor::zeros([s.numel], &device),
+            })
+            .collect();
+        let summed = self.all_reduce_sum(Tensor::cat(parts, 0))?;
         let mut offset = 0;
-        for (slot, flag) in slots.into_iter().zip(flags) {
+        for slot in slots {
             let part = summed.clone().slice(offset..offset + slot.numel);
             offset += slot.numel;
-            if flag > 0.0 {
-                let mean = part.div_scalar(self.world as f64);
-                (slot.register)(&mut grads, mean);
-            }
+            (slot.register)(&mut grads, part.div_scalar(self.world as f64));
         }
         Ok(grads)
     }
@@ -292,7 +298,8 @@ fn decode<T: Wire>(values: &[f64], rank: usize) -> Result<T, TrainError> {
 /// A trainable parameter's place in the flattened gradients.
 struct Slot<C: Backend> {
     numel: usize,
-    present: bool,
+    /// Its gradient on this replica, flat.
+    grad: Option<Tensor<C, 1>>,
     /// Registers the averaged gradient (flat) under the parameter's id, in its shape.
     register: Register<C>,
 }
@@ -300,12 +307,10 @@ struct Slot<C: Backend> {
 /// Puts a flat gradient back under its parameter, in the parameter's shape.
 type Register<C> = Box<dyn FnOnce(&mut GradientsParams, Tensor<C, 1>)>;
 
-/// Collects every trainable parameter's gradient (zeros where absent), in the module's order.
+/// Takes every trainable parameter's gradient out of `grads`, in the module's order.
 struct Flatten<B: AutodiffBackend> {
     grads: GradientsParams,
-    parts: Vec<Tensor<B::InnerBackend, 1>>,
     slots: Vec<Slot<B::InnerBackend>>,
-    device: burn::tensor::Device<B::InnerBackend>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<B> {
@@ -316,15 +321,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<B> {
         let dims: [usize; D] = param.shape().dims();
         let numel = dims.iter().product();
         let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
-        let present = grad.is_some();
-        self.parts.push(match grad {
-            Some(g) => g.reshape([numel]),
-            None => Tensor::zeros([numel], &self.device),
-        });
         let id: ParamId = param.id;
         self.slots.push(Slot {
             numel,
-            present,
+            grad: grad.map(|g| g.reshape([numel])),
             register: Box::new(move |grads, flat| grads.register(id, flat.reshape(dims))),
         });
     }
