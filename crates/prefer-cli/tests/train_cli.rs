@@ -582,3 +582,72 @@ fn a_killed_machine_stops_the_other_and_the_run_resumes() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+/// Machines that resume from different checkpoints (output directories that are not shared) are
+/// refused before the first step, naming the replica that differs.
+#[test]
+fn machines_that_resume_from_different_checkpoints_are_refused() {
+    let (zero, first) = (scratch("dp-stale-0"), scratch("dp-stale-1"));
+    let run = prefer()
+        .args([
+            "train",
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--eval-steps",
+            "0",
+        ])
+        .args(["--per-device-train-batch-size", "8", "--output"])
+        .arg(&zero)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    // Machine 1's directory holds only the older checkpoint.
+    std::fs::create_dir_all(first.join("checkpoint-1")).unwrap();
+    for entry in walk(&zero.join("checkpoint-1")) {
+        let target = first.join(entry.strip_prefix(&zero).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &target).unwrap();
+    }
+    let steps = [
+        "--max-steps",
+        "4",
+        "--eval-steps",
+        "0",
+        "--per-device-train-batch-size",
+        "4",
+        "--resume",
+    ];
+    let port = port(2);
+    let second = machine(1, port, &first, &steps).spawn().unwrap();
+    let main = machine(0, port, &zero, &steps).spawn().unwrap();
+    let (main, second) = (
+        main.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert!(!main.status.success() && !second.status.success());
+    let message = stderr(&main);
+    assert!(
+        message
+            .contains("replica 1: starts at step 1 with another adapter than rank 0 (at step 2)"),
+        "{message}"
+    );
+    for d in [zero, first] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// The files under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

@@ -1662,12 +1662,12 @@ fn a_two_replica_checkpoint_resumes_on_one_device() {
     let resumed = run_replicas(1, &cfg(&b, 8), Some(Resume::From(b.join("checkpoint-3")))).unwrap();
     let distance = adapter_distance(&straight.adapter_dir, &resumed.adapter_dir);
     assert!(distance <= 1e-6, "{distance}");
-    // A per-device batch that does not divide the pairs done is refused, naming the checkpoint.
-    let err = run_replicas(1, &cfg(&b, 5), Some(Resume::From(b.join("checkpoint-3"))))
+    // Another number of pairs per optimiser step is refused, naming the checkpoint.
+    let err = run_replicas(1, &cfg(&b, 4), Some(Resume::From(b.join("checkpoint-3"))))
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("checkpoint-3") && err.contains("48 pairs"),
+        err.contains("checkpoint-3") && err.contains("took 16 pairs per optimiser step"),
         "{err}"
     );
     for d in [a, b] {

@@ -57,6 +57,10 @@ pub struct TrainerState {
     /// run's own).
     #[serde(default)]
     pub pairs_per_batch: Option<usize>,
+    /// Pairs per optimiser step over all replicas (a resume must keep it: steps, the schedule
+    /// and the logs count optimiser steps).
+    #[serde(default)]
+    pub pairs_per_step: Option<usize>,
 }
 
 /// The best checkpoint so far.

@@ -45,6 +45,8 @@ const HELLO: u32 = 0x5052_4631;
 #[derive(Debug)]
 pub struct Network {
     machines: Machines,
+    /// The global rank of this machine's first replica, named in errors.
+    rank: usize,
     links: Mutex<Vec<(usize, TcpStream)>>,
 }
 
@@ -54,11 +56,15 @@ impl Network {
     /// `local_replicas` replicas.
     pub fn join(machines: &Machines, local_replicas: usize) -> Result<Self, TrainError> {
         let m = machines;
+        let rank = m.machine_rank * local_replicas;
         if m.machine_rank >= m.num_machines {
-            return Err(network_error(format!(
-                "machine_rank {} is not below num_machines {}",
-                m.machine_rank, m.num_machines
-            )));
+            return Err(network_error(
+                rank,
+                format!(
+                    "machine_rank {} is not below num_machines {}",
+                    m.machine_rank, m.num_machines
+                ),
+            ));
         }
         let links = match m.machine_rank {
             0 => accept_machines(m, local_replicas)?,
@@ -66,6 +72,7 @@ impl Network {
         };
         Ok(Self {
             machines: m.clone(),
+            rank,
             links: Mutex::new(links),
         })
     }
@@ -84,6 +91,7 @@ impl Network {
     /// machine order on machine 0.
     pub fn sum(&self, values: Vec<f32>) -> Result<Vec<f32>, TrainError> {
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let stopped = |machine: usize, e: &std::io::Error| stopped(self.rank, machine, e);
         if self.machines.machine_rank != 0 {
             let (_, main) = &mut links[0];
             send(main, &values).map_err(|e| stopped(0, &e))?;
@@ -93,12 +101,15 @@ impl Network {
         for (machine, link) in links.iter_mut() {
             let theirs = receive(link).map_err(|e| stopped(*machine, &e))?;
             if theirs.len() != total.len() {
-                return Err(network_error(format!(
-                    "machine {machine} sent {} values where machine 0 has {}: the machines do not \
+                return Err(network_error(
+                    self.rank,
+                    format!(
+                        "machine {machine} sent {} values where machine 0 has {}: the machines do not \
                      run the same training (check that they have the same config and data)",
-                    theirs.len(),
-                    total.len()
-                )));
+                        theirs.len(),
+                        total.len()
+                    ),
+                ));
             }
             total.iter_mut().zip(theirs).for_each(|(t, v)| *t += v);
         }
@@ -117,25 +128,30 @@ impl Network {
     }
 }
 
-fn network_error(message: String) -> TrainError {
-    TrainError::Collective { rank: 0, message }
+fn network_error(rank: usize, message: String) -> TrainError {
+    TrainError::Collective { rank, message }
 }
 
-fn stopped(machine: usize, e: &std::io::Error) -> TrainError {
-    network_error(format!(
-        "machine {machine} stopped (its connection failed: {e}); {}",
-        super::data_parallel::STOPPED
-    ))
+fn stopped(rank: usize, machine: usize, e: &std::io::Error) -> TrainError {
+    network_error(
+        rank,
+        format!(
+            "machine {machine} stopped (its connection failed: {e}); {}",
+            super::data_parallel::STOPPED
+        ),
+    )
 }
 
-/// Machine 0: waits for the other machines' hellos, checks them, and orders the links.
+/// Machine 0: waits for the other machines' hellos, answers each (an empty answer admits it, else
+/// the reason it is refused, which that machine reports), and orders the links.
 fn accept_machines(m: &Machines, local: usize) -> Result<Vec<(usize, TcpStream)>, TrainError> {
+    let fail = |message: String| network_error(0, message);
     let address = format!("0.0.0.0:{}", m.main_process_port);
     let listener = TcpListener::bind(&address)
-        .map_err(|e| network_error(format!("machine 0 cannot listen on {address}: {e}")))?;
+        .map_err(|e| fail(format!("machine 0 cannot listen on {address}: {e}")))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| network_error(e.to_string()))?;
+        .map_err(|e| fail(e.to_string()))?;
     let deadline = Instant::now() + m.join_timeout;
     let mut links: Vec<(usize, TcpStream)> = Vec::new();
     while links.len() + 1 < m.num_machines {
@@ -143,32 +159,36 @@ fn accept_machines(m: &Machines, local: usize) -> Result<Vec<(usize, TcpStream)>
             Ok((mut stream, peer)) => {
                 stream
                     .set_nonblocking(false)
-                    .map_err(|e| network_error(e.to_string()))?;
+                    .map_err(|e| fail(e.to_string()))?;
                 let (machine, replicas) = read_hello(&mut stream)
-                    .map_err(|e| network_error(format!("{peer}: not a prefer machine: {e}")))?;
-                if machine == 0 || machine >= m.num_machines {
-                    return Err(network_error(format!(
+                    .map_err(|e| fail(format!("{peer}: not a prefer machine: {e}")))?;
+                let refusal = if machine == 0 || machine >= m.num_machines {
+                    Some(format!(
                         "{peer} joined as machine {machine} of a run of {} machines",
                         m.num_machines
-                    )));
-                }
-                if links.iter().any(|(r, _)| *r == machine) {
-                    return Err(network_error(format!(
+                    ))
+                } else if links.iter().any(|(r, _)| *r == machine) {
+                    Some(format!(
                         "two machines joined as machine {machine} (the second from {peer})"
-                    )));
-                }
-                if replicas != local {
-                    return Err(network_error(format!(
+                    ))
+                } else if replicas != local {
+                    Some(format!(
                         "machine {machine} runs {replicas} devices and machine 0 runs {local}: \
                          every machine must run the same number"
-                    )));
+                    ))
+                } else {
+                    None
+                };
+                let _ = write_text(&mut stream, refusal.as_deref().unwrap_or_default());
+                if let Some(refusal) = refusal {
+                    return Err(fail(refusal));
                 }
                 stream.set_nodelay(true).ok();
                 links.push((machine, stream));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    return Err(network_error(format!(
+                    return Err(fail(format!(
                         "machine 0 waited {:?} on port {} for {} machines and {} joined",
                         m.join_timeout,
                         m.main_process_port,
@@ -178,25 +198,30 @@ fn accept_machines(m: &Machines, local: usize) -> Result<Vec<(usize, TcpStream)>
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(network_error(format!("machine 0: {e}"))),
+            Err(e) => return Err(fail(format!("machine 0: {e}"))),
         }
     }
     links.sort_by_key(|(machine, _)| *machine);
     Ok(links)
 }
 
-/// Another machine: connects to machine 0 (retrying until the deadline) and says who it is.
+/// Another machine: connects to machine 0 (retrying until the deadline), says who it is, and
+/// waits to be admitted.
 fn connect_to_main(m: &Machines, local: usize) -> Result<TcpStream, TrainError> {
+    let rank = m.machine_rank * local;
     let address = format!("{}:{}", m.main_process_ip, m.main_process_port);
     let deadline = Instant::now() + m.join_timeout;
     let mut stream = loop {
         match TcpStream::connect(&address) {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => {
-                return Err(network_error(format!(
-                    "machine {} could not reach machine 0 at {address} within {:?}: {e}",
-                    m.machine_rank, m.join_timeout
-                )));
+                return Err(network_error(
+                    rank,
+                    format!(
+                        "machine {} could not reach machine 0 at {address} within {:?}: {e}",
+                        m.machine_rank, m.join_timeout
+                    ),
+                ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -205,8 +230,30 @@ fn connect_to_main(m: &Machines, local: usize) -> Result<TcpStream, TrainError> 
     let mut hello = HELLO.to_le_bytes().to_vec();
     hello.extend((m.machine_rank as u64).to_le_bytes());
     hello.extend((local as u64).to_le_bytes());
-    stream.write_all(&hello).map_err(|e| stopped(0, &e))?;
+    stream.write_all(&hello).map_err(|e| stopped(rank, 0, &e))?;
+    let answer = read_text(&mut stream).map_err(|e| stopped(rank, 0, &e))?;
+    if !answer.is_empty() {
+        return Err(network_error(
+            rank,
+            format!("machine 0 refused this machine: {answer}"),
+        ));
+    }
     Ok(stream)
+}
+
+/// A short text: its length, then its bytes.
+fn write_text(stream: &mut TcpStream, text: &str) -> std::io::Result<()> {
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text.as_bytes());
+    stream.write_all(&bytes)
+}
+
+fn read_text(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len)?;
+    let mut bytes = vec![0u8; u64::from_le_bytes(len).min(1 << 16) as usize];
+    stream.read_exact(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn read_hello(stream: &mut TcpStream) -> std::io::Result<(usize, usize)> {
@@ -291,5 +338,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A machine with another number of devices is refused at the door, and says why.
+    #[test]
+    fn machine_0_refuses_a_machine_with_another_device_count() {
+        let port = 27_000 + (std::process::id() % 2000) as u16;
+        let two = |rank| Machines {
+            num_machines: 2,
+            ..machines(rank, port)
+        };
+        let (main, other) = std::thread::scope(|s| {
+            let main = s.spawn(|| Network::join(&two(0), 1).map(|_| ()));
+            let other = s.spawn(|| Network::join(&two(1), 2).map(|_| ()));
+            (main.join().unwrap(), other.join().unwrap())
+        });
+        let (main, other) = (
+            main.unwrap_err().to_string(),
+            other.unwrap_err().to_string(),
+        );
+        assert!(
+            main.contains("machine 1 runs 2 devices and machine 0 runs 1"),
+            "{main}"
+        );
+        assert!(
+            other.starts_with("replica 2: machine 0 refused this machine: machine 1 runs 2"),
+            "{other}"
+        );
     }
 }

@@ -15,7 +15,10 @@ use std::{
 use burn::{
     module::{AutodiffModule, Module},
     optim::{AdamWConfig, GradientsAccumulator},
-    tensor::backend::{AutodiffBackend, Backend},
+    tensor::{
+        Tensor,
+        backend::{AutodiffBackend, Backend},
+    },
     train::Learner,
 };
 use prefer_llama::LlamaModel;
@@ -49,6 +52,7 @@ use super::{
 };
 use crate::{
     data::{TokenizedPair, check_labels, check_vocab, collate, collate_kto},
+    host::read,
     metrics::PairRecords,
 };
 
@@ -190,7 +194,8 @@ pub fn train<B: TrainBackend, L: BaseLayer<B>>(
     config.validate()?;
     config.check_backend::<B>(&model.embed_tokens.weight.device())?;
     check_inputs(&model, &run, config)?;
-    train_replica(model, &run, config, observer, &Replica::single())
+    let inner = inner_device::<B>(&model.embed_tokens.weight.device());
+    train_replica((model, inner), &run, config, observer, &Replica::single())
 }
 
 /// [`train`] with data parallelism over `devices` of this process: one replica of the model per
@@ -260,14 +265,17 @@ fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
         None => None,
     };
     let _one_run_at_a_time = data_parallel::exclusive();
+    // Every copy is made before any replica starts: one that fails (a device out of memory) fails
+    // here, not while the others wait for it to join, which nothing could end.
+    let mut copies: Vec<_> = devices.iter().map(|d| replica_of(&model, d)).collect();
+    drop(model);
+    let first_copy = copies.remove(0);
     std::thread::scope(|scope| {
-        let workers: Vec<_> = devices
-            .iter()
+        let workers: Vec<_> = copies
+            .into_iter()
             .enumerate()
-            .skip(1)
-            .map(|(i, device)| {
-                let replica = Replica::new(i, local, network.clone());
-                let model = replica_of(&model, device);
+            .map(|(i, model)| {
+                let replica = Replica::new(i + 1, local, network.clone());
                 let rank = replica.rank;
                 let worker =
                     scope.spawn(move || train_replica(model, run, config, &mut Silent, &replica));
@@ -275,10 +283,9 @@ fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
             })
             .collect();
         let first = Replica::new(0, local, network.clone());
-        let model = replica_of(&model, &devices[0]);
         let mut results = vec![(
             first.rank,
-            train_replica(model, run, config, observer, &first),
+            train_replica(first_copy, run, config, observer, &first),
         )];
         for (rank, worker) in workers {
             let result = worker.join().unwrap_or_else(|panic| {
@@ -294,13 +301,14 @@ fn train_local_replicas<B: TrainBackend, L: BaseLayer<B>>(
 }
 
 /// A copy of `model` on `device` whose tensors are autodiff nodes of its own (`fork` keeps the
-/// nodes of constant tensors, and Burn links the graphs of tensors that share one); on the same
-/// device the copies share their buffers.
+/// nodes of constant tensors, and Burn links the graphs of tensors that share one), with the
+/// device as the inner backend's; on the same device the copies share their buffers.
 fn replica_of<B: TrainBackend, L: BaseLayer<B>>(
     model: &LoraLlama<B, L>,
     device: &B::Device,
-) -> LoraLlama<B, L> {
-    LoraLlama::<B, L>::from_inner(model.valid()).fork(device)
+) -> (LoraLlama<B, L>, burn::tensor::Device<B::InnerBackend>) {
+    let copy = LoraLlama::<B, L>::from_inner(model.valid()).fork(device);
+    (copy, inner_device::<B>(device))
 }
 
 /// The first replica's summary when every replica finished, else the error that stopped the run:
@@ -344,14 +352,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// One replica's run, [`train`]'s body: joins the other replicas, trains, and leaves; a failure
 /// (or a panic) stops the other replicas' collective calls.
 fn train_replica<B: TrainBackend, L: BaseLayer<B>>(
-    model: LoraLlama<B, L>,
+    (model, inner_device): (LoraLlama<B, L>, burn::tensor::Device<B::InnerBackend>),
     run: &TrainRun,
     config: &TrainConfig,
     observer: &mut dyn TrainObserver,
     replica: &Replica,
 ) -> Result<TrainSummary, TrainError> {
-    let device = model.embed_tokens.weight.device();
-    let inner_device = inner_device::<B>(&device);
     replica.register::<B::InnerBackend>(&inner_device)?;
     let mut leave = AbortUnlessFinished::<B::InnerBackend> {
         replica,
@@ -419,6 +425,7 @@ fn train_steps<B: TrainBackend, L: BaseLayer<B>>(
 
     let plan = StepPlan::new(config, run.train.len(), replica.world);
     let (optim, state) = optimiser_and_state(&mut policy, run, config, plan, &out, observer)?;
+    replicas_agree(&policy, &state, &inputs)?;
     if replica.is_main() {
         remove_unfinished_checkpoints(&out);
     }
@@ -500,6 +507,7 @@ fn optimiser_and_state<B: TrainBackend, L: BaseLayer<B>>(
         best_model: None,
         plateau: None,
         pairs_per_batch: Some(plan.global_batch()),
+        pairs_per_step: Some(plan.global_batch() * plan.accumulation),
     };
     let Some(resume) = &run.resume else {
         return Ok((optim, state));
@@ -1036,6 +1044,7 @@ fn resume_from<B: TrainBackend, L: BaseLayer<B>>(
         total_steps: plan.total_steps,
         batch_in_epoch,
         pairs_per_batch: Some(plan.global_batch()),
+        pairs_per_step: Some(plan.global_batch() * plan.accumulation),
         ..state
     };
     Ok((optim, state))
@@ -1050,7 +1059,21 @@ fn place_in_epoch(
     n_pairs: usize,
     dir: &Path,
 ) -> Result<usize, TrainError> {
-    let saved = state.pairs_per_batch.unwrap_or(plan.global_batch());
+    let per_step = plan.global_batch() * plan.accumulation;
+    if let Some(saved) = state.pairs_per_step
+        && saved != per_step
+    {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the checkpoint's run took {saved} pairs per optimiser step and this one takes \
+                 {per_step} (per_device_train_batch_size × devices × gradient_accumulation_steps): \
+                 its steps, schedule and logs count in its own steps, so keep the product"
+            ),
+        });
+    }
+    // Checkpoints written before data parallelism came from one device.
+    let saved = state.pairs_per_batch.unwrap_or(plan.batch_size);
     if saved == plan.global_batch() {
         return Ok(state.batch_in_epoch);
     }
@@ -1070,6 +1093,52 @@ fn place_in_epoch(
         });
     }
     Ok(done / plan.global_batch())
+}
+
+/// Every replica must start from the same step and the same adapter: each machine reads its own
+/// `output_dir`, and one that resumed from another checkpoint (a directory that is not shared,
+/// an old run's) would train other weights with the averaged gradients.
+fn replicas_agree<B: TrainBackend, L: BaseLayer<B>>(
+    policy: &DpoPolicy<B, L>,
+    state: &TrainerState,
+    inputs: &Inputs<'_, B>,
+) -> Result<(), TrainError> {
+    let replica = inputs.replica;
+    if replica.world == 1 {
+        return Ok(());
+    }
+    let mut sums = TrainableSums::<B> { sums: Vec::new() };
+    policy.visit(&mut sums);
+    let sums: Vec<f64> = match sums.sums.is_empty() {
+        true => Vec::new(),
+        false => read(Tensor::cat(sums.sums, 0), "the adapter's sums")?,
+    };
+    let mine = (state.global_step, sums);
+    let all = replica.gather::<B::InnerBackend, _>(&mine, &inputs.inner_device)?;
+    match all.iter().position(|theirs| *theirs != all[0]) {
+        None => Ok(()),
+        Some(rank) => Err(TrainError::Collective {
+            rank,
+            message: format!(
+                "starts at step {} with another adapter than rank 0 (at step {}): every machine \
+                 must resume from the same checkpoint (give them one shared output_dir)",
+                all[rank].0, all[0].0
+            ),
+        }),
+    }
+}
+
+/// The sum of each trainable parameter, in the module's order.
+struct TrainableSums<B: AutodiffBackend> {
+    sums: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for TrainableSums<B> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        if param.is_require_grad() {
+            self.sums.push(param.val().inner().sum());
+        }
+    }
 }
 
 /// A process killed while writing a checkpoint leaves its temporary directory behind.
