@@ -158,7 +158,8 @@ pub(crate) fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 }
 
 /// `dst[m×n] = (dst if acc) + beta · lhs[m×k] · rhs[k×n]` on one thread (the callers are already
-/// parallel), every operand strided by (row stride, column stride). Bounds are checked up front.
+/// parallel), every operand strided by (row stride, column stride), `dst` row-major. Bounds are
+/// checked up front.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     m: usize,
@@ -175,9 +176,53 @@ pub(crate) fn matmul(
     rhs_cs: usize,
     beta: f32,
 ) {
-    let dst = dst.into();
+    strided_matmul(
+        m,
+        n,
+        k,
+        dst.into(),
+        (dst_rs, 1),
+        acc,
+        (lhs, lhs_rs, lhs_cs),
+        (rhs, rhs_rs, rhs_cs),
+        beta,
+    );
+}
+
+/// [`matmul`] into a column-major `dst` (element `(i, j)` at `j · m + i`). gemm's kernels write
+/// column panels, so a column-major destination of few rows runs about 1.5× faster than a row-major
+/// one (measured on AVX-512 at 32 rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_to_columns(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    acc: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    beta: f32,
+) {
+    strided_matmul(m, n, k, dst.into(), (1, m), acc, lhs, rhs, beta);
+}
+
+/// A strided operand: (elements, row stride, column stride).
+type Operand<'a> = (&'a [f32], usize, usize);
+
+#[allow(clippy::too_many_arguments)]
+fn strided_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Dst,
+    (dst_rs, dst_cs): (usize, usize),
+    acc: bool,
+    (lhs, lhs_rs, lhs_cs): Operand<'_>,
+    (rhs, rhs_rs, rhs_cs): Operand<'_>,
+    beta: f32,
+) {
     assert!(
-        extent(m, n, dst_rs, 1) <= dst.len,
+        extent(m, n, dst_rs, dst_cs) <= dst.len,
         "matmul: destination too small"
     );
     assert!(
@@ -198,7 +243,7 @@ pub(crate) fn matmul(
             n,
             k,
             dst.ptr,
-            1,
+            dst_cs as isize,
             dst_rs as isize,
             acc,
             lhs.as_ptr(),

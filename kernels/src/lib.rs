@@ -28,7 +28,9 @@ pub mod swiglu;
 pub use attention::{AttentionBackend, HeadShape, varlen_attention};
 pub use dpo_loss::{DpoLossBackend, DpoLossOutput, dpo_sigmoid_loss};
 pub use frozen_matmul::{FrozenMatmulBackend, frozen_matmul};
-pub use lm_head::{DEFAULT_CHUNK, FusedLmHeadBackend, LmHeadOutput, fused_lm_head};
+pub use lm_head::{
+    DEFAULT_CHUNK, FusedLmHeadBackend, HeadWithRowGrads, LmHeadOutput, fused_lm_head,
+};
 pub use lora::{LoraBackend, LoraGrads, lora_update};
 pub use nf4_dequant::{Nf4DequantBackend, nf4_dequantize};
 pub use rms_norm::{RmsNormBackend, rms_norm};

@@ -4,7 +4,10 @@
 //! The vocabulary is processed in chunks of `chunk` rows of the weight: each chunk's logits
 //! `[N, chunk]` go through the selective log-softmax (a kernel on wgpu/CUDA) and the running
 //! log-sum-exp is merged across chunks. The backward pass recomputes each chunk's logits instead of
-//! storing them, so the extra memory is O(N · chunk) in both directions, not O(N · V).
+//! storing them, so the extra memory is O(N · chunk) in both directions, not O(N · V). For a frozen
+//! head (LoRA training), a backend may instead compute each row's gradient `d logp / d hidden`
+//! (`[N, H]`, the size of the hidden states) during the forward pass, as the CPU path does: one pass
+//! over the vocabulary per step instead of two.
 
 use burn::{
     backend::{
@@ -50,6 +53,15 @@ fn local_targets<B: Backend>(
     (local.clamp(0, len as i64 - 1), inside.float())
 }
 
+/// (`logp`, `lse`, `mean_logit`, `d logp / d hidden`): the forward's outputs and each row's
+/// gradient.
+pub type HeadWithRowGrads<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
+
 /// The fused LM head operations. `logp` and `mean_logit` have the hidden states' float type; the
 /// running sums and the log-sum-exp are f32 whatever the input type.
 pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
@@ -63,6 +75,20 @@ pub trait FusedLmHeadBackend: SelectiveLogSoftmaxBackend {
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         default_forward::<Self>(hidden, weight, targets, chunk)
+    }
+
+    /// The forward pass for a weight that does not train, also returning each row's gradient
+    /// `d logp / d hidden` (`[N, H]`, f32): the backward is then a product with the incoming
+    /// gradient instead of a second pass over the vocabulary. `None` where the backend has no such
+    /// path (the default); the backward then recomputes the logits.
+    fn lm_head_forward_with_row_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> Option<HeadWithRowGrads<Self>> {
+        let _ = (hidden, weight, targets, chunk);
+        None
     }
 
     /// Gradients of `Σ grad · logp` with respect to `hidden` and (when asked) `weight`, recomputing
@@ -235,6 +261,28 @@ impl<B: FusedLmHeadBackend> Backward<B, 2> for LmHeadBackward {
     }
 }
 
+/// The backward of a frozen head whose forward kept each row's gradient: `d hidden = g · d logp /
+/// d hidden`, row by row.
+#[derive(Debug)]
+struct LmHeadRowGradsBackward;
+
+impl<B: FusedLmHeadBackend> Backward<B, 1> for LmHeadRowGradsBackward {
+    /// `d logp / d hidden` `[N, H]` in f32, and the hidden states' type.
+    type State = (FloatTensor<B>, DType);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [hidden_parent] = ops.parents;
+        let g: Tensor<B, 1> = float(grads.consume::<B>(&ops.node));
+        let (row_grads, dtype) = ops.state;
+        if let Some(p) = hidden_parent {
+            let rows: Tensor<B, 2> = float(row_grads);
+            let n = g.dims()[0];
+            let dh = rows * g.cast(DType::F32).reshape([n, 1]);
+            grads.register::<B>(p.id, prim(dh.cast(dtype)));
+        }
+    }
+}
+
 impl<B: FusedLmHeadBackend, C: CheckpointStrategy> FusedLmHeadBackend for Autodiff<B, C> {
     fn lm_head_forward(
         hidden: FloatTensor<Self>,
@@ -243,6 +291,27 @@ impl<B: FusedLmHeadBackend, C: CheckpointStrategy> FusedLmHeadBackend for Autodi
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let lift = <Self as AutodiffBackend>::from_inner;
+        // A frozen head (LoRA training) whose hidden states need a gradient: where the backend can,
+        // the forward computes each row's gradient as it goes, and the backward only scales it.
+        if weight.node.requirement.is_none() && !hidden.node.requirement.is_none() {
+            let dtype = burn::tensor::TensorMetadata::dtype(&hidden.primitive);
+            if let Some((logp, lse, mean, row_grads)) = B::lm_head_forward_with_row_grads(
+                hidden.primitive.clone(),
+                weight.primitive.clone(),
+                targets.clone(),
+                chunk,
+            ) {
+                let logp = match LmHeadRowGradsBackward
+                    .prepare::<C>([hidden.node.clone()])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish((row_grads, dtype), logp),
+                    OpsKind::UnTracked(prep) => prep.finish(logp),
+                };
+                return (logp, lift(lse), lift(mean));
+            }
+        }
         match LmHeadBackward
             .prepare::<C>([hidden.node.clone(), weight.node.clone()])
             .compute_bound()
@@ -307,14 +376,18 @@ mod cube {
 
 #[cfg(feature = "flex")]
 mod flex {
-    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn::tensor::{
+        DType,
+        ops::{FloatTensor, IntTensor},
+    };
     use burn_flex::Flex;
     use rayon::prelude::*;
 
     use super::FusedLmHeadBackend;
-    use burn::tensor::DType;
 
-    use crate::cpu::{SharedOut, f32_slice, f32_tensor, is_f32, matmul, rounding, store};
+    use crate::cpu::{
+        SharedOut, f32_slice, f32_tensor, is_f32, matmul_to_columns, rounding, store,
+    };
 
     /// Rows per parallel task: a task's logits `[ROWS, chunk]` stay in cache.
     const ROWS: usize = 32;
@@ -327,24 +400,153 @@ mod flex {
             .unwrap_or_default()
     }
 
-    /// One block's logits against one vocabulary chunk, `out = h_blk · W_cᵀ` (`[rows, len]`): the
-    /// forward computes them, the backward recomputes them rather than keeping `[N, V]`.
-    fn block_logits(
-        out: &mut [f32],
-        h_blk: &[f32],
-        w_chunk: &[f32],
-        rows: usize,
-        len: usize,
+    /// The head's operands as f32 and its shapes.
+    struct Head<'a> {
+        hs: &'a [f32],
+        ws: &'a [f32],
+        ts: &'a [i64],
         h: usize,
-    ) {
-        matmul(
-            rows, len, h, out, len, false, h_blk, h, 1, w_chunk, 1, h, 1.0,
-        );
+        v: usize,
+        chunk: usize,
+        dtype: DType,
     }
 
-    /// Each task runs blocks of `ROWS` rows through every vocabulary chunk: the chunk's logits by
-    /// gemm, then an online log-sum-exp, the target's logit and the running logit sum, so neither
-    /// `[N, V]` nor `[N, chunk]` is ever allocated. f32 arithmetic whatever the input type.
+    /// Where the tasks write: per row `logp`, `lse` and mean logit, and optionally `d logp / d h`
+    /// (`[N, H]`, row-major).
+    struct Outputs {
+        logp: SharedOut,
+        lse: SharedOut,
+        mean: SharedOut,
+        row_grads: Option<SharedOut>,
+    }
+
+    /// Rows `r0 .. r0 + rows` through every vocabulary chunk: the chunk's logits by gemm (column
+    /// major, `[len, rows]`, which gemm writes fastest), then an online log-sum-exp, the target's
+    /// logit and the running logit sum, so neither `[N, V]` nor `[N, chunk]` is ever allocated.
+    /// With `row_grads`, the softmax-weighted sum of the weight rows is accumulated along the way
+    /// (rescaled as the running maximum moves), giving `d logp / d h = W[target] − Σ p · W`
+    /// without a second pass over the vocabulary. f32 arithmetic whatever the input type.
+    fn head_block(p: &Head<'_>, r0: usize, rows: usize, out: &Outputs) {
+        let (h, round) = (p.h, rounding(p.dtype));
+        let hs = &p.hs[r0 * h..];
+        let mut logits = vec![0f32; rows * p.chunk];
+        let (mut m, mut s) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+        let (mut target, mut sum) = (vec![0f32; rows], vec![0f64; rows]);
+        let mut chunk_max = vec![f32::NEG_INFINITY; rows];
+        // Σ exp(logit − m) · W row, column-major `[H, rows]`.
+        let mut weighted = out.row_grads.as_ref().map(|_| vec![0f32; rows * h]);
+        for c0 in (0..p.v).step_by(p.chunk) {
+            let len = p.chunk.min(p.v - c0);
+            let (x, wc) = (&mut logits[..rows * len], &p.ws[c0 * h..]);
+            matmul_to_columns(rows, len, h, x, false, (hs, h, 1), (wc, 1, h), 1.0);
+            // Logits in the input type, as the matmul of the tensor-op path gives them.
+            if p.dtype != DType::F32 {
+                x.iter_mut().for_each(|e| *e = round(*e));
+            }
+            chunk_max.fill(f32::NEG_INFINITY);
+            for col in x.chunks(rows) {
+                for ((cm, total), &e) in chunk_max.iter_mut().zip(sum.iter_mut()).zip(col) {
+                    *cm = cm.max(e);
+                    *total += e as f64;
+                }
+            }
+            for i in 0..rows {
+                let t = p.ts[r0 + i];
+                if t >= c0 as i64 && t < (c0 + len) as i64 {
+                    target[i] = x[(t as usize - c0) * rows + i];
+                }
+                let nm = m[i].max(chunk_max[i]);
+                let scale = (m[i] - nm).exp();
+                s[i] *= scale;
+                if let Some(wd) = &mut weighted {
+                    wd[i..].iter_mut().step_by(rows).for_each(|e| *e *= scale);
+                }
+                m[i] = nm;
+            }
+            for col in x.chunks_mut(rows) {
+                for ((e, &mi), si) in col.iter_mut().zip(&m).zip(s.iter_mut()) {
+                    let prob = (*e - mi).exp();
+                    *si += prob;
+                    *e = prob;
+                }
+            }
+            if let Some(wd) = &mut weighted {
+                // weighted [rows, H] += exp(logits − m) [rows, len] · W_c [len, H]
+                matmul_to_columns(rows, h, len, wd, true, (x, 1, rows), (wc, h, 1), 1.0);
+            }
+        }
+        let mut grad_row = vec![0f32; h];
+        for i in 0..rows {
+            let l = m[i] + s[i].ln();
+            // SAFETY: rows r0.. belong to this task alone.
+            unsafe {
+                out.logp.write(r0 + i, target[i] - l);
+                out.lse.write(r0 + i, l);
+                out.mean.write(r0 + i, (sum[i] / p.v as f64) as f32);
+            }
+            if let (Some(dst), Some(wd)) = (&out.row_grads, &weighted) {
+                let t = p.ts[r0 + i];
+                let w_t = (t >= 0 && (t as usize) < p.v).then(|| &p.ws[t as usize * h..][..h]);
+                for (c, g) in grad_row.iter_mut().enumerate() {
+                    *g = w_t.map_or(0.0, |w| w[c]) - wd[c * rows + i] / s[i];
+                }
+                // SAFETY: row r0 + i belongs to this task alone.
+                unsafe { dst.write_slice((r0 + i) * h, &grad_row) };
+            }
+        }
+    }
+
+    /// Runs the head over all rows in parallel: (`logp`, `lse`, mean logit) and, when asked,
+    /// `d logp / d h` as an f32 `[N, H]` tensor.
+    #[allow(clippy::type_complexity)]
+    fn run_head(
+        hidden: &FloatTensor<Flex>,
+        weight: &FloatTensor<Flex>,
+        targets: &IntTensor<Flex>,
+        chunk: usize,
+        row_grads: bool,
+    ) -> (
+        FloatTensor<Flex>,
+        FloatTensor<Flex>,
+        FloatTensor<Flex>,
+        Option<FloatTensor<Flex>>,
+    ) {
+        let (hshape, dtype) = (hidden.layout().shape().clone(), hidden.dtype());
+        let (n, h) = (hshape[0], hshape[1]);
+        let v = weight.layout().shape()[0];
+        let (hs, ws, ts) = (f32_slice(hidden), f32_slice(weight), int_targets(targets));
+        let head = Head {
+            hs: &hs,
+            ws: &ws,
+            ts: &ts,
+            h,
+            v,
+            chunk: chunk.clamp(1, v.max(1)),
+            dtype,
+        };
+        let (mut logp, mut lse, mut mean) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let mut grads = vec![0f32; if row_grads { n * h } else { 0 }];
+        let out = Outputs {
+            logp: SharedOut::new(&mut logp),
+            lse: SharedOut::new(&mut lse),
+            mean: SharedOut::new(&mut mean),
+            row_grads: row_grads.then(|| SharedOut::new(&mut grads)),
+        };
+        (0..n.div_ceil(ROWS)).into_par_iter().for_each(|b| {
+            head_block(&head, b * ROWS, ROWS.min(n - b * ROWS), &out);
+        });
+        drop(out);
+        (
+            store(logp, [n].into(), dtype),
+            f32_tensor(lse, [n].into()),
+            store(mean, [n].into(), dtype),
+            row_grads.then(|| f32_tensor(grads, hshape)),
+        )
+    }
+
+    /// The backward keeps the tensor-op path: with a frozen head (LoRA training) the forward has
+    /// already computed each row's gradient, and a head that trains needs the weight's gradient,
+    /// a sum over every row.
     impl FusedLmHeadBackend for Flex {
         fn lm_head_forward(
             hidden: FloatTensor<Self>,
@@ -355,138 +557,21 @@ mod flex {
             if !is_f32(&[&hidden, &weight]) {
                 return super::default_forward::<Self>(hidden, weight, targets, chunk);
             }
-            let (hshape, dtype) = (hidden.layout().shape().clone(), hidden.dtype());
-            let (n, h) = (hshape[0], hshape[1]);
-            let v = weight.layout().shape()[0];
-            let chunk = chunk.clamp(1, v.max(1));
-            let (hs, ws, ts) = (
-                f32_slice(&hidden),
-                f32_slice(&weight),
-                int_targets(&targets),
-            );
-            let round = rounding(dtype);
-            let (mut logp, mut lse, mut mean) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-            let outs = (
-                SharedOut::new(&mut logp),
-                SharedOut::new(&mut lse),
-                SharedOut::new(&mut mean),
-            );
-            (0..n.div_ceil(ROWS)).into_par_iter().for_each(|b| {
-                let (r0, rows) = (b * ROWS, ROWS.min(n - b * ROWS));
-                let mut logits = vec![0f32; rows * chunk];
-                let (mut m, mut s) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
-                let (mut target, mut sum) = (vec![0f32; rows], vec![0f64; rows]);
-                for c0 in (0..v).step_by(chunk) {
-                    let len = chunk.min(v - c0);
-                    let lg = &mut logits[..rows * len];
-                    block_logits(lg, &hs[r0 * h..], &ws[c0 * h..], rows, len, h);
-                    // Logits in the input type, as the matmul of the tensor-op path gives them.
-                    if dtype != DType::F32 {
-                        lg.iter_mut().for_each(|x| *x = round(*x));
-                    }
-                    for (i, row) in lg.chunks(len).enumerate() {
-                        let rm = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let nm = m[i].max(rm);
-                        let acc: f32 = row.iter().map(|x| (x - nm).exp()).sum();
-                        s[i] = s[i] * (m[i] - nm).exp() + acc;
-                        m[i] = nm;
-                        sum[i] += row.iter().map(|&x| x as f64).sum::<f64>();
-                        let t = ts[r0 + i];
-                        if t >= c0 as i64 && t < (c0 + len) as i64 {
-                            target[i] = row[t as usize - c0];
-                        }
-                    }
-                }
-                for i in 0..rows {
-                    let l = m[i] + s[i].ln();
-                    // SAFETY: rows r0.. belong to this task alone.
-                    unsafe {
-                        outs.0.write(r0 + i, target[i] - l);
-                        outs.1.write(r0 + i, l);
-                        outs.2.write(r0 + i, (sum[i] / v as f64) as f32);
-                    }
-                }
-            });
-            (
-                store(logp, [n].into(), dtype),
-                f32_tensor(lse, [n].into()),
-                store(mean, [n].into(), dtype),
-            )
+            let (logp, lse, mean, _) = run_head(&hidden, &weight, &targets, chunk, false);
+            (logp, lse, mean)
         }
 
-        fn lm_head_backward(
+        fn lm_head_forward_with_row_grads(
             hidden: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             targets: IntTensor<Self>,
-            lse: FloatTensor<Self>,
-            grad: FloatTensor<Self>,
             chunk: usize,
-            weight_grad: bool,
-        ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-            // The weight's gradient sums over every row; the frozen head of LoRA training never
-            // asks for it, so that case keeps the tensor-op path.
-            if weight_grad || !is_f32(&[&hidden, &weight, &grad]) {
-                return super::default_backward::<Self>(
-                    hidden,
-                    weight,
-                    targets,
-                    lse,
-                    grad,
-                    chunk,
-                    weight_grad,
-                );
+        ) -> Option<super::HeadWithRowGrads<Self>> {
+            if !is_f32(&[&hidden, &weight]) {
+                return None;
             }
-            let (hshape, dtype) = (hidden.layout().shape().clone(), hidden.dtype());
-            let (n, h) = (hshape[0], hshape[1]);
-            let v = weight.layout().shape()[0];
-            let chunk = chunk.clamp(1, v.max(1));
-            let (hs, ws, ts) = (
-                f32_slice(&hidden),
-                f32_slice(&weight),
-                int_targets(&targets),
-            );
-            let (ls, gs) = (f32_slice(&lse), f32_slice(&grad));
-            let round = rounding(dtype);
-            let mut dh = vec![0f32; n * h];
-            let out = SharedOut::new(&mut dh);
-            (0..n.div_ceil(ROWS)).into_par_iter().for_each(|b| {
-                let (r0, rows) = (b * ROWS, ROWS.min(n - b * ROWS));
-                let mut d = vec![0f32; rows * chunk];
-                let mut acc = vec![0f32; rows * h];
-                for c0 in (0..v).step_by(chunk) {
-                    let len = chunk.min(v - c0);
-                    let dl = &mut d[..rows * len];
-                    block_logits(dl, &hs[r0 * h..], &ws[c0 * h..], rows, len, h);
-                    // dlogits = g · (onehot(target) − softmax), from logits in the input type.
-                    for (i, row) in dl.chunks_mut(len).enumerate() {
-                        let (l, g) = (ls[r0 + i], gs[r0 + i]);
-                        row.iter_mut().for_each(|x| *x = -g * (round(*x) - l).exp());
-                        let t = ts[r0 + i];
-                        if t >= c0 as i64 && t < (c0 + len) as i64 {
-                            row[t as usize - c0] += g;
-                        }
-                    }
-                    // dh_blk += dlogits · W_c
-                    matmul(
-                        rows,
-                        h,
-                        len,
-                        acc.as_mut_slice(),
-                        h,
-                        true,
-                        dl,
-                        len,
-                        1,
-                        &ws[c0 * h..],
-                        h,
-                        1,
-                        1.0,
-                    );
-                }
-                // SAFETY: rows r0.. belong to this task alone.
-                unsafe { out.write_slice(r0 * h, &acc) };
-            });
-            (store(dh, hshape, dtype), None)
+            let (logp, lse, mean, grads) = run_head(&hidden, &weight, &targets, chunk, true);
+            Some((logp, lse, mean, grads?))
         }
     }
 }
