@@ -27,6 +27,16 @@ pub(crate) fn f32_slice(t: &FlexTensor) -> Cow<'_, [f32]> {
     Cow::Owned(data.into_vec::<f32>().unwrap_or_default())
 }
 
+/// Whether `t` is an f32 tensor of exactly `len` elements in row-major order from the start of a
+/// buffer that no other tensor shares, so that it may be updated in place.
+pub(crate) fn is_unique_f32(t: &FlexTensor, len: usize) -> bool {
+    t.dtype() == DType::F32
+        && t.is_unique()
+        && t.is_contiguous()
+        && t.layout().start_offset() == 0
+        && t.storage::<f32>().len() == len
+}
+
 /// A contiguous tensor of `shape` and `dtype` from f32 `values` (no copy for f32; rounded for
 /// f16/bf16).
 pub(crate) fn store(values: Vec<f32>, shape: Shape, dtype: DType) -> FlexTensor {

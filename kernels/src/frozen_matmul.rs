@@ -96,6 +96,8 @@ mod flex {
     };
     use burn_flex::{Flex, FlexTensor};
 
+    use rayon::prelude::*;
+
     use super::FrozenMatmulBackend;
     use crate::cpu::{extent, f32_tensor};
 
@@ -136,6 +138,16 @@ mod flex {
             if k == 0 {
                 return f32_tensor(vec![0.0; m * n], [m, n].into());
             }
+            // A weight read through a transposed view (`[out, in]` storage used as `[in, out]`)
+            // is first copied into row-major order: gemm packs it slowly in place, and the copy
+            // (k·n) is small against the product (m·k·n).
+            let row_major;
+            let (ws, wo, w_rs, w_cs) = if w_rs == 1 && w_cs != 1 && m >= MIN_ROWS_TO_REORDER {
+                row_major = row_major_copy(&ws[wo..], k, n, w_cs);
+                (&row_major[..], 0, n, 1)
+            } else {
+                (ws, wo, w_rs, w_cs)
+            };
             // Below ~7 M multiply-adds one thread is faster than waking the pool (burn-flex's rule).
             let parallelism = if m * n * k >= 192 * 192 * 192 {
                 gemm::Parallelism::Rayon(0)
@@ -172,6 +184,29 @@ mod flex {
             }
             f32_tensor(out, [m, n].into())
         }
+    }
+
+    /// Rows of `x` from which a transposed weight is reordered before the product.
+    const MIN_ROWS_TO_REORDER: usize = 128;
+
+    /// The `[k, n]` matrix whose element `(i, j)` is `src[i + j · col_stride]`, row-major, built
+    /// in parallel blocks of rows.
+    fn row_major_copy(src: &[f32], k: usize, n: usize, col_stride: usize) -> Vec<f32> {
+        let mut out = vec![0f32; k * n];
+        const ROWS: usize = 32;
+        out.par_chunks_mut(ROWS * n)
+            .enumerate()
+            .for_each(|(b, block)| {
+                let i0 = b * ROWS;
+                let rows = block.len() / n;
+                for j in 0..n {
+                    let col = &src[j * col_stride + i0..][..rows];
+                    for (r, &v) in col.iter().enumerate() {
+                        block[r * n + j] = v;
+                    }
+                }
+            });
+        out
     }
 
     fn dims2(t: &FlexTensor) -> [usize; 2] {

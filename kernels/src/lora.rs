@@ -254,7 +254,7 @@ mod flex {
     use rayon::prelude::*;
 
     use super::{LoraBackend, LoraGrads, tensor_ops};
-    use crate::cpu::{SharedOut, f32_slice, is_f32, matmul, store};
+    use crate::cpu::{SharedOut, f32_slice, is_f32, is_unique_f32, matmul, store};
 
     /// Rows per parallel task.
     const ROWS: usize = 64;
@@ -304,9 +304,22 @@ mod flex {
             let (n, d_out) = (yshape[0], yshape[1]);
             let (d_in, r) = (x.layout().shape()[1], a.layout().shape()[1]);
             let (xs, as_, bs) = (f32_slice(&x), f32_slice(&a), f32_slice(&b));
-            let mut out = f32_slice(&y).into_owned();
+            // The base output is updated in place when nothing else holds it (the usual case: the
+            // frozen product just made it), which saves a serial copy of `[n, d_out]`.
+            let mut y = y;
+            let in_place = is_unique_f32(&y, n * d_out);
+            let mut copy = if in_place {
+                Vec::new()
+            } else {
+                f32_slice(&y).into_owned()
+            };
+            let out: &mut [f32] = if in_place {
+                y.storage_mut::<f32>()
+            } else {
+                &mut copy
+            };
             let mut h = vec![0f32; n * r];
-            let (out_w, h_w) = (SharedOut::new(&mut out), SharedOut::new(&mut h));
+            let (out_w, h_w) = (SharedOut::new(out), SharedOut::new(&mut h));
             blocks(n).for_each(|(r0, rows)| {
                 let mut hb = vec![0f32; rows * r];
                 // h = x·A, out += scale · h·B
@@ -343,7 +356,12 @@ mod flex {
                 // SAFETY: rows r0.. belong to this task alone.
                 unsafe { h_w.write_slice(r0 * r, &hb) };
             });
-            (store(out, yshape, dtype), store(h, [n, r].into(), dtype))
+            let out = if in_place {
+                y
+            } else {
+                store(copy, yshape, dtype)
+            };
+            (out, store(h, [n, r].into(), dtype))
         }
 
         fn lora_backward(

@@ -448,10 +448,39 @@ fn check_lora<B: LoraBackend>(name: &str, device: &B::Device, dtype: DType) {
         &db,
         matmul_tol(name, dtype),
     );
+    // Without autodiff: a base output that nothing else holds may be updated in place (the CPU
+    // path does), one that the caller still holds must be left as it was.
+    let operands = || {
+        (
+            tensor::<B, 3>(&x, [2, n / 2, d_in], dtype, device),
+            tensor::<B, 2>(&a, [d_in, r], dtype, device),
+            tensor::<B, 2>(&b, [r, d_out], dtype, device),
+        )
+    };
+    let (x1, a1, b1) = operands();
+    let only = tensor::<B, 3>(&y, [2, n / 2, d_out], dtype, device);
+    let o = lora_update(only, x1, a1, b1, scale);
+    close(
+        &format!("{what} out, base output held by no one else"),
+        &host(o),
+        &out,
+        matmul_tol(name, dtype),
+    );
+    let (x2, a2, b2) = operands();
+    let held = tensor::<B, 3>(&y, [2, n / 2, d_out], dtype, device);
+    let o = lora_update(held.clone(), x2, a2, b2, scale);
+    close(
+        &format!("{what} out, base output still held"),
+        &host(o),
+        &out,
+        matmul_tol(name, dtype),
+    );
+    assert_eq!(host(held), y, "{what}: the caller's base output changed");
 }
 
 fn check_frozen_matmul<B: FrozenMatmulBackend>(name: &str, device: &B::Device, dtype: DType) {
-    let (batch, rows, d_in, d_out) = (2, 35, 40, 29);
+    // 134 rows: enough for the CPU path to reorder a transposed weight before the product.
+    let (batch, rows, d_in, d_out) = (2, 67, 40, 29);
     let n = batch * rows;
     let x = rounded(&random(n * d_in, 41, 2.0), dtype);
     // The weight as the model holds it, `[out, in]`, used through its transposed view as the NF4
