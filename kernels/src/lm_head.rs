@@ -535,7 +535,6 @@ mod flex {
         (0..n.div_ceil(ROWS)).into_par_iter().for_each(|b| {
             head_block(&head, b * ROWS, ROWS.min(n - b * ROWS), &out);
         });
-        drop(out);
         (
             store(logp, [n].into(), dtype),
             f32_tensor(lse, [n].into()),
