@@ -424,6 +424,7 @@ mod flex {
     use crate::{
         SeqLayout,
         cpu::{SharedOut, f32_slice, f32_tensor, is_f32, matmul, store},
+        vector_exp::exp_in_place,
     };
 
     /// Query rows per block: the block's scores `[BLOCK, keys]` stay in cache, and keys after the
@@ -509,11 +510,9 @@ mod flex {
                     for (i, row) in sc.chunks_mut(nk).enumerate() {
                         let (visible, future) = row.split_at_mut(q0 + i + 1);
                         let m = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for x in visible.iter_mut() {
-                            *x = (*x - m).exp();
-                            sum += *x;
-                        }
+                        visible.iter_mut().for_each(|x| *x -= m);
+                        exp_in_place(visible);
+                        let sum = visible.iter().fold(0f32, |acc, x| acc + x);
                         let inv = 1.0 / sum;
                         visible.iter_mut().for_each(|x| *x *= inv);
                         future.fill(0.0);
@@ -576,7 +575,8 @@ mod flex {
                     for (i, row) in p.chunks_mut(nk).enumerate() {
                         let l = lse[(s0 + q0 + i) * s.heads + j];
                         let (visible, future) = row.split_at_mut(q0 + i + 1);
-                        visible.iter_mut().for_each(|x| *x = (*x - l).exp());
+                        visible.iter_mut().for_each(|x| *x -= l);
+                        exp_in_place(visible);
                         future.fill(0.0);
                     }
                     let row0 = (s0 + q0) * st.q + j * d;

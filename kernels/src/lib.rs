@@ -24,6 +24,8 @@ pub mod rope;
 pub mod selective_log_softmax;
 pub mod seq_layout;
 pub mod swiglu;
+#[cfg(feature = "flex")]
+mod vector_exp;
 
 pub use attention::{AttentionBackend, HeadShape, varlen_attention};
 pub use dpo_loss::{DpoLossBackend, DpoLossOutput, dpo_sigmoid_loss};

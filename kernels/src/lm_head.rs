@@ -388,6 +388,7 @@ mod flex {
     use crate::cpu::{
         SharedOut, f32_slice, f32_tensor, is_f32, matmul_to_columns, rounding, store,
     };
+    use crate::vector_exp::exp_in_place;
 
     /// Rows per parallel task: a task's logits `[ROWS, chunk]` stay in cache.
     const ROWS: usize = 32;
@@ -463,12 +464,13 @@ mod flex {
                 }
                 m[i] = nm;
             }
+            // exp(logits − m), in place.
             for col in x.chunks_mut(rows) {
-                for ((e, &mi), si) in col.iter_mut().zip(&m).zip(s.iter_mut()) {
-                    let prob = (*e - mi).exp();
-                    *si += prob;
-                    *e = prob;
-                }
+                col.iter_mut().zip(&m).for_each(|(e, &mi)| *e -= mi);
+            }
+            exp_in_place(x);
+            for col in x.chunks(rows) {
+                s.iter_mut().zip(col).for_each(|(si, &e)| *si += e);
             }
             if let Some(wd) = &mut weighted {
                 // weighted [rows, H] += exp(logits − m) [rows, len] · W_c [len, H]

@@ -161,11 +161,15 @@ mod flex {
 
     use super::{SwiGluBackend, tensor_ops};
     use crate::cpu::{f32_slice, is_f32, par_chunks, store};
+    use crate::vector_exp::exp_in_place;
 
     const CHUNK: usize = 16_384;
 
-    fn sigmoid(x: f32) -> f32 {
-        1.0 / (1.0 + (-x).exp())
+    /// `out[i] = σ(g[i])`.
+    fn sigmoid(g: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(g).for_each(|(o, &x)| *o = -x);
+        exp_in_place(out);
+        out.iter_mut().for_each(|o| *o = 1.0 / (1.0 + *o));
     }
 
     /// One parallel pass over the elements, f32 only (other types take the tensor-op path).
@@ -179,9 +183,10 @@ mod flex {
             let mut y = vec![0f32; g.len()];
             par_chunks(&mut y, CHUNK, |c, out| {
                 let o = c * CHUNK;
-                for (i, y) in out.iter_mut().enumerate() {
-                    let gv = g[o + i];
-                    *y = gv * sigmoid(gv) * u[o + i];
+                let (g, u) = (&g[o..o + out.len()], &u[o..o + out.len()]);
+                sigmoid(g, out);
+                for ((y, &gv), &uv) in out.iter_mut().zip(g).zip(u) {
+                    *y = gv * *y * uv;
                 }
             });
             store(y, shape, dtype)
@@ -205,19 +210,21 @@ mod flex {
                 || {
                     par_chunks(dg, CHUNK, |c, out| {
                         let o = c * CHUNK;
+                        let (g, u, d) = (&g[o..o + out.len()], &u[o..o + out.len()], &d[o..]);
+                        sigmoid(g, out);
                         for (i, v) in out.iter_mut().enumerate() {
-                            let gv = g[o + i];
-                            let s = sigmoid(gv);
-                            *v = d[o + i] * u[o + i] * s * (1.0 + gv * (1.0 - s));
+                            let (gv, s) = (g[i], *v);
+                            *v = d[i] * u[i] * s * (1.0 + gv * (1.0 - s));
                         }
                     })
                 },
                 || {
                     par_chunks(du, CHUNK, |c, out| {
                         let o = c * CHUNK;
+                        let (g, d) = (&g[o..o + out.len()], &d[o..]);
+                        sigmoid(g, out);
                         for (i, v) in out.iter_mut().enumerate() {
-                            let gv = g[o + i];
-                            *v = d[o + i] * gv * sigmoid(gv);
+                            *v = d[i] * g[i] * *v;
                         }
                     })
                 },
