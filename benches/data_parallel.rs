@@ -13,45 +13,19 @@ use burn::{
     tensor::backend::Backend,
 };
 use prefer::{
-    dpo::{
-        data::TokenizedPair,
-        train::{
-            IntervalStrategy, LrSchedulerType, ReferenceSource, Silent, TrainConfig, TrainRun,
-            train_data_parallel,
-        },
+    dpo::train::{
+        IntervalStrategy, LrSchedulerType, ReferenceSource, Silent, TrainConfig, TrainRun,
+        train_data_parallel,
     },
     kernels::PreferBackend,
-    llama::{LlamaConfig, LlamaModel, MemoryWeights},
+    llama::{LlamaModel, MemoryWeights},
     lora::LoraFactory,
     quant::Nf4Factory,
 };
 
-fn llama() -> LlamaConfig {
-    LlamaConfig {
-        max_position_embeddings: 512,
-        pad_token_id: Some(0),
-        ..LlamaConfig::plain(4096, 256, 688, 4, 4, 2)
-    }
-}
-
-fn pairs(n: usize) -> Vec<TokenizedPair> {
-    let mut s = 0x9e37_79b9_u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        1 + (s % 4095) as u32
-    };
-    (0..n)
-        .map(|i| TokenizedPair {
-            location: format!("bench:{i}"),
-            prompt: (0..128).map(|_| next()).collect(),
-            chosen: (0..128).map(|_| next()).collect(),
-            rejected: (0..128).map(|_| next()).collect(),
-            label: None,
-        })
-        .collect()
-}
+#[path = "common/bench_shape.rs"]
+mod bench_shape;
+use bench_shape::{bench_llama, random_pairs};
 
 /// Seconds per optimiser step and real tokens per second with `replicas` replicas.
 fn measure<B: PreferBackend>(replicas: usize, steps: usize) -> (f64, f64) {
@@ -77,11 +51,12 @@ fn measure<B: PreferBackend>(replicas: usize, steps: usize) -> (f64, f64) {
         config: config.lora().unwrap(),
         adapter_name: "default".into(),
     };
-    let mut weights = MemoryWeights::random(&llama(), 0.02, 3);
+    let mut weights = MemoryWeights::random(&bench_llama(512), 0.02, 3);
     let model =
-        LlamaModel::<AD<B>, _>::from_weights(&llama(), &mut weights, &factory, &dev).unwrap();
+        LlamaModel::<AD<B>, _>::from_weights(&bench_llama(512), &mut weights, &factory, &dev)
+            .unwrap();
     let run = TrainRun {
-        train: pairs(4 * (steps + 1)),
+        train: random_pairs(4 * (steps + 1), 128, 4096),
         eval: Vec::new(),
         pad_id: 0,
         reference: ReferenceSource::Snapshot,

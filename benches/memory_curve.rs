@@ -36,6 +36,10 @@ use prefer::{
     quant::{Nf4Factory, Nf4Linear},
 };
 
+#[path = "common/bench_shape.rs"]
+mod bench_shape;
+use bench_shape::{bench_llama, random_pairs};
+
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
 
@@ -68,37 +72,15 @@ impl Shape {
     }
 
     fn config(self, max_len: usize) -> LlamaConfig {
-        let plain = match self {
-            Self::Bench => LlamaConfig::plain(4096, 256, 688, 4, 4, 2),
+        match self {
+            Self::Bench => bench_llama(max_len),
             Self::SmolLm2 => LlamaConfig {
                 tie_word_embeddings: true,
+                max_position_embeddings: max_len,
+                pad_token_id: Some(0),
                 ..LlamaConfig::plain(49152, 576, 1536, 30, 9, 3)
             },
-        };
-        LlamaConfig {
-            max_position_embeddings: max_len,
-            pad_token_id: Some(0),
-            ..plain
         }
-    }
-}
-
-/// One pair of `len`-token rows: a prompt of `len / 2` tokens and two completions of as many.
-fn pair(len: usize, vocab: usize) -> TokenizedPair {
-    let mut s = 0x9e37_79b9_u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        1 + (s % (vocab as u64 - 1)) as u32
-    };
-    let half = len / 2;
-    TokenizedPair {
-        location: "bench:0".into(),
-        prompt: (0..half).map(|_| next()).collect(),
-        chosen: (0..half).map(|_| next()).collect(),
-        rejected: (0..half).map(|_| next()).collect(),
-        label: None,
     }
 }
 
@@ -164,7 +146,8 @@ fn measure(shape: Shape, len: usize, setting: Setting, warmup: usize, steps: usi
         reference: Some("reference".into()),
     };
     let mut optim = AdamWConfig::new().with_epsilon(1e-8).init();
-    let data = [pair(len, config.vocab_size)];
+    // One pair of `len`-token rows: a prompt of `len / 2` tokens and two completions of as many.
+    let data = random_pairs(1, len / 2, config.vocab_size);
     let picked: Vec<&TokenizedPair> = data.iter().collect();
     let batch =
         collate(&picked, 0, None, Default::default()).to_device::<B>(&dev, Packing::PaddingFree);

@@ -28,43 +28,20 @@ use prefer::{
         train::{DpoInput, DpoPolicy},
     },
     kernels::PreferBackend,
-    llama::{LlamaConfig, LlamaModel, MemoryWeights},
+    llama::{LlamaModel, MemoryWeights},
     lora::{LoraConfig, LoraFactory, snapshot_adapter},
     quant::{Nf4Factory, Nf4Linear},
 };
+
+#[path = "common/bench_shape.rs"]
+mod bench_shape;
+use bench_shape::{bench_llama, random_pairs};
 
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
 
 #[global_allocator]
 static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
-
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        max_position_embeddings: 512,
-        pad_token_id: Some(0),
-        ..LlamaConfig::plain(4096, 256, 688, 4, 4, 2)
-    }
-}
-
-fn pairs() -> Vec<TokenizedPair> {
-    let mut s = 0x9e37_79b9_u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        1 + (s % 4095) as u32
-    };
-    (0..4)
-        .map(|i| TokenizedPair {
-            location: format!("bench:{i}"),
-            prompt: (0..128).map(|_| next()).collect(),
-            chosen: (0..128).map(|_| next()).collect(),
-            rejected: (0..128).map(|_| next()).collect(),
-            label: None,
-        })
-        .collect()
-}
 
 struct Measured {
     step_s: f64,
@@ -95,8 +72,9 @@ fn measure<B: PreferBackend>(run: Run) -> Measured {
         config: lora,
         adapter_name: "default".into(),
     };
-    let mut weights = MemoryWeights::random(&config(), 0.02, 3);
-    let mut model = LlamaModel::from_weights(&config(), &mut weights, &factory, &dev).unwrap();
+    let mut weights = MemoryWeights::random(&bench_llama(512), 0.02, 3);
+    let mut model =
+        LlamaModel::from_weights(&bench_llama(512), &mut weights, &factory, &dev).unwrap();
     if snapshot {
         snapshot_adapter(&mut model, "default", "reference");
     }
@@ -116,7 +94,7 @@ fn measure<B: PreferBackend>(run: Run) -> Measured {
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)
         .init();
-    let mut data = pairs();
+    let mut data = random_pairs(4, 128, 4096);
     if let Run::Kto { .. } = run {
         // Each pair as one example: its chosen completion, alternately desirable or not, with the
         // neighbouring example's completion as its KL completion.

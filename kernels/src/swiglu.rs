@@ -224,7 +224,7 @@ mod flex {
                         let (g, d) = (&g[o..o + out.len()], &d[o..]);
                         sigmoid(g, out);
                         for (i, v) in out.iter_mut().enumerate() {
-                            *v = d[i] * g[i] * *v;
+                            *v *= d[i] * g[i];
                         }
                     })
                 },

@@ -29,7 +29,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n from the integer in `t`'s low bits, as 2^(n − 1) · 2 for n > 0 so that n = 128 does
     // not overflow the exponent field.
