@@ -3,7 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command as Process, Stdio},
+    process::{Command as Process, Output, Stdio},
     time::Duration,
 };
 
@@ -498,6 +498,16 @@ fn machine(rank: usize, port: u16, out: &Path, extra: &[&str]) -> Process {
     p
 }
 
+/// Machines 0 and 1 run to the end, writing into `zero` and `first`: their outputs, in that order.
+fn run_machines(port: u16, zero: &Path, first: &Path, extra: &[&str]) -> (Output, Output) {
+    let second = machine(1, port, first, extra).spawn().unwrap();
+    let main = machine(0, port, zero, extra).spawn().unwrap();
+    (
+        main.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    )
+}
+
 /// A port for this test process's machines (tests of other processes may run beside).
 fn port(offset: u16) -> u16 {
     30_000 + (std::process::id() % 10_000) as u16 * 2 + offset
@@ -524,12 +534,7 @@ fn two_machines_train_what_one_machine_with_two_devices_trains() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("on flex × 2 devices"), "{stdout}");
     let port = port(0);
-    let second = machine(1, port, &first, &steps).spawn().unwrap();
-    let main = machine(0, port, &zero, &steps).spawn().unwrap();
-    let (main, second) = (
-        main.wait_with_output().unwrap(),
-        second.wait_with_output().unwrap(),
-    );
+    let (main, second) = run_machines(port, &zero, &first, &steps);
     assert!(main.status.success(), "machine 0: {}", stderr(&main));
     assert!(second.status.success(), "machine 1: {}", stderr(&second));
     let adapter = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
@@ -620,12 +625,7 @@ fn machines_that_resume_from_different_checkpoints_are_refused() {
         "--resume",
     ];
     let port = port(2);
-    let second = machine(1, port, &first, &steps).spawn().unwrap();
-    let main = machine(0, port, &zero, &steps).spawn().unwrap();
-    let (main, second) = (
-        main.wait_with_output().unwrap(),
-        second.wait_with_output().unwrap(),
-    );
+    let (main, second) = run_machines(port, &zero, &first, &steps);
     assert!(!main.status.success() && !second.status.success());
     let message = stderr(&main);
     assert!(
